@@ -1,0 +1,20 @@
+"""What is computed: the decoder model, its layers, its per-layer specs and its initialisation."""
+
+from models.config import ModelConfig
+from models.init import build_model, materialize, stable_param_seed
+from models.model import DecoderModel
+from models.spec import CHANNEL_MIXERS, RESIDUALS, TOKEN_MIXERS, LayerSpec, check_implemented, layer_specs
+
+__all__ = [
+    "CHANNEL_MIXERS",
+    "RESIDUALS",
+    "TOKEN_MIXERS",
+    "DecoderModel",
+    "LayerSpec",
+    "ModelConfig",
+    "build_model",
+    "check_implemented",
+    "layer_specs",
+    "materialize",
+    "stable_param_seed",
+]

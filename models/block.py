@@ -1,0 +1,63 @@
+"""One decoder layer: pre-norm token mixer and channel mixer around a residual stream."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from models.config import ModelConfig
+from models.layers.attention import Attention
+from models.layers.mlp import SwiGLUMLP
+from models.layers.norm import RMSNorm
+from models.spec import LayerSpec
+
+# Implementations behind the names in models.spec (TOKEN_MIXERS, CHANNEL_MIXERS); keep both in step.
+TOKEN_MIXER_CLASSES = {"attention": Attention}
+CHANNEL_MIXER_CLASSES = {"mlp": SwiGLUMLP}
+
+
+def _mixer_class(kind: str, field_name: str, classes: dict) -> type:
+    if kind not in classes:
+        raise ValueError(
+            f"model.{field_name} contains {kind!r}, which is not implemented; available: {', '.join(classes)}"
+        )
+    return classes[kind]
+
+
+class DecoderBlock(nn.Module):
+    """Standard pre-norm block: h = x + drop(mix_tokens(norm(x))); out = h + drop(mix_channels(norm(h))).
+
+    The mixers are registered under their kind's name, so parameter names read
+    ``layers.3.attention.wq.weight`` / ``layers.3.mlp.w1.weight`` like Llama's.
+    """
+
+    def __init__(self, cfg: ModelConfig, spec: LayerSpec):
+        super().__init__()
+        if spec.residual != "standard":
+            raise ValueError(f"model.residual {spec.residual!r} is not implemented; available: standard")
+        token_mixer_class = _mixer_class(spec.token_mixer, "token_mixers", TOKEN_MIXER_CLASSES)
+        channel_mixer_class = _mixer_class(spec.channel_mixer, "channel_mixers", CHANNEL_MIXER_CLASSES)
+        self.spec = spec
+        self.token_mixer_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.add_module(spec.token_mixer, token_mixer_class(cfg))
+        self.channel_mixer_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.add_module(spec.channel_mixer, channel_mixer_class(cfg))
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    @property
+    def token_mixer(self) -> nn.Module:
+        """The module mixing information across positions (attention, later GLA, ...)."""
+        return getattr(self, self.spec.token_mixer)
+
+    @property
+    def channel_mixer(self) -> nn.Module:
+        """The module mixing features at each position (MLP, later MoE)."""
+        return getattr(self, self.spec.channel_mixer)
+
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        h = x + self.dropout(self.token_mixer(self.token_mixer_norm(x), position_ids))
+        return h + self.dropout(self.channel_mixer(self.channel_mixer_norm(h)))
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token of both mixers (norms and residual adds are negligible)."""
+        return self.token_mixer.flops_per_token(seq_len) + self.channel_mixer.flops_per_token(seq_len)

@@ -1,0 +1,108 @@
+"""Typed configuration of the decoder model.
+
+Kept to the field types an OmegaConf structured config accepts (int, float, str, bool, Optional,
+list of str) so that Hydra can compose it directly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class ModelConfig:
+    """Shape and initialisation of a Llama-style decoder.
+
+    Layer ``i`` uses ``token_mixers[i % len(token_mixers)]`` and
+    ``channel_mixers[i % len(channel_mixers)]`` (see ``models.spec.layer_specs``).
+    """
+
+    # Vocabulary size; None means the trainer fills it from the tokenizer before the model is built.
+    vocab_size: int | None = None
+    # Width of the residual stream.
+    hidden_size: int = 256
+    # Number of decoder layers in the whole model (all pipeline stages together).
+    num_layers: int = 4
+    # Number of query heads.
+    num_heads: int = 4
+    # Number of key/value heads; None means num_heads (MHA), fewer means grouped-query attention.
+    num_kv_heads: int | None = None
+    # Inner width of the MLP; None means the Llama rule int(8*hidden/3) rounded up to ffn_multiple_of.
+    ffn_hidden_size: int | None = None
+    # Rounding granule of the Llama rule for ffn_hidden_size.
+    ffn_multiple_of: int = 64
+    # Largest position the model is meant to see (documentation for RoPE and the planner).
+    max_position_embeddings: int = 4096
+    # RoPE base: frequency i is rope_theta ** (-2i / head_dim).
+    rope_theta: float = 10000.0
+    # Epsilon inside every RMSNorm.
+    norm_eps: float = 1e-5
+    # Share one matrix between the token embedding and the LM head.
+    tie_embeddings: bool = False
+    # Standard deviation of the normal initialisation of every matrix.
+    init_std: float = 0.02
+    # Megatron: output projections (wo, w2) use init_std / sqrt(2 * num_layers).
+    scaled_output_init: bool = True
+    # Dropout probability on each mixer's output before it joins the residual stream.
+    dropout: float = 0.0
+    # Dropout probability on the attention probabilities.
+    attention_dropout: float = 0.0
+    # Token mixer names, cycled over layers (e.g. [gla, gla, gla, attention] for a 3:1 hybrid).
+    token_mixers: list[str] = field(default_factory=lambda: ["attention"])
+    # Channel mixer names, cycled over layers.
+    channel_mixers: list[str] = field(default_factory=lambda: ["mlp"])
+    # Residual pattern of every block.
+    residual: str = "standard"
+
+    @property
+    def head_dim(self) -> int:
+        """Width of one attention head."""
+        return self.hidden_size // self.num_heads
+
+    @property
+    def kv_heads(self) -> int:
+        """Number of key/value heads after resolving the None default."""
+        return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
+
+    def resolved_ffn_hidden_size(self) -> int:
+        """MLP inner width: the explicit value, or the Llama rule."""
+        if self.ffn_hidden_size is not None:
+            return self.ffn_hidden_size
+        llama_width = int(8 * self.hidden_size / 3)
+        multiple = self.ffn_multiple_of
+        return multiple * ((llama_width + multiple - 1) // multiple)
+
+    def validate(self) -> None:
+        """Raise ValueError on shape rules the model relies on (mixer names are checked by spec)."""
+        if self.vocab_size is None:
+            raise ValueError(
+                "model.vocab_size is None: set it, or let the trainer fill it from the tokenizer "
+                "before building the model"
+            )
+        positive = {
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "num_layers": self.num_layers,
+            "num_heads": self.num_heads,
+            "kv_heads": self.kv_heads,
+            "ffn_hidden_size": self.resolved_ffn_hidden_size(),
+            "ffn_multiple_of": self.ffn_multiple_of,
+        }
+        for name, value in positive.items():
+            if value <= 0:
+                raise ValueError(f"model.{name} must be positive, got {value}")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"model.hidden_size ({self.hidden_size}) must be divisible by "
+                f"model.num_heads ({self.num_heads})"
+            )
+        if self.head_dim % 2:
+            raise ValueError(f"RoPE needs an even head_dim, got hidden_size/num_heads = {self.head_dim}")
+        if self.num_heads % self.kv_heads:
+            raise ValueError(
+                f"model.num_heads ({self.num_heads}) must be divisible by "
+                f"model.num_kv_heads ({self.kv_heads})"
+            )
+        for name, value in (("dropout", self.dropout), ("attention_dropout", self.attention_dropout)):
+            if not 0.0 <= value < 1.0:
+                raise ValueError(f"model.{name} must be in [0, 1), got {value}")

@@ -1,0 +1,177 @@
+"""Layout-independent weight initialisation.
+
+The model is constructed on the meta device and then materialised so that every weight's values
+depend only on (seed, its global parameter name, its full shape) -- never on which rank, pipeline
+stage or tensor-parallel shard builds it. That is what makes every parallel layout start from the
+same full model.
+
+Each module declares how its parameters are initialised with ``init_specs() -> {name: ParamInit}``
+(names relative to that module, dotted names reach into children such as ``"wq.weight"``). A
+tensor-parallel shard marks its parameter with ``param.shard = (dim, index, count)``: the full
+tensor is generated and the shard's slice copied in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from models.config import ModelConfig
+
+if TYPE_CHECKING:
+    from models.model import DecoderModel
+
+INIT_KINDS = ("normal", "ones", "zeros")
+
+
+@dataclass(frozen=True)
+class ParamInit:
+    """How the full tensor of one parameter is generated."""
+
+    # One of INIT_KINDS.
+    kind: str
+    # Standard deviation for kind == "normal" (mean is 0).
+    std: float = 0.0
+    # Global name whose seed generates the tensor; None means the parameter's own global name.
+    # A tied LM head on a stage without the embedding uses "embedding.weight" to equal it.
+    seed_name: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in INIT_KINDS:
+            raise ValueError(f"unknown init kind {self.kind!r}; available: {', '.join(INIT_KINDS)}")
+
+
+def normal_init(std: float, seed_name: str | None = None) -> ParamInit:
+    """Normal(0, std) initialisation."""
+    return ParamInit("normal", std, seed_name)
+
+
+def ones_init() -> ParamInit:
+    """All ones (norm gains)."""
+    return ParamInit("ones")
+
+
+def zeros_init() -> ParamInit:
+    """All zeros (biases)."""
+    return ParamInit("zeros")
+
+
+def stable_param_seed(seed: int, name: str) -> int:
+    """Seed for one parameter, stable across processes and Python runs (unlike hash())."""
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    # 63 bits keep it a valid non-negative seed for every torch generator.
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def generate_full_tensor(init: ParamInit, seed: int, name: str, shape: Sequence[int]) -> torch.Tensor:
+    """The full fp32 CPU tensor of a parameter; depends only on (seed, seed name, shape, init)."""
+    if init.kind == "ones":
+        return torch.ones(tuple(shape), dtype=torch.float32)
+    if init.kind == "zeros":
+        return torch.zeros(tuple(shape), dtype=torch.float32)
+    generator = torch.Generator(device="cpu").manual_seed(stable_param_seed(seed, init.seed_name or name))
+    return torch.empty(tuple(shape), dtype=torch.float32).normal_(0.0, init.std, generator=generator)
+
+
+def full_shape(param: torch.Tensor) -> tuple[int, ...]:
+    """Shape of the unsharded tensor that `param` (possibly a shard) is a slice of."""
+    shape = list(param.shape)
+    shard = getattr(param, "shard", None)
+    if shard is not None:
+        dim, _, count = shard
+        shape[dim] *= count
+    return tuple(shape)
+
+
+def collect_init_specs(model: nn.Module) -> dict[str, ParamInit]:
+    """Every module's `init_specs()`, keyed by the global (model-relative) parameter name."""
+    specs: dict[str, ParamInit] = {}
+    for prefix, module in model.named_modules():
+        declare = getattr(module, "init_specs", None)
+        if declare is None:
+            continue
+        for relative_name, init in declare().items():
+            specs[f"{prefix}.{relative_name}" if prefix else relative_name] = init
+    return specs
+
+
+def _allocate_on_device(model: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """Give every meta parameter and buffer real (uninitialised) storage on `device`.
+
+    Not `Module.to_empty`: from meta it creates a new Parameter per module, which unties shared
+    weights (tied embeddings) and drops attributes such as `shard` (checked on torch 2.13).
+    """
+    replacements: dict[int, nn.Parameter] = {}
+    for module in model.modules():
+        for local_name, param in list(module.named_parameters(recurse=False)):
+            new_param = replacements.get(id(param))
+            if new_param is None:
+                new_dtype = dtype if param.is_floating_point() else param.dtype
+                storage = torch.empty(param.shape, device=device, dtype=new_dtype)
+                new_param = nn.Parameter(storage, requires_grad=param.requires_grad)
+                new_param.__dict__.update(param.__dict__)  # keeps `shard` and future markers
+                replacements[id(param)] = new_param
+            setattr(module, local_name, new_param)
+        for local_name, buffer in list(module.named_buffers(recurse=False)):
+            # Buffers keep their dtype (e.g. RoPE frequencies stay fp32); modules recompute them.
+            setattr(module, local_name, torch.empty_like(buffer, device=device))
+
+
+@torch.no_grad()
+def materialize(
+    model: nn.Module,
+    seed: int,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> nn.Module:
+    """Allocate a meta-built model on `device` and fill it from `seed`; returns the same model.
+
+    Floating parameters get `dtype`. Values are generated in fp32 on CPU (so they do not depend on
+    the device's RNG) and then cast. Each module with `reset_buffers()` recomputes its buffers.
+    """
+    device = torch.device(device)
+    _allocate_on_device(model, device, dtype)
+    specs = collect_init_specs(model)
+    # named_parameters() yields a tied tensor once, under its first name (the embedding's).
+    for name, param in model.named_parameters():
+        init = specs.get(name)
+        if init is None:
+            raise ValueError(f"parameter {name!r} has no init spec; declare it in its module's init_specs()")
+        full = generate_full_tensor(init, seed, name, full_shape(param))
+        shard = getattr(param, "shard", None)
+        if shard is not None:
+            dim, index, count = shard
+            full = full.chunk(count, dim)[index]
+        param.copy_(full)
+    for module in model.modules():
+        reset_buffers = getattr(module, "reset_buffers", None)
+        if reset_buffers is not None:
+            reset_buffers()
+    return model
+
+
+def build_model(
+    cfg: ModelConfig,
+    seed: int,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    layer_ids: Sequence[int] | None = None,
+    has_embedding: bool = True,
+    has_head: bool = True,
+) -> DecoderModel:
+    """Construct (the requested part of) the decoder on meta and materialise it from `seed`."""
+    # Imported here because models.model imports this module for ParamInit.
+    from models.model import DecoderModel
+
+    if cfg.vocab_size is None:
+        raise ValueError(
+            "model.vocab_size is None: the trainer must fill it from the tokenizer before build_model"
+        )
+    with torch.device("meta"):
+        model = DecoderModel(cfg, layer_ids=layer_ids, has_embedding=has_embedding, has_head=has_head)
+    return materialize(model, seed, device=device, dtype=dtype)

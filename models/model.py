@@ -1,0 +1,133 @@
+"""The decoder-only language model."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.block import DecoderBlock
+from models.config import ModelConfig
+from models.layers.embedding import EMBEDDING_WEIGHT_NAME, LMHead, TokenEmbedding
+from models.layers.norm import RMSNorm
+from models.spec import check_implemented, layer_specs
+
+IGNORE_INDEX = -100
+
+
+class DecoderModel(nn.Module):
+    """Llama-style decoder: embedding, decoder blocks, final RMSNorm, LM head.
+
+    A pipeline stage holds only some of it: `layer_ids` (global indices, ascending; default all),
+    the embedding if `has_embedding`, the final norm and head if `has_head`. Layers live in
+    `self.layers` keyed by the global index, so parameter names (``layers.3.attention.wq.weight``)
+    and therefore initial values (see models.init) are the same in every layout.
+
+    With tied embeddings and both ends present the head shares the embedding's Parameter. A stage
+    with the head but not the embedding holds its own copy, initialised from the embedding's
+    name (keeping the copies equal during training is the trainer's job).
+
+    Construct through `models.init.build_model`; direct construction leaves torch's default init.
+    """
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        layer_ids: Sequence[int] | None = None,
+        has_embedding: bool = True,
+        has_head: bool = True,
+    ):
+        super().__init__()
+        cfg.validate()
+        check_implemented(cfg)
+        specs = layer_specs(cfg)
+        layer_ids = list(range(cfg.num_layers)) if layer_ids is None else list(layer_ids)
+        if any(not 0 <= i < cfg.num_layers for i in layer_ids):
+            raise ValueError(f"layer_ids {layer_ids} must lie in [0, num_layers={cfg.num_layers})")
+        if any(a >= b for a, b in itertools.pairwise(layer_ids)):
+            raise ValueError(f"layer_ids {layer_ids} must be strictly increasing (forward order)")
+
+        self.cfg = cfg
+        self.has_embedding = has_embedding
+        self.has_head = has_head
+        # Registered first so a tied weight is named after the embedding in named_parameters().
+        self.embedding = (
+            TokenEmbedding(cfg.vocab_size, cfg.hidden_size, cfg.init_std) if has_embedding else None
+        )
+        self.layers = nn.ModuleDict({str(i): DecoderBlock(cfg, specs[i]) for i in layer_ids})
+        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps) if has_head else None
+        self.output = None
+        if has_head:
+            seed_name = EMBEDDING_WEIGHT_NAME if cfg.tie_embeddings else None
+            self.output = LMHead(cfg.vocab_size, cfg.hidden_size, cfg.init_std, seed_name=seed_name)
+            if cfg.tie_embeddings and has_embedding:
+                self.output.weight = self.embedding.weight
+
+    @property
+    def layer_ids(self) -> list[int]:
+        """Global indices of the layers this instance holds, in forward order."""
+        return [int(key) for key in self.layers]
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids [B, T] long -> logits [B, T, vocab].
+
+        Without the embedding, `input_ids` is the previous stage's hidden state [B, T, hidden];
+        without the head, the result is this stage's hidden state.
+        """
+        hidden = self.embedding(input_ids) if self.embedding is not None else input_ids
+        for block in self.layers.values():
+            hidden = block(hidden, position_ids)
+        if self.output is None:
+            return hidden
+        return self.output(self.norm(hidden))
+
+    def token_losses(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Per-token cross entropy [B, T] in fp32, 0 where labels == -100; no reduction.
+
+        The trainer reduces (sum over tokens / global loss-token count), see SPECS "Loss
+        normalisation". Logits are upcast because bf16 log-softmax over a large vocab is lossy.
+        """
+        if self.output is None:
+            raise ValueError("token_losses needs the LM head; this model was built with has_head=False")
+        logits = self(input_ids, position_ids)
+        batch, seq_len, vocab_size = logits.shape
+        losses = F.cross_entropy(
+            logits.float().reshape(batch * seq_len, vocab_size),
+            labels.reshape(batch * seq_len),
+            ignore_index=IGNORE_INDEX,
+            reduction="none",
+        )
+        return losses.view(batch, seq_len)
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        """Number of parameter elements held, each tied tensor once.
+
+        `exclude_embeddings` leaves out the vocabulary matrices (token embedding and LM head),
+        the usual "non-embedding" count of scaling-law papers.
+        """
+        excluded = set()
+        if exclude_embeddings:
+            for module in (self.embedding, self.output):
+                if module is not None:
+                    excluded.add(id(module.weight))
+        # parameters() already yields a shared tensor once.
+        return sum(p.numel() for p in self.parameters() if id(p) not in excluded)
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token of the parts held (3 x forward matmul FLOPs).
+
+        Sum of each layer's mixers' `flops_per_token` plus the LM head's; attention counts the
+        causal scores in full, as Megatron/PaLM MFU do. Embedding lookups and norms count 0.
+        """
+        total = sum(block.flops_per_token(seq_len) for block in self.layers.values())
+        if self.output is not None:
+            total += self.output.flops_per_token(seq_len)
+        return total

@@ -1,0 +1,61 @@
+"""Per-layer description of the decoder stack.
+
+A layer is a token mixer (mixes across positions), a channel mixer (mixes across features) and a
+residual pattern. `layer_specs` is pure so that the trainer and the planner can reason about a
+stack without building it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from models.config import ModelConfig
+
+# Names implemented now; the trainer's config validation rejects anything else before building.
+TOKEN_MIXERS = ("attention",)
+CHANNEL_MIXERS = ("mlp",)
+RESIDUALS = ("standard",)
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """What one decoder layer is made of."""
+
+    token_mixer: str
+    channel_mixer: str
+    residual: str
+
+
+def layer_specs(cfg: ModelConfig) -> list[LayerSpec]:
+    """Spec of every global layer: layer i cycles through token_mixers and channel_mixers.
+
+    Names are not checked against what is implemented (see `check_implemented`), so the pattern of
+    a planned hybrid stack can be computed before its mixers exist.
+    """
+    for field_name in ("token_mixers", "channel_mixers"):
+        if len(getattr(cfg, field_name)) == 0:
+            raise ValueError(f"model.{field_name} is empty: name at least one mixer to cycle over layers")
+    return [
+        LayerSpec(
+            token_mixer=cfg.token_mixers[i % len(cfg.token_mixers)],
+            channel_mixer=cfg.channel_mixers[i % len(cfg.channel_mixers)],
+            residual=cfg.residual,
+        )
+        for i in range(cfg.num_layers)
+    ]
+
+
+def check_implemented(cfg: ModelConfig) -> None:
+    """Raise ValueError naming the field, the value and the available names for an unknown name."""
+    available_by_field = {
+        "token_mixers": (list(cfg.token_mixers), TOKEN_MIXERS),
+        "channel_mixers": (list(cfg.channel_mixers), CHANNEL_MIXERS),
+        "residual": ([cfg.residual], RESIDUALS),
+    }
+    for field_name, (values, available) in available_by_field.items():
+        for value in values:
+            if value not in available:
+                raise ValueError(
+                    f"model.{field_name} contains {value!r}, which is not implemented; "
+                    f"available: {', '.join(available)}"
+                )

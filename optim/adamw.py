@@ -1,0 +1,44 @@
+"""Build the optimizer for the single-process / data-parallel foundation.
+
+Mixed precision is "bf16 autocast with fp32 master weights": parameters (and hence gradients and
+optimizer state) stay fp32, and the trainer runs the forward pass under torch.autocast(bf16). The
+optimizer is therefore a plain torch.optim.AdamW; no separate master copy or loss scaling is
+needed (bf16 has fp32's exponent range). The distributed (ZeRO-1) optimizer will shard these same
+param groups.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+from optim.config import OPTIMIZER_NAMES, OptimConfig
+from optim.param_groups import build_param_groups
+
+
+def build_optimizer(
+    named_params: Iterable[tuple[str, torch.nn.Parameter]], cfg: OptimConfig
+) -> torch.optim.Optimizer:
+    """AdamW over the decay / no-decay groups of build_param_groups, initial lr = cfg.lr."""
+    if cfg.name not in OPTIMIZER_NAMES:
+        raise ValueError(
+            f"optim.name={cfg.name!r} is not a known optimizer; choose one of {list(OPTIMIZER_NAMES)}"
+        )
+    groups = build_param_groups(named_params, cfg)
+    if not any(group["params"] for group in groups):
+        raise ValueError(
+            "build_optimizer got no trainable parameters (all requires_grad=False or none passed); "
+            "pass model.named_parameters() of the model being trained"
+        )
+    # fused=False: the fused kernel is CUDA-only and changes rounding vs. the foreach/for-loop
+    # paths; the single-process reference and every parallel layout must step identically.
+    return torch.optim.AdamW(
+        groups,
+        lr=cfg.lr,
+        betas=(cfg.beta1, cfg.beta2),
+        eps=cfg.eps,
+        weight_decay=cfg.weight_decay,
+        foreach=cfg.foreach,
+        fused=False,
+    )

@@ -1,0 +1,76 @@
+"""Typed configuration of the optimizer and the learning-rate schedule.
+
+Only OmegaConf structured-config types are used (no tuples, no unions other than `X | None`) so that
+Hydra can compose these dataclasses directly. Cross-field rules that involve other config groups
+(e.g. warmup vs. the trainer's max_steps) are checked by the trainer's validation module; this
+module only resolves derived values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+SCHEDULE_NAMES = ("cosine", "linear", "wsd", "constant")
+WSD_DECAY_SHAPES = ("linear", "cosine", "sqrt")
+OPTIMIZER_NAMES = ("adamw",)
+
+
+@dataclass
+class LRScheduleConfig:
+    # Shape of the decay after the linear warmup: cosine | linear | wsd | constant.
+    name: str = "cosine"
+    # Optimizer steps of linear warmup from lr/warmup_steps up to lr (0: start at lr).
+    warmup_steps: int = 0
+    # Steps over which lr decays to the floor; None means max_steps - warmup_steps, so the last
+    # training step runs at the floor. The trainer supplies max_steps.
+    decay_steps: int | None = None
+    # Floor of the decay as a fraction of optim.lr (ignored by "constant").
+    min_lr_ratio: float = 0.1
+    # WSD only: the last fraction of decay_steps decays; the rest stays at lr (the "stable" phase).
+    wsd_decay_fraction: float = 0.2
+    # WSD only: shape of the final decay: linear | cosine | sqrt (1 - sqrt(progress), as MiniCPM).
+    wsd_decay_shape: str = "linear"
+
+
+@dataclass
+class OptimConfig:
+    # Optimizer implementation; only "adamw" today.
+    name: str = "adamw"
+    # Peak learning rate; the schedule scales it each step.
+    lr: float = 3e-4
+    # Decoupled (AdamW) weight decay for the decay group.
+    weight_decay: float = 0.1
+    # Adam first-moment coefficient.
+    beta1: float = 0.9
+    # Adam second-moment coefficient (0.95 is the usual LLM choice; more stable than 0.999).
+    beta2: float = 0.95
+    # Adam denominator epsilon.
+    eps: float = 1e-8
+    # Megatron/torchtitan default is False: 1-D params (norm weights, biases) get no weight decay.
+    decay_norms_and_biases: bool = False
+    # Extra substrings of parameter names that get no weight decay (e.g. "embedding").
+    no_decay_names: list[str] = field(default_factory=list)
+    # Global gradient-norm clip threshold; 0 disables clipping (the norm is still reported).
+    clip_grad: float = 1.0
+    # Learning-rate schedule.
+    schedule: LRScheduleConfig = field(default_factory=LRScheduleConfig)
+    # torch.optim.AdamW's foreach switch; None lets torch choose for the device.
+    foreach: bool | None = None
+
+
+def resolved_decay_steps(cfg: LRScheduleConfig, max_steps: int) -> int:
+    """Number of decay steps after warmup: cfg.decay_steps, or max_steps - warmup_steps when None."""
+    if cfg.decay_steps is not None:
+        if cfg.decay_steps < 0:
+            raise ValueError(
+                f"optim.schedule.decay_steps={cfg.decay_steps} is negative; "
+                "set it to a count >= 0 or null (= max_steps - warmup_steps)"
+            )
+        return int(cfg.decay_steps)
+    decay_steps = max_steps - cfg.warmup_steps
+    if decay_steps < 0:
+        raise ValueError(
+            f"optim.schedule.warmup_steps={cfg.warmup_steps} exceeds max_steps={max_steps}; "
+            "lower warmup_steps or raise max_steps"
+        )
+    return decay_steps

@@ -1,0 +1,128 @@
+"""The typed config tree and its registration with Hydra.
+
+Each component owns its sub-config (ModelConfig in models, OptimConfig in optim, ParallelConfig in
+parallel_state, DataConfig in trainer.data); this module only assembles the tree, so Hydra's
+structured-config checks reject unknown keys and wrong types with the key's full name.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError
+
+from models.config import ModelConfig
+from optim.config import OptimConfig
+from parallel_state.config import ParallelConfig
+from trainer.data.config import DataConfig
+
+
+@dataclass
+class TrainerConfig:
+    """The training loop: length, intervals, precision, checkpointing, failure policy."""
+
+    max_steps: int = 100  # optimizer steps (global batches) to train
+    log_interval: int = 10  # steps between console/metrics lines
+    eval_interval: int = 0  # steps between validation passes; 0 = no periodic evaluation
+    eval_at_end: bool = True  # evaluate after the last step (and print it against the unigram entropy)
+    eval_iters: int = 4  # validation global batches per evaluation
+    save_interval: int = 0  # steps between checkpoints; 0 = only at the end
+    save_final: bool = True  # write a checkpoint after the last step
+    keep_last: int = 3  # complete checkpoints kept; older ones are deleted (0 keeps all)
+    run_dir: Optional[str] = None  # null: runs/<name>/<timestamp>, agreed by all ranks
+    resume: str = "none"  # none | auto (newest complete checkpoint in run_dir) | path to a step_* dir
+    precision: str = "fp32"  # fp32 | bf16 (bf16 autocast, fp32 master weights)
+    device: str = "auto"  # auto | cpu | cuda
+    nan_policy: str = "stop"  # stop | skip: what a non-finite loss or grad norm does
+    max_skipped_steps: int = 10  # with nan_policy=skip: stop after this many consecutive skips
+    peak_tflops: Optional[float] = None  # per-device peak for MFU; null: GPU table or a CPU matmul probe
+    progress_bar: bool = True  # draw a progress bar in the console line
+    num_threads: Optional[int] = None  # torch intra-op threads per rank on CPU; null: cores / local ranks
+
+
+@dataclass
+class LoggerConfig:
+    """Where metrics go besides the console and run_dir/metrics.jsonl (always written)."""
+
+    backend: str = "none"  # none | wandb | tensorboard
+    project: str = "foldtron"  # W&B project
+    entity: Optional[str] = None  # W&B entity (team or user)
+    run_name: Optional[str] = None  # W&B / TensorBoard run name; null: the run directory's name
+    wandb_mode: Optional[str] = None  # online | offline | disabled; null: online with a key, else offline
+    tags: list[str] = field(default_factory=list)  # W&B tags
+
+
+@dataclass
+class Config:
+    """The whole run. Components receive only their own sub-config."""
+
+    seed: int = 1234  # seeds weights (by parameter name), data order and dropout
+    name: str = "default"  # run name; the default run_dir is runs/<name>/<timestamp>
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+
+SCHEMA_NAME = "foldtron_schema"
+
+
+def register_configs() -> None:
+    """Register the schema so conf/config.yaml can list it first in its defaults."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name=SCHEMA_NAME, node=Config)
+
+
+def to_config(cfg: DictConfig | Config) -> Config:
+    """Turn a composed (schema-checked) DictConfig into the typed dataclass tree."""
+    if isinstance(cfg, Config):
+        return cfg
+    _reject_unknown_keys(cfg, Config, "")
+    merged = OmegaConf.merge(OmegaConf.structured(Config), cfg)
+    return OmegaConf.to_object(merged)
+
+
+def _reject_unknown_keys(node: DictConfig, schema: type, prefix: str) -> None:
+    # Hydra's `+key=value` opens the struct flag, so a typo appended with + would otherwise be
+    # dropped silently by to_object. Every key must be a field of its dataclass.
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(schema)
+    for key in node.keys():
+        if key not in hints:
+            raise ConfigKeyError(f"Key '{key}' not in '{schema.__name__}'\n    full_key: {prefix}{key}\n"
+                                 f"    known keys: {', '.join(f.name for f in dataclasses.fields(schema))}")
+        child = node._get_node(key)
+        if dataclasses.is_dataclass(hints[key]) and isinstance(child, DictConfig):
+            _reject_unknown_keys(child, hints[key], f"{prefix}{key}.")
+
+
+def to_yaml(cfg: Config) -> str:
+    """The resolved config as YAML (what run_dir/config.yaml holds)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def default_conf_dir() -> str:
+    """conf/ of the checkout this package runs from."""
+    import os
+
+    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
+
+
+def compose(overrides: list[str] | tuple[str, ...] = (), config_dir: str | None = None) -> Config:
+    """Compose conf/config.yaml with command-line style overrides, as launch/train.py would.
+
+    For notebooks, benchmarks and tests; raises Hydra's errors for unknown keys, wrong types and
+    unknown group options exactly as the command line does.
+    """
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    register_configs()
+    with initialize_config_dir(config_dir=config_dir or default_conf_dir(), version_base=None):
+        return to_config(hydra_compose("config", overrides=list(overrides)))

@@ -1,0 +1,33 @@
+"""Gradient reduction over data-parallel replicas.
+
+A plain coalesced all-reduce (SUM, per the loss contract) of every gradient after the last
+microbatch. The bucketed, backward-overlapped reducer over DP x CP replaces it with the TP/DP issue.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+import torch
+import torch.distributed as dist
+
+
+def allreduce_gradients(params: Iterable[torch.nn.Parameter], group: Optional[dist.ProcessGroup] = None) -> None:
+    """Sum gradients over `group` in one flat buffer (a missing grad counts as zeros)."""
+    if not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return
+    params = [p for p in params if p.requires_grad]
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    flat = torch._utils._flatten_dense_tensors([p.grad for p in params])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+    for p, synced in zip(params, torch._utils._unflatten_dense_tensors(flat, [p.grad for p in params])):
+        p.grad.copy_(synced)
+
+
+def allreduce_sum(value: torch.Tensor, group: Optional[dist.ProcessGroup] = None) -> torch.Tensor:
+    """Sum a small tensor (token counts, loss sums) over `group`; identity on one process."""
+    if dist.is_initialized() and dist.get_world_size(group) > 1:
+        value = value.clone()
+        dist.all_reduce(value, op=dist.ReduceOp.SUM, group=group)
+    return value

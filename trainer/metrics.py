@@ -1,0 +1,145 @@
+"""Metric sinks (metrics.jsonl always; W&B or TensorBoard on request) and the console line.
+
+Only the writer rank (global rank 0) creates sinks; the others never touch shared files.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from typing import Any, Optional, Protocol
+
+from trainer.config import LoggerConfig
+
+log = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
+
+
+class MetricsSink(Protocol):
+    def log(self, step: int, metrics: dict[str, float]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class JsonlSink:
+    """One JSON object per logged step, appended and flushed so a crash loses at most one line."""
+
+    def __init__(self, run_dir: str):
+        self.path = os.path.join(run_dir, METRICS_FILE)
+        self._file = open(self.path, "a")
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        self._file.write(json.dumps({"step": step, **metrics}) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class TensorBoardSink:
+    """TensorBoard scalars under run_dir/tensorboard."""
+
+    def __init__(self, run_dir: str):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self._writer = SummaryWriter(log_dir=os.path.join(run_dir, "tensorboard"))
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        for key, value in metrics.items():
+            self._writer.add_scalar(key, value, step)
+        self._writer.flush()
+
+    def close(self) -> None:
+        self._writer.close()
+
+
+def wandb_mode(cfg: LoggerConfig, environ: Optional[dict] = None) -> str:
+    """online with an API key, offline without one, unless logger.wandb_mode or WANDB_MODE says otherwise."""
+    environ = os.environ if environ is None else environ
+    if cfg.wandb_mode is not None:
+        return cfg.wandb_mode
+    if environ.get("WANDB_MODE"):
+        return environ["WANDB_MODE"]
+    if environ.get("WANDB_API_KEY"):
+        return "online"
+    try:
+        import wandb
+
+        if wandb.api.api_key:  # from `wandb login` (netrc)
+            return "online"
+    except Exception:  # noqa: BLE001 - no key available is the answer
+        pass
+    return "offline"
+
+
+class WandbSink:
+    """A W&B run; offline (synced later with `wandb sync`) when there is no API key."""
+
+    def __init__(self, cfg: LoggerConfig, run_dir: str, run_name: str, config: dict[str, Any]):
+        import wandb
+
+        mode = wandb_mode(cfg)
+        if mode == "offline" and cfg.wandb_mode is None and not os.environ.get("WANDB_MODE"):
+            log.warning("W&B: no API key found, logging offline to %s/wandb (sync later with `wandb sync`)",
+                        run_dir)
+        self._run = wandb.init(project=cfg.project, entity=cfg.entity, name=run_name, config=config,
+                               dir=run_dir, mode=mode, tags=list(cfg.tags) or None, resume="allow",
+                               id=_stable_run_id(run_dir))
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        self._run.log(metrics, step=step)
+
+    def close(self) -> None:
+        self._run.finish()
+
+
+def _stable_run_id(run_dir: str) -> str:
+    # One W&B run per run directory, so a resumed job continues the same curves.
+    import hashlib
+
+    return hashlib.sha1(os.path.abspath(run_dir).encode()).hexdigest()[:16]
+
+
+def build_sinks(cfg: LoggerConfig, run_dir: str, config: dict[str, Any]) -> list[MetricsSink]:
+    sinks: list[MetricsSink] = [JsonlSink(run_dir)]
+    run_name = cfg.run_name or os.path.basename(os.path.normpath(run_dir))
+    if cfg.backend == "wandb":
+        sinks.append(WandbSink(cfg, run_dir, run_name, config))
+    elif cfg.backend == "tensorboard":
+        sinks.append(TensorBoardSink(run_dir))
+    return sinks
+
+
+def format_duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(round(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
+
+
+def progress_bar(done: int, total: int, width: int = 20) -> str:
+    filled = int(width * done / max(total, 1))
+    return "[" + "#" * filled + "." * (width - filled) + "]"
+
+
+def console_line(step: int, max_steps: int, metrics: dict[str, float], elapsed: float, eta: float,
+                 bar: bool = True) -> str:
+    """`step 120/200 [####....] loss 4.1234 | lr 1.2e-03 | gnorm 0.53 | 12.3k tok/s | MFU 31.0% | ...`"""
+    parts = [f"step {step:>{len(str(max_steps))}}/{max_steps}"]
+    if bar:
+        parts[0] += " " + progress_bar(step, max_steps)
+    parts.append(f"loss {metrics['loss']:.4f}")
+    if "val_loss" in metrics:
+        parts.append(f"val {metrics['val_loss']:.4f}")
+    parts.append(f"lr {metrics['lr']:.2e}")
+    parts.append(f"gnorm {metrics['grad_norm']:.3f}")
+    tps = metrics["tokens_per_s"]
+    parts.append(f"{tps / 1000:.1f}k tok/s" if tps >= 1000 else f"{tps:.0f} tok/s")
+    parts.append(f"MFU {100 * metrics['mfu']:.1f}%")
+    parts.append(f"elapsed {format_duration(elapsed)}")
+    parts.append(f"ETA {format_duration(eta)}")
+    return " | ".join(parts)

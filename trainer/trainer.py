@@ -1,0 +1,287 @@
+"""The training loop: setup in a fixed order, then steps, evaluation, logging and checkpoints.
+
+Setup order is part of the contract: the config is validated before any tokenizer, model, data or
+process group exists, so a bad value costs nothing and destroys nothing.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+from typing import Any, Optional
+
+import torch
+
+from models import build_model
+from optim import LRScheduler, build_optimizer, clip_grad_norm_
+from trainer import distributed
+from trainer.checkpoint import find_latest_checkpoint, load_checkpoint, save_checkpoint
+from trainer.config import Config, to_yaml
+from trainer.data import DataPipeline, load_tokenizer, prepare
+from trainer.distributed import RuntimeEnv
+from trainer.grad_sync import allreduce_gradients, allreduce_sum
+from trainer.metrics import build_sinks, console_line
+from trainer.mfu import peak_tflops
+from trainer.schedules import forward_backward_no_pipelining
+from trainer.validation import ConfigError, validate
+
+log = logging.getLogger("foldtron")
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN/Inf loss or gradient norm and trainer.nan_policy says stop."""
+
+
+def resolve_vocab(cfg: Config) -> Config:
+    """Fill model.vocab_size from the tokenizer, or check that the configured one can hold it."""
+    vocab = load_tokenizer(cfg.data.tokenizer).vocab_size
+    if cfg.model.vocab_size is None:
+        return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab))
+    if cfg.model.vocab_size < vocab:
+        raise ConfigError("model.vocab_size", cfg.model.vocab_size,
+                          f"smaller than the tokenizer's vocabulary ({vocab}, data.tokenizer={cfg.data.tokenizer})",
+                          f"set model.vocab_size >= {vocab}, or null to take it from the tokenizer")
+    return cfg
+
+
+def default_run_dir(cfg: Config) -> str:
+    return os.path.join("runs", cfg.name, time.strftime("%Y%m%d-%H%M%S"))
+
+
+def setup_logging(run_dir: Optional[str], env: RuntimeEnv) -> None:
+    """Console for every rank (rank 0 at INFO, others WARNING); rank 0 also writes run_dir/train.log."""
+    root = logging.getLogger("foldtron")
+    root.handlers.clear()
+    root.propagate = False
+    root.setLevel(logging.INFO if env.is_writer else logging.WARNING)
+    prefix = "" if env.world_size == 1 else f"[rank{env.rank}] "
+    console = logging.StreamHandler(sys.stdout)
+    console.setFormatter(logging.Formatter(prefix + "%(message)s"))
+    root.addHandler(console)
+    if run_dir is not None and env.is_writer:
+        file_handler = logging.FileHandler(os.path.join(run_dir, "train.log"))
+        file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        root.addHandler(file_handler)
+    # Library modules log under their own names (trainer.checkpoint, ...): route them the same way.
+    for name in ("trainer", "models", "optim"):
+        lib = logging.getLogger(name)
+        lib.handlers, lib.propagate, lib.level = list(root.handlers), False, root.level
+
+
+class Trainer:
+    """One training run. `Trainer(cfg).train()` does everything `launch/train.py` promises."""
+
+    def __init__(self, cfg: Config, env: Optional[RuntimeEnv] = None):
+        self.env = env or RuntimeEnv.from_environ()
+        validate(cfg, self.env.world_size)
+        self.cfg = cfg = resolve_vocab(cfg)
+        t = cfg.trainer
+
+        self.device = distributed.select_device(self.env, t.device)
+        if self.device.type == "cpu":
+            torch.set_num_threads(t.num_threads or max(1, (os.cpu_count() or 1) // self.env.local_world_size))
+        distributed.init_world(self.env, self.device)
+        self.run_dir = distributed.broadcast_from_writer(t.run_dir or default_run_dir(cfg))
+        if self.env.is_writer:
+            os.makedirs(self.run_dir, exist_ok=True)
+        distributed.barrier()
+        setup_logging(self.run_dir, self.env)
+        if self.env.is_writer:
+            with open(os.path.join(self.run_dir, "config.yaml"), "w") as f:
+                f.write(to_yaml(cfg))
+
+        self.dp_rank, self.dp_size = self.env.rank, self.env.world_size
+        if self.env.is_writer:
+            prepare(cfg.data)  # fetch + tokenize once; the others wait and then find it cached
+        distributed.barrier()
+        self.data = DataPipeline(cfg.data, seed=cfg.seed, dp_rank=self.dp_rank, dp_size=self.dp_size,
+                                 prepared=prepare(cfg.data))
+
+        self.model = build_model(cfg.model, seed=cfg.seed, device=self.device)
+        self.optimizer = build_optimizer(self.model.named_parameters(), cfg.optim)
+        self.scheduler = LRScheduler(self.optimizer, cfg.optim.lr, cfg.optim.schedule, t.max_steps)
+        self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16)
+                         if t.precision == "bf16" else nullcontext())
+
+        self.step = 0  # optimizer steps completed
+        self.skipped_in_a_row = 0
+        self.resume()
+
+        self.tokens_per_step = cfg.data.global_batch_size * cfg.data.seq_len
+        self.flops_per_token = self.model.flops_per_token(cfg.data.seq_len)
+        self.peak_tflops, peak_source = peak_tflops(self.device, t.precision, t.peak_tflops)
+        self.sinks = build_sinks(cfg.logger, self.run_dir, dataclasses.asdict(cfg)) if self.env.is_writer else []
+        log.info("foldtron: run_dir=%s world=%d device=%s precision=%s", self.run_dir, self.env.world_size,
+                 self.device, t.precision)
+        log.info("model: %.2fM parameters (%.2fM without embeddings), %.1f MFLOPs/token (train), vocab %d",
+                 self.model.num_parameters() / 1e6, self.model.num_parameters(exclude_embeddings=True) / 1e6,
+                 self.flops_per_token / 1e6, cfg.model.vocab_size)
+        log.info("batch: %d sequences x %d tokens = %d tokens/step, %d microbatches of %d per rank, dp=%d",
+                 cfg.data.global_batch_size, cfg.data.seq_len, self.tokens_per_step,
+                 self.data.num_microbatches, cfg.data.micro_batch_size, self.dp_size)
+        log.info("MFU peak: %.2f TFLOP/s per device (%s)", self.peak_tflops, peak_source)
+
+    # ---- state -------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        rng = {"torch": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "step": self.step,
+                "skipped_in_a_row": self.skipped_in_a_row, "rng": rng, "config": to_yaml(self.cfg)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = int(state["step"])
+        self.skipped_in_a_row = int(state.get("skipped_in_a_row", 0))
+        torch.set_rng_state(state["rng"]["torch"])
+        if "cuda" in state["rng"] and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
+
+    def resume(self) -> None:
+        mode = self.cfg.trainer.resume
+        if mode == "none":
+            return
+        loaded = find_latest_checkpoint(self.run_dir) if mode == "auto" else load_checkpoint(mode)
+        if loaded is None:
+            log.info("resume=auto: no complete checkpoint in %s, starting from step 0", self.run_dir)
+            return
+        self.load_state_dict(loaded.state)
+        log.info("resumed from %s at step %d", loaded.path, self.step)
+
+    def save(self) -> None:
+        if self.env.is_writer:
+            path = save_checkpoint(self.run_dir, self.step, self.state_dict(), self.cfg.trainer.keep_last)
+            log.info("saved checkpoint %s", path)
+        distributed.barrier()
+
+    # ---- steps -------------------------------------------------------------------------------
+
+    def _to_device(self, microbatch: dict) -> dict:
+        return {k: v.to(self.device, non_blocking=True) for k, v in microbatch.items()}
+
+    def _loss_sum(self, microbatch: dict) -> torch.Tensor:
+        mb = self._to_device(microbatch)
+        with self.autocast:
+            # Tokens are in order here, so the model takes its default positions and the fused causal
+            # kernel; explicit positions are for layouts that reorder tokens (context parallelism).
+            token_losses = self.model.token_losses(mb["input_ids"], mb["labels"])
+        return (token_losses.float() * mb["loss_mask"]).sum()
+
+    def train_step(self) -> dict[str, float]:
+        """One optimizer step on global batch `self.step`; returns its loss, lr and grad norm."""
+        self.model.train()
+        microbatches = self.data.train_microbatches(self.step)
+        local_tokens = sum(mb["loss_mask"].sum() for mb in microbatches)
+        num_tokens = allreduce_sum(torch.as_tensor(local_tokens, dtype=torch.float32))
+        loss_sum = forward_backward_no_pipelining(self._loss_sum, microbatches, num_tokens.to(self.device))
+        allreduce_gradients(self.model.parameters())
+        grad_norm = clip_grad_norm_(self.model.parameters(), self.cfg.optim.clip_grad)
+        loss = (allreduce_sum(loss_sum.cpu()) / num_tokens).item()
+        grad_norm = float(grad_norm)
+        lr = self.scheduler.apply(self.step)
+        if math.isfinite(loss) and math.isfinite(grad_norm):
+            self.optimizer.step()
+            self.skipped_in_a_row = 0
+        else:
+            self._handle_non_finite(loss, grad_norm)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return {"loss": loss, "lr": lr, "grad_norm": grad_norm}
+
+    def _handle_non_finite(self, loss: float, grad_norm: float) -> None:
+        t = self.cfg.trainer
+        what = f"step {self.step + 1}: loss={loss} grad_norm={grad_norm}"
+        if t.nan_policy == "skip" and self.skipped_in_a_row < t.max_skipped_steps:
+            self.skipped_in_a_row += 1
+            log.warning("%s is not finite; skipping this update (%d in a row, trainer.max_skipped_steps=%d)",
+                        what, self.skipped_in_a_row, t.max_skipped_steps)
+            return
+        raise NonFiniteLossError(
+            f"{what} is not finite. Try a lower optim.lr or longer optim.schedule.warmup_steps, "
+            f"optim.clip_grad=1.0, trainer.precision=fp32, or check the data; "
+            f"trainer.nan_policy=skip skips such steps (up to trainer.max_skipped_steps).")
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean token loss over the fixed validation batches (trainer.eval_iters global batches)."""
+        self.model.eval()
+        loss_sum = torch.zeros((), dtype=torch.float32)
+        tokens = torch.zeros((), dtype=torch.float32)
+        for mb in self.data.val_microbatches(self.cfg.trainer.eval_iters):
+            loss_sum += self._loss_sum(mb).cpu()
+            tokens += mb["loss_mask"].sum()
+        return (allreduce_sum(loss_sum) / allreduce_sum(tokens)).item()
+
+    # ---- loop --------------------------------------------------------------------------------
+
+    def train(self) -> dict[str, float]:
+        """Train to trainer.max_steps; returns the last logged metrics (with the final val_loss)."""
+        t = self.cfg.trainer
+        start_step, loop_start = self.step, time.perf_counter()
+        window: list[dict[str, float]] = []
+        window_time, train_time = 0.0, 0.0
+        last: dict[str, float] = {}
+        try:
+            while self.step < t.max_steps:
+                tic = time.perf_counter()
+                window.append(self.train_step())
+                dt = time.perf_counter() - tic
+                window_time += dt
+                train_time += dt
+                is_last = self.step == t.max_steps
+                metrics: Optional[dict[str, float]] = None
+                if self.step % t.log_interval == 0 or is_last:
+                    metrics = self._window_metrics(window, window_time)
+                    window, window_time = [], 0.0
+                if (t.eval_interval and self.step % t.eval_interval == 0) or (is_last and t.eval_at_end):
+                    metrics = metrics if metrics is not None else {}
+                    metrics["val_loss"] = self.evaluate()
+                if metrics:
+                    steps_done = self.step - start_step
+                    eta = (t.max_steps - self.step) * train_time / max(steps_done, 1)
+                    self._emit(metrics, time.perf_counter() - loop_start, eta)
+                    last.update(metrics)
+                if (t.save_interval and self.step % t.save_interval == 0) or (is_last and t.save_final):
+                    self.save()
+        finally:
+            for sink in self.sinks:
+                sink.close()
+        if "val_loss" in last:
+            log.info("final validation loss %.4f nats/token vs unigram entropy of the corpus %.4f nats/token",
+                     last["val_loss"], self.data.unigram_entropy)
+        return last
+
+    def _window_metrics(self, window: list[dict[str, float]], seconds: float) -> dict[str, float]:
+        tokens_per_s = self.tokens_per_step * len(window) / max(seconds, 1e-9)
+        return {
+            "loss": sum(m["loss"] for m in window) / len(window),
+            "lr": window[-1]["lr"],
+            "grad_norm": window[-1]["grad_norm"],
+            "tokens_per_s": tokens_per_s,
+            "mfu": self.flops_per_token * tokens_per_s / (self.peak_tflops * 1e12 * self.env.world_size),
+            "step_time_s": seconds / len(window),
+            "tokens": float(self.step * self.tokens_per_step),
+        }
+
+    def _emit(self, metrics: dict[str, float], elapsed: float, eta: float) -> None:
+        if "loss" in metrics:
+            log.info(console_line(self.step, self.cfg.trainer.max_steps, metrics, elapsed, eta,
+                                  bar=self.cfg.trainer.progress_bar))
+        else:
+            log.info("step %d | val %.4f", self.step, metrics["val_loss"])
+        for sink in self.sinks:
+            sink.log(self.step, {**metrics, "elapsed_s": elapsed})
+
+
+def train(cfg: Config) -> dict[str, float]:
+    """Validate, build and train; tears the process group down however it ends."""
+    try:
+        return Trainer(cfg).train()
+    finally:
+        distributed.shutdown_world()

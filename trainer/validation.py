@@ -1,0 +1,196 @@
+"""Cross-field config rules, checked before any model, data or process group is built.
+
+Every rule is a pure function of the typed config and the world size. A violation raises one
+ConfigError that names the field, its value and a fix; rules run in a fixed order so the first
+problem a user meets is always the same one.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from models.spec import CHANNEL_MIXERS, RESIDUALS, TOKEN_MIXERS
+from trainer.config import Config
+
+PRECISIONS = ("fp32", "bf16")
+DEVICES = ("auto", "cpu", "cuda")
+NAN_POLICIES = ("stop", "skip")
+LOGGER_BACKENDS = ("none", "wandb", "tensorboard")
+WANDB_MODES = ("online", "offline", "disabled")
+OPTIMIZERS = ("adamw",)
+LR_SCHEDULES = ("cosine", "linear", "wsd", "constant")
+WSD_SHAPES = ("linear", "cosine", "sqrt")
+DATA_SOURCES = ("shakespeare", "text_files", "hf")
+CP_COMMS = ("ring", "a2a")
+RANK_ORDERS = ("tp-cp-ep-dp-pp", "tp-cp-ep-pp-dp")
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work, with the field, the value and how to fix it."""
+
+    def __init__(self, field: str, value: Any, problem: str, fix: str):
+        self.field, self.value, self.problem, self.fix = field, value, problem, fix
+        super().__init__(f"{field}={value!r}: {problem}. Fix: {fix}")
+
+
+def _require(ok: bool, field: str, value: Any, problem: str, fix: str) -> None:
+    if not ok:
+        raise ConfigError(field, value, problem, fix)
+
+
+def _choice(field: str, value: Any, choices: tuple) -> None:
+    _require(value in choices, field, value, f"must be one of {list(choices)}",
+             f"set {field} to one of {', '.join(map(str, choices))}")
+
+
+def _positive(field: str, value: int | float) -> None:
+    _require(value > 0, field, value, "must be positive", f"set {field} to a value > 0")
+
+
+def validate(cfg: Config, world_size: int = 1) -> None:
+    """Check every cross-field rule for a run on `world_size` ranks; raise ConfigError on the first."""
+    _validate_model(cfg)
+    _validate_parallel(cfg, world_size)
+    _validate_data(cfg, world_size)
+    _validate_trainer(cfg)
+    _validate_optim(cfg)
+    _validate_logger(cfg)
+
+
+def _validate_model(cfg: Config) -> None:
+    m = cfg.model
+    for name in ("hidden_size", "num_layers", "num_heads", "max_position_embeddings"):
+        _positive(f"model.{name}", getattr(m, name))
+    _require(m.hidden_size % m.num_heads == 0, "model.hidden_size", m.hidden_size,
+             f"not divisible by model.num_heads={m.num_heads}",
+             f"choose a hidden size that is a multiple of {m.num_heads}, or change model.num_heads")
+    kv = m.num_kv_heads if m.num_kv_heads is not None else m.num_heads
+    _require(0 < kv <= m.num_heads and m.num_heads % kv == 0, "model.num_kv_heads", m.num_kv_heads,
+             f"model.num_heads={m.num_heads} must be a multiple of it (GQA groups)",
+             f"use a divisor of {m.num_heads}, or null for multi-head attention")
+    head_dim = m.hidden_size // m.num_heads
+    _require(head_dim % 2 == 0, "model.num_heads", m.num_heads,
+             f"gives an odd head dim {head_dim}, which RoPE cannot rotate in pairs",
+             "pick num_heads so that hidden_size / num_heads is even")
+    if m.vocab_size is not None:
+        _positive("model.vocab_size", m.vocab_size)
+    if m.ffn_hidden_size is not None:
+        _positive("model.ffn_hidden_size", m.ffn_hidden_size)
+    _require(0.0 <= m.dropout < 1.0, "model.dropout", m.dropout, "must lie in [0, 1)", "use e.g. 0.0 or 0.1")
+    _require(0.0 <= m.attention_dropout < 1.0, "model.attention_dropout", m.attention_dropout,
+             "must lie in [0, 1)", "use e.g. 0.0 or 0.1")
+    _positive("model.init_std", m.init_std)
+    for field_name, names, known in (("model.token_mixers", m.token_mixers, TOKEN_MIXERS),
+                                     ("model.channel_mixers", m.channel_mixers, CHANNEL_MIXERS)):
+        _require(len(names) > 0, field_name, names, "is empty", f"list at least one of {list(known)}")
+        for name in names:
+            _require(name in known, field_name, names, f"'{name}' is not an available layer",
+                     f"use only {list(known)}")
+    _choice("model.residual", m.residual, RESIDUALS)
+
+
+def _validate_parallel(cfg: Config, world_size: int) -> None:
+    p = cfg.parallel
+    for name in ("tp", "cp", "pp", "vpp", "ep"):
+        _positive(f"parallel.{name}", getattr(p, name))
+    if p.etp is not None:
+        _positive("parallel.etp", p.etp)
+    _choice("parallel.order", p.order, RANK_ORDERS)
+    _choice("parallel.cp_comm", p.cp_comm, CP_COMMS)
+    model_parallel = p.tp * p.cp * p.pp
+    _require(world_size % model_parallel == 0, "parallel.tp*cp*pp", model_parallel,
+             f"does not divide the world size {world_size}",
+             "launch a multiple of tp*cp*pp ranks (torchrun --nproc-per-node) or change the sizes")
+    if p.dp is not None:
+        _require(p.dp * model_parallel == world_size, "parallel.dp", p.dp,
+                 f"tp*cp*dp*pp = {p.dp * model_parallel} but the world size is {world_size}",
+                 "leave parallel.dp null to infer it from the world size")
+    # The foundation runs data parallelism only; the other axes land with their own issues and
+    # must not run silently as if they were data parallel.
+    for name in ("tp", "cp", "pp", "ep"):
+        value = getattr(p, name)
+        _require(value == 1, f"parallel.{name}", value, "this axis is not implemented in this build yet",
+                 f"set parallel.{name}=1 (data parallelism over all ranks works)")
+    _require(p.vpp == 1 or p.pp > 1, "parallel.vpp", p.vpp, "virtual stages need pipeline parallelism",
+             "set parallel.vpp=1 or parallel.pp>1")
+    _require(not p.sequence_parallel or p.tp > 1, "parallel.sequence_parallel", p.sequence_parallel,
+             "sequence parallelism shards over tensor-parallel ranks", "set parallel.tp>1 or turn it off")
+
+
+def _validate_data(cfg: Config, world_size: int) -> None:
+    d, m = cfg.data, cfg.model
+    _choice("data.source", d.source, DATA_SOURCES)
+    for name in ("seq_len", "micro_batch_size", "global_batch_size"):
+        _positive(f"data.{name}", getattr(d, name))
+    _require(d.seq_len <= m.max_position_embeddings, "data.seq_len", d.seq_len,
+             f"exceeds model.max_position_embeddings={m.max_position_embeddings}",
+             "shorten data.seq_len or raise model.max_position_embeddings")
+    dp = cfg.parallel.resolved_dp(world_size)
+    per_step = d.micro_batch_size * dp
+    _require(d.global_batch_size % per_step == 0, "data.global_batch_size", d.global_batch_size,
+             f"not divisible by micro_batch_size * dp = {d.micro_batch_size} * {dp}",
+             f"use a multiple of {per_step} (gradient accumulation steps = global / (micro * dp))")
+    _require(0.0 < d.val_fraction < 1.0, "data.val_fraction", d.val_fraction, "must lie in (0, 1)",
+             "hold out e.g. 0.05 of each document for validation")
+    if d.source == "text_files":
+        _require(len(d.paths) > 0, "data.paths", d.paths, "text_files needs input files",
+                 "list .txt or .jsonl files in data.paths")
+        for path in d.paths:
+            _require(os.path.exists(path), "data.paths", path, "file does not exist", "fix the path")
+    if d.source == "hf":
+        _require(bool(d.hf_path), "data.hf_path", d.hf_path, "the hf source needs a dataset",
+                 "set data.hf_path to a local dataset dir or a builder such as json (with data.paths)")
+
+
+def _validate_optim(cfg: Config) -> None:
+    o, s, max_steps = cfg.optim, cfg.optim.schedule, cfg.trainer.max_steps
+    _choice("optim.name", o.name, OPTIMIZERS)
+    _positive("optim.lr", o.lr)
+    _require(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "must be >= 0", "use e.g. 0.1")
+    for name in ("beta1", "beta2"):
+        value = getattr(o, name)
+        _require(0.0 <= value < 1.0, f"optim.{name}", value, "must lie in [0, 1)", "use e.g. 0.9 / 0.95")
+    _require(o.clip_grad >= 0, "optim.clip_grad", o.clip_grad, "must be >= 0", "use 1.0, or 0 to disable")
+    _choice("optim.schedule.name", s.name, LR_SCHEDULES)
+    _choice("optim.schedule.wsd_decay_shape", s.wsd_decay_shape, WSD_SHAPES)
+    _require(0 <= s.warmup_steps < max_steps, "optim.schedule.warmup_steps",
+             s.warmup_steps, f"must be smaller than trainer.max_steps={max_steps}",
+             f"use fewer warmup steps (e.g. {max(max_steps // 10, 0)}) or train longer")
+    if s.decay_steps is not None:
+        _positive("optim.schedule.decay_steps", s.decay_steps)
+        _require(s.warmup_steps + s.decay_steps <= max_steps, "optim.schedule.decay_steps", s.decay_steps,
+                 f"warmup {s.warmup_steps} + decay {s.decay_steps} exceeds trainer.max_steps={max_steps}",
+                 "shorten decay_steps, or leave it null to decay over the remaining steps")
+    _require(0.0 <= s.min_lr_ratio <= 1.0, "optim.schedule.min_lr_ratio", s.min_lr_ratio,
+             "must lie in [0, 1]", "use e.g. 0.1")
+    _require(0.0 < s.wsd_decay_fraction <= 1.0, "optim.schedule.wsd_decay_fraction", s.wsd_decay_fraction,
+             "must lie in (0, 1]", "use e.g. 0.2 (decay over the last 20% of steps)")
+
+
+def _validate_trainer(cfg: Config) -> None:
+    t = cfg.trainer
+    _positive("trainer.max_steps", t.max_steps)
+    _positive("trainer.log_interval", t.log_interval)
+    _positive("trainer.eval_iters", t.eval_iters)
+    for name in ("eval_interval", "save_interval", "keep_last"):
+        value = getattr(t, name)
+        _require(value >= 0, f"trainer.{name}", value, "must be >= 0", f"set trainer.{name}=0 to disable")
+    _choice("trainer.precision", t.precision, PRECISIONS)
+    _choice("trainer.device", t.device, DEVICES)
+    _choice("trainer.nan_policy", t.nan_policy, NAN_POLICIES)
+    if t.peak_tflops is not None:
+        _positive("trainer.peak_tflops", t.peak_tflops)
+    if t.resume not in ("none", "auto"):
+        _require(os.path.isdir(t.resume), "trainer.resume", t.resume, "checkpoint directory does not exist",
+                 "point it at an existing checkpoints/step_XXXXXX directory, or use auto / none")
+    if t.resume == "auto":
+        _require(t.run_dir is not None, "trainer.resume", t.resume,
+                 "auto resumes from trainer.run_dir, which is null (a fresh timestamped directory)",
+                 "set trainer.run_dir to the directory of the run to continue")
+
+
+def _validate_logger(cfg: Config) -> None:
+    lg = cfg.logger
+    _choice("logger.backend", lg.backend, LOGGER_BACKENDS)
+    if lg.wandb_mode is not None:
+        _choice("logger.wandb_mode", lg.wandb_mode, WANDB_MODES)

@@ -68,7 +68,7 @@ def main() -> None:
     args = parser.parse_args()
     overrides = ["+experiment=quickstart", "trainer.eval_interval=0", "trainer.eval_at_end=false",
                  "trainer.save_interval=0", "trainer.save_final=false", "trainer.log_interval=10",
-                 "trainer.peak_tflops=1.0", "logger=none", *args.overrides]
+                 "trainer.peak_tflops=1.0", "logger=none", "optim.schedule.warmup_steps=1", *args.overrides]
     cfg = compose(overrides)
     tokens = args.steps * cfg.data.global_batch_size * cfg.data.seq_len
     time_trainer(overrides, 2, tempfile.mkdtemp(prefix="warm_"))  # warm up allocator, caches, data

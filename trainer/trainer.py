@@ -16,6 +16,7 @@ from typing import Any, Optional
 
 import torch
 
+from kernels.fast_paths import detect_fast_paths
 from models import build_model
 from optim import LRScheduler, build_optimizer, clip_grad_norm_
 from trainer import distributed
@@ -124,6 +125,7 @@ class Trainer:
                  cfg.data.global_batch_size, cfg.data.seq_len, self.tokens_per_step,
                  self.data.num_microbatches, cfg.data.micro_batch_size, self.dp_size)
         log.info("MFU peak: %.2f TFLOP/s per device (%s)", self.peak_tflops, peak_source)
+        log.info("fast paths: %s", detect_fast_paths().describe())
 
     # ---- state -------------------------------------------------------------------------------
 

@@ -96,11 +96,11 @@ class Trainer:
                 f.write(to_yaml(cfg))
 
         self.dp_rank, self.dp_size = self.env.rank, self.env.world_size
-        if self.env.is_writer:
-            prepare(cfg.data)  # fetch + tokenize once; the others wait and then find it cached
+        # Fetch + tokenize on one rank; the others wait and then find it cached.
+        prepared = prepare(cfg.data) if self.env.is_writer else None
         distributed.barrier()
         self.data = DataPipeline(cfg.data, seed=cfg.seed, dp_rank=self.dp_rank, dp_size=self.dp_size,
-                                 prepared=prepare(cfg.data))
+                                 prepared=prepared or prepare(cfg.data))
 
         self.model = build_model(cfg.model, seed=cfg.seed, device=self.device)
         self.optimizer = build_optimizer(self.model.named_parameters(), cfg.optim)

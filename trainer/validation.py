@@ -10,17 +10,16 @@ import os
 from typing import Any
 
 from models.spec import CHANNEL_MIXERS, RESIDUALS, TOKEN_MIXERS
+from optim.config import OPTIMIZER_NAMES, SCHEDULE_NAMES, WSD_DECAY_SHAPES
 from trainer.config import Config
+from trainer.data.config import SOURCES as DATA_SOURCES
+from trainer.data.corpus import resolve_paths
 
 PRECISIONS = ("fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 NAN_POLICIES = ("stop", "skip")
 LOGGER_BACKENDS = ("none", "wandb", "tensorboard")
 WANDB_MODES = ("online", "offline", "disabled")
-OPTIMIZERS = ("adamw",)
-LR_SCHEDULES = ("cosine", "linear", "wsd", "constant")
-WSD_SHAPES = ("linear", "cosine", "sqrt")
-DATA_SOURCES = ("shakespeare", "text_files", "hf")
 CP_COMMS = ("ring", "a2a")
 RANK_ORDERS = ("tp-cp-ep-dp-pp", "tp-cp-ep-pp-dp")
 
@@ -135,8 +134,11 @@ def _validate_data(cfg: Config, world_size: int) -> None:
     if d.source == "text_files":
         _require(len(d.paths) > 0, "data.paths", d.paths, "text_files needs input files",
                  "list .txt or .jsonl files in data.paths")
-        for path in d.paths:
-            _require(os.path.exists(path), "data.paths", path, "file does not exist", "fix the path")
+        try:
+            resolve_paths(list(d.paths))
+        except ValueError as e:
+            raise ConfigError("data.paths", list(d.paths), str(e).split(";")[0],
+                              "list existing .txt/.jsonl files or glob patterns that match some") from e
     if d.source == "hf":
         _require(bool(d.hf_path), "data.hf_path", d.hf_path, "the hf source needs a dataset",
                  "set data.hf_path to a local dataset dir or a builder such as json (with data.paths)")
@@ -144,15 +146,15 @@ def _validate_data(cfg: Config, world_size: int) -> None:
 
 def _validate_optim(cfg: Config) -> None:
     o, s, max_steps = cfg.optim, cfg.optim.schedule, cfg.trainer.max_steps
-    _choice("optim.name", o.name, OPTIMIZERS)
+    _choice("optim.name", o.name, OPTIMIZER_NAMES)
     _positive("optim.lr", o.lr)
     _require(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "must be >= 0", "use e.g. 0.1")
     for name in ("beta1", "beta2"):
         value = getattr(o, name)
         _require(0.0 <= value < 1.0, f"optim.{name}", value, "must lie in [0, 1)", "use e.g. 0.9 / 0.95")
     _require(o.clip_grad >= 0, "optim.clip_grad", o.clip_grad, "must be >= 0", "use 1.0, or 0 to disable")
-    _choice("optim.schedule.name", s.name, LR_SCHEDULES)
-    _choice("optim.schedule.wsd_decay_shape", s.wsd_decay_shape, WSD_SHAPES)
+    _choice("optim.schedule.name", s.name, SCHEDULE_NAMES)
+    _choice("optim.schedule.wsd_decay_shape", s.wsd_decay_shape, WSD_DECAY_SHAPES)
     _require(0 <= s.warmup_steps < max_steps, "optim.schedule.warmup_steps",
              s.warmup_steps, f"must be smaller than trainer.max_steps={max_steps}",
              f"use fewer warmup steps (e.g. {max(max_steps // 10, 0)}) or train longer")

@@ -117,3 +117,10 @@ def test_validation_runs_before_anything_is_built(tmp_path, monkeypatch):
     with pytest.raises(ConfigError):
         tr.Trainer(cfg)
     assert not (tmp_path / "run").exists()
+
+
+def test_text_files_paths_accept_globs_and_reject_missing_files(tmp_path):
+    (tmp_path / "a.txt").write_text("hello")
+    validate(compose(["data=text_files", f"data.paths=[{tmp_path}/*.txt]"]))
+    err = _bad(["data=text_files", f"data.paths=[{tmp_path}/missing.txt]"])
+    assert "data.paths" in str(err) and "missing.txt" in str(err) and "is not a file" in str(err)

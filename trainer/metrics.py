@@ -38,6 +38,25 @@ class JsonlSink:
         self._file.close()
 
 
+def drop_metrics_after(run_dir: str, step: int) -> int:
+    """Remove metrics.jsonl rows of steps after `step` (training a resume rolled back); returns how many.
+
+    Without this, a job that logged past its last checkpoint and was resumed would list those steps twice.
+    """
+    path = os.path.join(run_dir, METRICS_FILE)
+    if not os.path.exists(path):
+        return 0
+    with open(path) as f:
+        lines = [line for line in f if line.strip()]
+    kept = [line for line in lines if json.loads(line)["step"] <= step]
+    if len(kept) != len(lines):
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(kept)
+        os.replace(tmp, path)
+    return len(lines) - len(kept)
+
+
 class TensorBoardSink:
     """TensorBoard scalars under run_dir/tensorboard."""
 

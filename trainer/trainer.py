@@ -25,7 +25,7 @@ from trainer.config import Config, to_yaml
 from trainer.data import DataPipeline, load_tokenizer, prepare
 from trainer.distributed import RuntimeEnv
 from trainer.grad_sync import allreduce_gradients, allreduce_sum
-from trainer.metrics import build_sinks, console_line
+from trainer.metrics import build_sinks, console_line, drop_metrics_after
 from trainer.mfu import peak_tflops
 from trainer.schedules import forward_backward_no_pipelining
 from trainer.validation import ConfigError, validate
@@ -155,6 +155,11 @@ class Trainer:
             return
         self.load_state_dict(loaded.state)
         log.info("resumed from %s at step %d", loaded.path, self.step)
+        if self.env.is_writer:
+            dropped = drop_metrics_after(self.run_dir, self.step)
+            if dropped:
+                log.info("metrics.jsonl: dropped %d rows logged after step %d (rolled back by the resume)",
+                         dropped, self.step)
 
     def save(self) -> None:
         if self.env.is_writer:

@@ -11,6 +11,7 @@ from typing import Any
 
 from models.spec import CHANNEL_MIXERS, RESIDUALS, TOKEN_MIXERS
 from optim.config import OPTIMIZER_NAMES, SCHEDULE_NAMES, WSD_DECAY_SHAPES
+from trainer.checkpoint import list_checkpoints
 from trainer.config import Config
 from trainer.data.config import SOURCES as DATA_SOURCES
 from trainer.data.corpus import resolve_paths
@@ -185,6 +186,12 @@ def _validate_trainer(cfg: Config) -> None:
     if t.resume not in ("none", "auto"):
         _require(os.path.isdir(t.resume), "trainer.resume", t.resume, "checkpoint directory does not exist",
                  "point it at an existing checkpoints/step_XXXXXX directory, or use auto / none")
+    if t.resume == "none" and t.run_dir is not None:
+        existing = list_checkpoints(t.run_dir)
+        _require(not existing, "trainer.resume", t.resume,
+                 f"trainer.run_dir={t.run_dir} already holds checkpoints (newest: step {existing[-1][0] if existing else 0}); "
+                 "a fresh run there would overwrite them and mix its metrics with the old ones",
+                 "use trainer.resume=auto to continue that run, or choose a new trainer.run_dir")
     if t.resume == "auto":
         _require(t.run_dir is not None, "trainer.resume", t.resume,
                  "auto resumes from trainer.run_dir, which is null (a fresh timestamped directory)",

@@ -73,3 +73,27 @@ def test_resume_from_explicit_path(tmp_path, tiny):
     path = run / "checkpoints" / "step_000004"
     t = Trainer(compose(tiny(run_dir=tmp_path / "other", steps=6) + [f"trainer.resume={path}"]))
     assert t.step == 4
+
+
+def test_fresh_run_refuses_a_run_dir_with_checkpoints(tmp_path, tiny):
+    from trainer.trainer import Trainer
+    from trainer.validation import ConfigError
+
+    run = tmp_path / "run"
+    Trainer(compose(tiny(run_dir=run, steps=3))).train()
+    before = (run / "metrics.jsonl").read_text()
+    with pytest.raises(ConfigError, match="already holds checkpoints.*trainer.resume=auto"):
+        Trainer(compose(tiny(run_dir=run, steps=3)))
+    assert (run / "metrics.jsonl").read_text() == before  # nothing touched
+
+
+def test_resume_drops_metrics_logged_after_the_checkpoint(tmp_path, tiny):
+    from trainer.trainer import Trainer
+
+    run = tmp_path / "run"
+    first = Trainer(compose(tiny(run_dir=run, steps=8) + ["trainer.save_interval=4", "trainer.save_final=false"]))
+    first.cfg.trainer.max_steps = 6  # logs steps 1..6, the newest checkpoint is step 4
+    first.train()
+    Trainer(compose(tiny(run_dir=run, steps=8) + ["trainer.resume=auto"])).train()
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [s for s in steps if s <= 8] == sorted(steps) and len(set(steps)) == len(steps)

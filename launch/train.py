@@ -4,7 +4,9 @@ Every rank composes the same config; the trainer validates it before building an
 """
 from __future__ import annotations
 
+import faulthandler
 import os
+import signal
 import sys
 
 import hydra
@@ -17,6 +19,8 @@ from trainer.trainer import NonFiniteLossError, train  # noqa: E402
 from trainer.validation import ConfigError  # noqa: E402
 
 register_configs()
+# `kill -USR1 <pid>` prints every thread's stack: how a hung rank is diagnosed (the e2e tests use it).
+faulthandler.register(signal.SIGUSR1, all_threads=True)
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base=None)

@@ -102,6 +102,8 @@ class Trainer:
         self.data = DataPipeline(cfg.data, seed=cfg.seed, dp_rank=self.dp_rank, dp_size=self.dp_size,
                                  prepared=prepared or prepare(cfg.data))
 
+        # Weights are seeded by parameter name inside build_model; this seeds dropout and other draws.
+        torch.manual_seed(cfg.seed)
         self.model = build_model(cfg.model, seed=cfg.seed, device=self.device)
         self.optimizer = build_optimizer(self.model.named_parameters(), cfg.optim)
         self.scheduler = LRScheduler(self.optimizer, cfg.optim.lr, cfg.optim.schedule, t.max_steps)

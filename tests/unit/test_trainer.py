@@ -129,3 +129,12 @@ def test_bf16_autocast_trains(tmp_path, tiny):
     t = Trainer(compose(tiny(run_dir=tmp_path / "run", steps=3) + ["trainer.precision=bf16"]))
     t.train()
     assert all(p.dtype == torch.float32 for p in t.model.parameters())  # fp32 master weights
+
+
+def test_dropout_runs_are_reproducible_from_the_seed(tmp_path, tiny):
+    losses = []
+    for name in ("a", "b"):
+        run = tmp_path / name
+        Trainer(compose(tiny(run_dir=run, steps=4) + ["model.dropout=0.2"])).train()
+        losses.append([r["loss"] for r in _rows(run) if "loss" in r])
+    assert losses[0] == losses[1]

@@ -23,9 +23,4 @@ class ParallelConfig:
     sequence_parallel: bool = False  # shard norms/dropout activations along the sequence over tp
     order: str = "tp-cp-ep-dp-pp"  # rank layout, fastest-varying axis first (Megatron's default)
     cp_comm: str = "ring"  # context-parallel attention: ring | a2a
-
-    def resolved_dp(self, world_size: int) -> int:
-        """Data-parallel size for `world_size` ranks (the explicit dp if one was given)."""
-        if self.dp is not None:
-            return self.dp
-        return world_size // (self.tp * self.cp * self.pp)
+    timeout_s: float = 600.0  # collective timeout of every process group (a hung rank fails after this)

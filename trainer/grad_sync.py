@@ -1,7 +1,7 @@
 """Gradient reduction over data-parallel replicas.
 
-A plain coalesced all-reduce (SUM, per the loss contract) of every gradient after the last
-microbatch. The bucketed, backward-overlapped reducer over DP x CP replaces it with the TP/DP issue.
+A plain coalesced all-reduce (SUM, per the loss contract) of every gradient over the DP x CP group,
+after the last microbatch. The bucketed, backward-overlapped reducer replaces it with the TP/DP issue.
 """
 from __future__ import annotations
 

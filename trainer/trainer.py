@@ -17,8 +17,10 @@ from typing import Any, Optional
 import torch
 
 from kernels.fast_paths import detect_fast_paths
+import parallel_state
 from models import build_model
 from optim import LRScheduler, build_optimizer, clip_grad_norm_
+from parallel_state import RNGStreams
 from trainer import distributed
 from trainer.checkpoint import find_latest_checkpoint, load_checkpoint, save_checkpoint
 from trainer.config import Config, to_yaml
@@ -28,6 +30,7 @@ from trainer.grad_sync import allreduce_gradients, allreduce_sum
 from trainer.metrics import build_sinks, console_line, drop_metrics_after
 from trainer.mfu import peak_tflops
 from trainer.schedules import forward_backward_no_pipelining
+from trainer import validation
 from trainer.validation import ConfigError, validate
 
 log = logging.getLogger("foldtron")
@@ -85,7 +88,10 @@ class Trainer:
         self.device = distributed.select_device(self.env, t.device)
         if self.device.type == "cpu":
             torch.set_num_threads(t.num_threads or max(1, (os.cpu_count() or 1) // self.env.local_world_size))
-        distributed.init_world(self.env, self.device)
+        distributed.init_world(self.env, self.device, cfg.parallel.timeout_s)
+        self.ps = parallel_state.init(validation.topology(cfg, self.env.world_size), device=self.device,
+                                      timeout_s=cfg.parallel.timeout_s)
+        self.rng = RNGStreams(cfg.seed, self.ps.coords, self.device)
         self.run_dir = distributed.broadcast_from_writer(t.run_dir or default_run_dir(cfg))
         if self.env.is_writer:
             os.makedirs(self.run_dir, exist_ok=True)
@@ -95,14 +101,15 @@ class Trainer:
             with open(os.path.join(self.run_dir, "config.yaml"), "w") as f:
                 f.write(to_yaml(cfg))
 
-        self.dp_rank, self.dp_size = self.env.rank, self.env.world_size
+        self.dp_rank, self.dp_size = self.ps.dp.rank, self.ps.dp.size
         # Fetch + tokenize on one rank; the others wait and then find it cached.
         prepared = prepare(cfg.data) if self.env.is_writer else None
         distributed.barrier()
         self.data = DataPipeline(cfg.data, seed=cfg.seed, dp_rank=self.dp_rank, dp_size=self.dp_size,
                                  prepared=prepared or prepare(cfg.data))
 
-        # Weights are seeded by parameter name inside build_model; this seeds dropout and other draws.
+        # Weights are seeded by parameter name inside build_model; dropout draws from self.rng's
+        # streams. The default generator is seeded too so no stray draw depends on the process' past.
         torch.manual_seed(cfg.seed)
         self.model = build_model(cfg.model, seed=cfg.seed, device=self.device)
         self.optimizer = build_optimizer(self.model.named_parameters(), cfg.optim)
@@ -118,8 +125,8 @@ class Trainer:
         self.flops_per_token = self.model.flops_per_token(cfg.data.seq_len)
         self.peak_tflops, peak_source = peak_tflops(self.device, t.precision, t.peak_tflops)
         self.sinks = build_sinks(cfg.logger, self.run_dir, dataclasses.asdict(cfg)) if self.env.is_writer else []
-        log.info("foldtron: run_dir=%s world=%d device=%s precision=%s", self.run_dir, self.env.world_size,
-                 self.device, t.precision)
+        log.info("foldtron: run_dir=%s device=%s precision=%s", self.run_dir, self.device, t.precision)
+        log.info("layout: %s", self.ps.topology)
         log.info("model: %.2fM parameters (%.2fM without embeddings), %.1f MFLOPs/token (train), vocab %d",
                  self.model.num_parameters() / 1e6, self.model.num_parameters(exclude_embeddings=True) / 1e6,
                  self.flops_per_token / 1e6, cfg.model.vocab_size)
@@ -132,7 +139,7 @@ class Trainer:
     # ---- state -------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        rng = {"torch": torch.get_rng_state()}
+        rng = {"torch": torch.get_rng_state(), "streams": self.rng.state_dict()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "step": self.step,
@@ -144,6 +151,7 @@ class Trainer:
         self.step = int(state["step"])
         self.skipped_in_a_row = int(state.get("skipped_in_a_row", 0))
         torch.set_rng_state(state["rng"]["torch"])
+        self.rng.load_state_dict(state["rng"]["streams"])
         if "cuda" in state["rng"] and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
 
@@ -176,7 +184,8 @@ class Trainer:
 
     def _loss_sum(self, microbatch: dict) -> torch.Tensor:
         mb = self._to_device(microbatch)
-        with self.autocast:
+        # Replicated weights (no TP shards yet) draw dropout from the TP-replicated stream.
+        with self.autocast, self.rng.fork("tp-replicated"):
             # Tokens are in order here, so the model takes its default positions and the fused causal
             # kernel; explicit positions are for layouts that reorder tokens (context parallelism).
             token_losses = self.model.token_losses(mb["input_ids"], mb["labels"])
@@ -187,11 +196,11 @@ class Trainer:
         self.model.train()
         microbatches = self.data.train_microbatches(self.step)
         local_tokens = sum(mb["loss_mask"].sum() for mb in microbatches)
-        num_tokens = allreduce_sum(torch.as_tensor(local_tokens, dtype=torch.float32))
+        num_tokens = allreduce_sum(torch.as_tensor(local_tokens, dtype=torch.float32), self.ps.dp_cp.group)
         loss_sum = forward_backward_no_pipelining(self._loss_sum, microbatches, num_tokens.to(self.device))
-        allreduce_gradients(self.model.parameters())
+        allreduce_gradients(self.model.parameters(), self.ps.dp_cp.group)
         grad_norm = clip_grad_norm_(self.model.parameters(), self.cfg.optim.clip_grad)
-        loss = (allreduce_sum(loss_sum.cpu()) / num_tokens).item()
+        loss = (allreduce_sum(loss_sum.cpu(), self.ps.dp_cp.group) / num_tokens).item()
         grad_norm = float(grad_norm)
         lr = self.scheduler.apply(self.step)
         if math.isfinite(loss) and math.isfinite(grad_norm):
@@ -225,7 +234,8 @@ class Trainer:
         for mb in self.data.val_microbatches(self.cfg.trainer.eval_iters):
             loss_sum += self._loss_sum(mb).cpu()
             tokens += mb["loss_mask"].sum()
-        return (allreduce_sum(loss_sum) / allreduce_sum(tokens)).item()
+        group = self.ps.dp_cp.group
+        return (allreduce_sum(loss_sum, group) / allreduce_sum(tokens, group)).item()
 
     # ---- loop --------------------------------------------------------------------------------
 

@@ -10,6 +10,7 @@ import os
 from typing import Any
 
 from models.spec import CHANNEL_MIXERS, RESIDUALS, TOKEN_MIXERS
+from parallel_state.topology import Topology, TopologyError
 from optim.config import OPTIMIZER_NAMES, SCHEDULE_NAMES, WSD_DECAY_SHAPES
 from trainer.checkpoint import list_checkpoints
 from trainer.config import Config
@@ -22,7 +23,6 @@ NAN_POLICIES = ("stop", "skip")
 LOGGER_BACKENDS = ("none", "wandb", "tensorboard")
 WANDB_MODES = ("online", "offline", "disabled")
 CP_COMMS = ("ring", "a2a")
-RANK_ORDERS = ("tp-cp-ep-dp-pp", "tp-cp-ep-pp-dp")
 
 
 class ConfigError(ValueError):
@@ -45,6 +45,14 @@ def _choice(field: str, value: Any, choices: tuple) -> None:
 
 def _positive(field: str, value: int | float) -> None:
     _require(value > 0, field, value, "must be positive", f"set {field} to a value > 0")
+
+
+def topology(cfg: Config, world_size: int) -> Topology:
+    """The rank layout of `parallel.*` on `world_size` ranks, its errors as ConfigErrors."""
+    try:
+        return Topology.from_config(cfg.parallel, world_size)
+    except TopologyError as e:
+        raise ConfigError(e.field, e.value, e.problem, e.fix) from e
 
 
 def validate(cfg: Config, world_size: int = 1) -> None:
@@ -87,28 +95,34 @@ def _validate_model(cfg: Config) -> None:
             _require(name in known, field_name, names, f"'{name}' is not an available layer",
                      f"use only {list(known)}")
     _choice("model.residual", m.residual, RESIDUALS)
+    if any(name.startswith("pararnn") for name in m.token_mixers):
+        _validate_pararnn(cfg)
+
+
+def _validate_pararnn(cfg: Config) -> None:
+    p = cfg.model.pararnn
+    if p.state_size is not None:
+        _positive("model.pararnn.state_size", p.state_size)
+    _require(p.newton_iterations >= 1, "model.pararnn.newton_iterations", p.newton_iterations,
+             "must be at least 1 (0 leaves the initial guess, whose gradient is not the RNN's)",
+             "use 3 (the paper's default)")
+    if p.newton_tol is not None:
+        _positive("model.pararnn.newton_tol", p.newton_tol)
+    _require(p.newton_max_iterations >= 1, "model.pararnn.newton_max_iterations", p.newton_max_iterations,
+             "must be at least 1", "use e.g. 20")
+    _positive("model.pararnn.newton_warn_residual", p.newton_warn_residual)
 
 
 def _validate_parallel(cfg: Config, world_size: int) -> None:
     p = cfg.parallel
-    for name in ("tp", "cp", "pp", "vpp", "ep"):
-        _positive(f"parallel.{name}", getattr(p, name))
-    if p.etp is not None:
-        _positive("parallel.etp", p.etp)
-    _choice("parallel.order", p.order, RANK_ORDERS)
+    _positive("parallel.vpp", p.vpp)
     _choice("parallel.cp_comm", p.cp_comm, CP_COMMS)
-    model_parallel = p.tp * p.cp * p.pp
-    _require(world_size % model_parallel == 0, "parallel.tp*cp*pp", model_parallel,
-             f"does not divide the world size {world_size}",
-             "launch a multiple of tp*cp*pp ranks (torchrun --nproc-per-node) or change the sizes")
-    if p.dp is not None:
-        _require(p.dp * model_parallel == world_size, "parallel.dp", p.dp,
-                 f"tp*cp*dp*pp = {p.dp * model_parallel} but the world size is {world_size}",
-                 "leave parallel.dp null to infer it from the world size")
+    _positive("parallel.timeout_s", p.timeout_s)
+    topology(cfg, world_size)  # sizes tile the world on both grids; the order string is valid
     # The foundation runs data parallelism only; the other axes land with their own issues and
     # must not run silently as if they were data parallel.
-    for name in ("tp", "cp", "pp", "ep"):
-        value = getattr(p, name)
+    for name in ("tp", "cp", "pp", "ep", "etp"):
+        value = getattr(p, name) or 1
         _require(value == 1, f"parallel.{name}", value, "this axis is not implemented in this build yet",
                  f"set parallel.{name}=1 (data parallelism over all ranks works)")
     _require(p.vpp == 1 or p.pp > 1, "parallel.vpp", p.vpp, "virtual stages need pipeline parallelism",
@@ -125,7 +139,7 @@ def _validate_data(cfg: Config, world_size: int) -> None:
     _require(d.seq_len <= m.max_position_embeddings, "data.seq_len", d.seq_len,
              f"exceeds model.max_position_embeddings={m.max_position_embeddings}",
              "shorten data.seq_len or raise model.max_position_embeddings")
-    dp = cfg.parallel.resolved_dp(world_size)
+    dp = topology(cfg, world_size).dp
     per_step = d.micro_batch_size * dp
     _require(d.global_batch_size % per_step == 0, "data.global_batch_size", d.global_batch_size,
              f"not divisible by micro_batch_size * dp = {d.micro_batch_size} * {dp}",

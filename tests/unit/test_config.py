@@ -84,6 +84,8 @@ BAD_CONFIGS = [
      "attention"),
     (["parallel.tp=2"], 2, "parallel.tp", "not implemented in this build yet", "parallel.tp=1"),
     (["parallel.dp=3"], 2, "parallel.dp", "world size is 2", "leave parallel.dp null"),
+    (["parallel.tp=3"], 4, "parallel.tp", "does not divide world / pp = 4 / 1 = 4", "use one of [1, 2, 4]"),
+    (["parallel.order=tp-cp-ep-dp-dp"], 1, "parallel.order", "", "tp"),
     (["optim.lr=0"], 1, "optim.lr", "must be positive", "> 0"),
     (["trainer.resume=/definitely/not/here"], 1, "trainer.resume", "does not exist", "existing"),
     (["trainer.resume=auto"], 1, "trainer.resume", "run_dir, which is null", "set trainer.run_dir"),
@@ -91,6 +93,8 @@ BAD_CONFIGS = [
     (["model.dropout=1.5"], 1, "model.dropout", "must lie in [0, 1)", "0.1"),
     (["logger.backend=mlflow"], 1, "logger.backend", "must be one of", "wandb"),
     (["data.source=text_files"], 1, "data.paths", "needs input files", ".jsonl"),
+    (["model.token_mixers=[pararnn_gru]", "model.pararnn.newton_iterations=0"], 1,
+     "model.pararnn.newton_iterations", "must be at least 1", "use 3"),
 ]
 
 

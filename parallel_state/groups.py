@@ -1,0 +1,142 @@
+"""torch.distributed process groups for a Topology, held by an explicit ParallelState object.
+
+`init(topology)` creates every group of every kind on every rank in one fixed order (a collective
+requirement of `new_group`) and returns a ParallelState; nothing is stored in module globals, so
+two ParallelStates (e.g. two layouts in one test) can live in one process.
+"""
+from __future__ import annotations
+
+import datetime
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from parallel_state.topology import GROUP_NAMES, RankCoords, Topology
+
+
+@dataclass(frozen=True)
+class AxisGroup:
+    """This rank's group along one axis (or set of axes): the process group, its members and our place."""
+
+    name: str  # group kind, one of topology.GROUP_NAMES
+    group: Any  # torch ProcessGroup; None only in a one-rank job without torch.distributed
+    ranks: tuple[int, ...]  # global ranks of the members, ascending
+    rank: int  # this rank's index in `ranks` (its rank within the group)
+
+    @property
+    def size(self) -> int:
+        return len(self.ranks)
+
+
+@dataclass(frozen=True)
+class ParallelState:
+    """One rank's view of a parallel layout: an AxisGroup per group kind plus its coordinates.
+
+    Axes: tp, cp, dp, pp, dp_cp, tp_cp, tp_dp_cp, mp (dense grid), ep, etp, edp, etp_ep, etp_ep_pp
+    (expert grid), and embedding, which is None on middle pipeline stages (they hold neither the
+    input embedding nor the output layer).
+    """
+
+    topology: Topology
+    coords: RankCoords
+    tp: AxisGroup
+    cp: AxisGroup
+    dp: AxisGroup
+    pp: AxisGroup
+    dp_cp: AxisGroup
+    tp_cp: AxisGroup
+    tp_dp_cp: AxisGroup
+    mp: AxisGroup
+    embedding: AxisGroup | None
+    ep: AxisGroup
+    etp: AxisGroup
+    edp: AxisGroup
+    etp_ep: AxisGroup
+    etp_ep_pp: AxisGroup
+    owned_groups: tuple = ()  # process groups this state created (destroy() releases them)
+
+    @property
+    def rank(self) -> int:
+        return self.coords.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.topology.world_size
+
+    @property
+    def is_first_stage(self) -> bool:
+        """Whether this rank is on the first pipeline stage (holds the input embedding)."""
+        return self.pp.rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        """Whether this rank is on the last pipeline stage (holds the output layer and the loss)."""
+        return self.pp.rank == self.pp.size - 1
+
+    def axis(self, name: str) -> AxisGroup | None:
+        """The AxisGroup of kind `name` (see topology.GROUP_NAMES)."""
+        if name not in GROUP_NAMES:
+            raise KeyError(f"unknown group {name!r}; known: {', '.join(GROUP_NAMES)}")
+        return getattr(self, name)
+
+    def destroy(self) -> None:
+        """Release the process groups this state created (the default group stays)."""
+        for g in self.owned_groups:
+            dist.destroy_process_group(g)
+
+
+def default_backend(device: torch.device | str | None) -> str | None:
+    """nccl for a CUDA device, gloo for a CPU one; None (inherit the default group's) for no device."""
+    if device is None:
+        return None
+    return "nccl" if torch.device(device).type == "cuda" else "gloo"
+
+
+def init(topology: Topology, backend: str | None = None, device: torch.device | str | None = None,
+         timeout_s: float | None = None) -> ParallelState:
+    """Create every group of `topology` and return this rank's ParallelState.
+
+    Every rank of the default group must call this with the same topology. `backend` defaults to
+    the device's (nccl on CUDA, gloo on CPU) or, with no device, the default group's backend (so a
+    `fake` world gets fake groups). Groups with identical members are created once and shared
+    between kinds (e.g. dp and edp when etp*ep = tp*cp), which saves communicators. A one-rank job
+    without torch.distributed gets group=None everywhere: callers skip collectives on axes of size 1.
+    """
+    if backend is None:
+        backend = default_backend(device)
+    if not dist.is_initialized():
+        if topology.world_size != 1:
+            raise RuntimeError(f"parallel_state.init: torch.distributed is not initialized but the topology "
+                               f"has {topology.world_size} ranks; call init_process_group first")
+        return _build(topology, rank=0, make_group=lambda ranks: None)
+    world = dist.get_world_size()
+    if world != topology.world_size:
+        raise RuntimeError(f"parallel_state.init: the default group has {world} ranks but the topology "
+                           f"needs {topology.world_size}: {topology}")
+    timeout = None if timeout_s is None else datetime.timedelta(seconds=timeout_s)
+    rank = dist.get_rank()
+    created: dict[tuple[int, ...], Any] = {}
+    mine: dict[tuple[int, ...], Any] = {}
+    # Every rank walks the same kinds and groups in the same order: new_group is collective over the
+    # default group even for ranks outside the new group.
+    for name in GROUP_NAMES:
+        for members in topology.groups(name):
+            key = tuple(members)
+            if key in created:
+                continue
+            created[key] = dist.new_group(members, timeout=timeout, backend=backend)
+            if rank in members:
+                mine[key] = created[key]
+    return _build(topology, rank=rank, make_group=lambda ranks: mine[tuple(ranks)], owned=tuple(mine.values()))
+
+
+def _build(topology: Topology, rank: int, make_group: Callable[[list[int]], Any], owned: tuple = ()) -> ParallelState:
+    axes: dict[str, AxisGroup | None] = {}
+    for name in GROUP_NAMES:
+        members = topology.group_of(name, rank)
+        axes[name] = None if members is None else AxisGroup(name=name, group=make_group(members),
+                                                             ranks=tuple(members), rank=members.index(rank))
+    return ParallelState(topology=topology, coords=topology.coords(rank), owned_groups=owned, **axes)

@@ -1,0 +1,299 @@
+"""Which rank holds which coordinate: the 5D layout with MoE parallel folding, as pure arithmetic.
+
+Two grids cover the same ranks. The dense grid has axes (tp, cp, dp, pp); the expert grid has axes
+(etp, ep, edp, pp), with edp = world / (etp * ep * pp). Both are laid out by one order string that
+lists axes fastest-varying first (Megatron-Core's RankGenerator rule): a rank's number is the sum of
+its coordinates times the running products of the sizes before them. The dense grid reads the order
+with ep taken as 1; the expert grid reads it with cp taken as 1, tp as etp and dp as edp. A group
+over a set of axes is the set of ranks that differ only on those axes. The two grids must agree on
+the pipeline groups, otherwise a pipeline stage would hold dense layers of one stage and expert
+layers of another.
+
+Nothing here touches torch.distributed; parallel_state.groups turns these lists into process groups.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from parallel_state.config import ParallelConfig
+
+ORDER_AXES = ("tp", "cp", "ep", "dp", "pp")  # the names an order string is made of
+DEFAULT_ORDER = "tp-cp-ep-dp-pp"  # Megatron-Core's default
+# The two orders the trainer accepts; any permutation of ORDER_AXES is laid out correctly here.
+STANDARD_ORDERS = ("tp-cp-ep-dp-pp", "tp-cp-ep-pp-dp")
+
+# Group name -> (grid, axes the group spans). Fixed API: later issues take their groups from here.
+DENSE_GROUPS = {
+    "tp": ("tp",),
+    "cp": ("cp",),
+    "dp": ("dp",),
+    "pp": ("pp",),
+    "dp_cp": ("cp", "dp"),  # dense gradient reduction
+    "tp_cp": ("tp", "cp"),
+    "tp_dp_cp": ("tp", "cp", "dp"),  # everything within one pipeline stage
+    "mp": ("tp", "pp"),  # model parallel: one model replica's weights
+}
+EXPERT_GROUPS = {
+    "ep": ("ep",),
+    "etp": ("etp",),
+    "edp": ("edp",),  # expert gradient reduction
+    "etp_ep": ("etp", "ep"),  # token dispatch spans expert tensor and expert parallel ranks
+    "etp_ep_pp": ("etp", "ep", "pp"),  # expert model parallel: one replica of the expert weights
+}
+# Every name `Topology.groups` answers, in the order process groups are created on every rank.
+GROUP_NAMES = tuple(DENSE_GROUPS) + ("embedding",) + tuple(EXPERT_GROUPS)
+
+
+class TopologyError(ValueError):
+    """A parallel layout that cannot be built, naming the config field, the sizes and valid values."""
+
+    def __init__(self, field: str, value: Any, problem: str, fix: str):
+        self.field, self.value, self.problem, self.fix = field, value, problem, fix
+        super().__init__(f"{field}={value!r}: {problem}. Fix: {fix}")
+
+    def __reduce__(self):  # pickles with its fields (e.g. back from a worker process)
+        return (type(self), (self.field, self.value, self.problem, self.fix))
+
+
+def divisors(n: int) -> list[int]:
+    """The positive divisors of n, ascending (the candidate sizes of an axis)."""
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+@dataclass(frozen=True)
+class Grid:
+    """Named axes with sizes, fastest-varying first; rank = sum(coord_i * prod(size_j, j < i))."""
+
+    names: tuple[str, ...]
+    sizes: tuple[int, ...]
+
+    @property
+    def world_size(self) -> int:
+        total = 1
+        for s in self.sizes:
+            total *= s
+        return total
+
+    def coords(self, rank: int) -> dict[str, int]:
+        out = {}
+        for name, size in zip(self.names, self.sizes):
+            out[name] = rank % size
+            rank //= size
+        return out
+
+    def rank(self, coords: dict[str, int]) -> int:
+        rank, stride = 0, 1
+        for name, size in zip(self.names, self.sizes):
+            c = coords.get(name, 0)
+            if not 0 <= c < size:
+                raise ValueError(f"coordinate {name}={c} outside [0, {size})")
+            rank += c * stride
+            stride *= size
+        return rank
+
+    def groups(self, axes: tuple[str, ...]) -> list[list[int]]:
+        """Ranks that differ only on `axes`; groups ordered by their lowest rank, ranks ascending."""
+        unknown = set(axes) - set(self.names)
+        if unknown:
+            raise ValueError(f"axes {sorted(unknown)} are not on this grid {self.names}")
+        fixed = [n for n in self.names if n not in axes]
+        by_key: dict[tuple[int, ...], list[int]] = {}
+        for r in range(self.world_size):
+            c = self.coords(r)
+            by_key.setdefault(tuple(c[n] for n in fixed), []).append(r)
+        return list(by_key.values())
+
+
+@dataclass(frozen=True)
+class RankCoords:
+    """One rank's coordinates on the dense grid (tp, cp, dp, pp) and the expert grid (etp, ep, edp, pp)."""
+
+    rank: int
+    tp: int
+    cp: int
+    dp: int
+    pp: int  # the same on both grids (validated)
+    etp: int
+    ep: int
+    edp: int
+
+    def as_dict(self) -> dict[str, int]:
+        return {"tp": self.tp, "cp": self.cp, "dp": self.dp, "pp": self.pp,
+                "etp": self.etp, "ep": self.ep, "edp": self.edp}
+
+
+def parse_order(order: str) -> tuple[str, ...]:
+    """Split an order string such as 'tp-cp-ep-dp-pp'; every axis of ORDER_AXES exactly once."""
+    axes = tuple(order.split("-"))
+    unknown = [a for a in axes if a not in ORDER_AXES]
+    fix = f"use a permutation of {'-'.join(ORDER_AXES)}, e.g. {' or '.join(STANDARD_ORDERS)}"
+    if unknown:
+        raise TopologyError("parallel.order", order, f"unknown axis {unknown[0]!r} (axes are "
+                            f"{', '.join(ORDER_AXES)})", fix)
+    repeated = sorted({a for a in axes if axes.count(a) > 1})
+    if repeated:
+        raise TopologyError("parallel.order", order, f"axis {repeated[0]!r} appears more than once", fix)
+    missing = [a for a in ORDER_AXES if a not in axes]
+    if missing:
+        raise TopologyError("parallel.order", order, f"axis {missing[0]!r} is missing", fix)
+    return axes
+
+
+def check_sizes(world_size: int, tp: int = 1, cp: int = 1, pp: int = 1, ep: int = 1,
+                etp: int | None = None, dp: int | None = None) -> None:
+    """Raise TopologyError unless the sizes tile `world_size` ranks on both grids.
+
+    Checked in a fixed order so that the first problem a user meets is always the same one; each
+    message lists the values that would work for this world size.
+    """
+    etp = tp if etp is None else etp
+    for field, value in (("tp", tp), ("cp", cp), ("pp", pp), ("ep", ep), ("etp", etp)):
+        if not isinstance(value, int) or value < 1:
+            raise TopologyError(f"parallel.{field}", value, "must be a positive integer", f"set parallel.{field} >= 1")
+    if world_size < 1:
+        raise TopologyError("world_size", world_size, "must be a positive integer", "launch at least one rank")
+    if world_size % pp:
+        raise TopologyError("parallel.pp", pp, f"does not divide the world size {world_size}",
+                            f"use one of {divisors(world_size)} or launch a multiple of {pp} ranks")
+    per_stage = world_size // pp
+    if per_stage % cp:
+        raise TopologyError("parallel.cp", cp, f"does not divide world / pp = {world_size} / {pp} = {per_stage}",
+                            f"use one of {divisors(per_stage)}")
+    if per_stage % (tp * cp):
+        raise TopologyError("parallel.tp", tp, f"tp * cp = {tp} * {cp} does not divide world / pp = "
+                            f"{world_size} / {pp} = {per_stage}",
+                            f"use one of {divisors(per_stage // cp)} (the divisors of world / (cp * pp))")
+    dense_dp = per_stage // (tp * cp)
+    if dp is not None and dp != dense_dp:
+        raise TopologyError("parallel.dp", dp, f"tp * cp * dp * pp = {tp * cp * dp * pp} but the world size is "
+                            f"{world_size}", f"leave parallel.dp null (it is inferred as {dense_dp})")
+    if per_stage % etp:
+        raise TopologyError("parallel.etp", etp, f"does not divide tp * cp * dp = world / pp = {per_stage}",
+                            f"use one of {divisors(per_stage)}, or null for etp = tp = {tp}")
+    if per_stage % (ep * etp):
+        raise TopologyError("parallel.ep", ep, f"ep * etp = {ep} * {etp} does not divide tp * cp * dp = "
+                            f"{tp} * {cp} * {dense_dp} = {per_stage}",
+                            f"with etp={etp} use ep in {divisors(per_stage // etp)}")
+
+
+class Topology:
+    """The rank layout of one job: group lists and coordinates on the dense and expert grids.
+
+    `Topology(world_size, tp, cp, pp, ep, etp=None, order)` with etp=None meaning etp = tp. Derived
+    sizes: dp = world / (tp*cp*pp) and edp = world / (etp*ep*pp). Raises TopologyError for sizes
+    that do not tile the world, a bad order string, or expert pipeline groups that differ from the
+    dense ones.
+    """
+
+    def __init__(self, world_size: int, tp: int = 1, cp: int = 1, pp: int = 1, ep: int = 1,
+                 etp: int | None = None, order: str = DEFAULT_ORDER):
+        axes = parse_order(order)
+        check_sizes(world_size, tp=tp, cp=cp, pp=pp, ep=ep, etp=etp)
+        self.world_size, self.tp, self.cp, self.pp, self.ep = world_size, tp, cp, pp, ep
+        self.etp = tp if etp is None else etp
+        self.order = order
+        self.dp = world_size // (tp * cp * pp)
+        self.edp = world_size // (self.etp * ep * pp)
+        dense_sizes = {"tp": tp, "cp": cp, "ep": 1, "dp": self.dp, "pp": pp}
+        expert_sizes = {"tp": self.etp, "cp": 1, "ep": ep, "dp": self.edp, "pp": pp}
+        expert_names = {"tp": "etp", "cp": "cp", "ep": "ep", "dp": "edp", "pp": "pp"}
+        # Axes of size 1 that do not belong to a grid (ep on the dense grid, cp on the expert grid) are
+        # dropped; they would contribute a zero coordinate and a factor of 1 anyway.
+        self.dense = Grid(tuple(a for a in axes if a != "ep"), tuple(dense_sizes[a] for a in axes if a != "ep"))
+        self.expert = Grid(tuple(expert_names[a] for a in axes if a != "cp"),
+                           tuple(expert_sizes[a] for a in axes if a != "cp"))
+        dense_pp, expert_pp = self.dense.groups(("pp",)), self.expert.groups(("pp",))
+        if dense_pp != expert_pp:
+            raise TopologyError(
+                "parallel.order", order,
+                f"the expert grid (etp={self.etp}, ep={ep}, edp={self.edp}, pp={pp}) gives pipeline groups "
+                f"{_preview(expert_pp)} but the dense grid (tp={tp}, cp={cp}, dp={self.dp}, pp={pp}) gives "
+                f"{_preview(dense_pp)}",
+                f"put pp last ({DEFAULT_ORDER}), or make {_stride_text(self.expert)} equal "
+                f"{_stride_text(self.dense)} (the sizes before pp in the order)")
+        self._cache: dict[str, list[list[int]]] = {}
+
+    @staticmethod
+    def from_config(pcfg: ParallelConfig, world_size: int) -> Topology:
+        """The topology of `parallel.*` on `world_size` ranks (an explicit parallel.dp is checked)."""
+        check_sizes(world_size, tp=pcfg.tp, cp=pcfg.cp, pp=pcfg.pp, ep=pcfg.ep, etp=pcfg.etp, dp=pcfg.dp)
+        return Topology(world_size, tp=pcfg.tp, cp=pcfg.cp, pp=pcfg.pp, ep=pcfg.ep, etp=pcfg.etp,
+                        order=pcfg.order)
+
+    @property
+    def sizes(self) -> tuple:
+        """(world_size, tp, cp, pp, ep, etp, order): what defines the layout."""
+        return (self.world_size, self.tp, self.cp, self.pp, self.ep, self.etp, self.order)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Topology) and self.sizes == other.sizes
+
+    def __hash__(self) -> int:
+        return hash(self.sizes)
+
+    def __repr__(self) -> str:
+        return (f"Topology(world_size={self.world_size}, tp={self.tp}, cp={self.cp}, dp={self.dp}, "
+                f"pp={self.pp}, ep={self.ep}, etp={self.etp}, edp={self.edp}, order={self.order!r})")
+
+    def groups(self, name: str) -> list[list[int]]:
+        """Every group of one kind (see GROUP_NAMES), ordered by lowest rank, ranks ascending."""
+        if name not in self._cache:
+            self._cache[name] = self._compute_groups(name)
+        return [list(g) for g in self._cache[name]]
+
+    def _compute_groups(self, name: str) -> list[list[int]]:
+        if name in DENSE_GROUPS:
+            return self.dense.groups(DENSE_GROUPS[name])
+        if name in EXPERT_GROUPS:
+            return self.expert.groups(EXPERT_GROUPS[name])
+        if name == "embedding":
+            # The input embedding (first stage) and the output layer (last stage) share weights when
+            # tied; with one stage the group is the rank itself.
+            return [sorted({g[0], g[-1]}) for g in self.dense.groups(("pp",))]
+        raise KeyError(f"unknown group {name!r}; known: {', '.join(GROUP_NAMES)}")
+
+    def group_of(self, name: str, rank: int) -> list[int] | None:
+        """The group of kind `name` that holds `rank` (None for middle stages and 'embedding')."""
+        for g in self._cache.get(name) or self.groups(name):
+            if rank in g:
+                return list(g)
+        return None
+
+    def coords(self, rank: int) -> RankCoords:
+        if not 0 <= rank < self.world_size:
+            raise ValueError(f"rank {rank} outside [0, {self.world_size})")
+        d, e = self.dense.coords(rank), self.expert.coords(rank)
+        return RankCoords(rank=rank, tp=d["tp"], cp=d["cp"], dp=d["dp"], pp=d["pp"],
+                          etp=e["etp"], ep=e["ep"], edp=e["edp"])
+
+    def dense_rank(self, tp: int = 0, cp: int = 0, dp: int = 0, pp: int = 0) -> int:
+        """The rank at these dense-grid coordinates."""
+        return self.dense.rank({"tp": tp, "cp": cp, "dp": dp, "pp": pp})
+
+    def expert_rank(self, etp: int = 0, ep: int = 0, edp: int = 0, pp: int = 0) -> int:
+        """The rank at these expert-grid coordinates."""
+        return self.expert.rank({"etp": etp, "ep": ep, "edp": edp, "pp": pp})
+
+    def experts_of(self, rank: int, num_experts: int) -> range:
+        """Global expert ids held by `rank`: expert e lives on EP rank e // (num_experts / ep)."""
+        if num_experts % self.ep:
+            raise TopologyError("model.num_experts", num_experts, f"not divisible by parallel.ep={self.ep}",
+                                f"use a multiple of {self.ep}")
+        per_rank = num_experts // self.ep
+        ep_rank = self.coords(rank).ep
+        return range(ep_rank * per_rank, (ep_rank + 1) * per_rank)
+
+
+def _preview(groups: list[list[int]], limit: int = 4) -> str:
+    shown = "".join(str(g) for g in groups[:limit])
+    return shown + ("..." if len(groups) > limit else "")
+
+
+def _stride_text(grid: Grid) -> str:
+    """'tp * cp = 4': the product of the sizes laid out before pp, i.e. the pipeline stride."""
+    before = grid.names[:grid.names.index("pp")]
+    stride = 1
+    for n in before:
+        stride *= grid.sizes[grid.names.index(n)]
+    return f"{' * '.join(before) or '1'} = {stride}"

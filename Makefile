@@ -17,7 +17,7 @@ train: $(STAMP)
 	$(VENV)/bin/torchrun --standalone --nproc-per-node=$(NPROC) launch/train.py +experiment=quickstart $(ARGS)
 
 test: $(STAMP)
-	$(PYTHON) -m pytest -q -n 2 $(PYTEST_ARGS)
+	$(PYTHON) -m pytest -q -n 2 --dist loadgroup $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(PYTHON) bench/overhead.py

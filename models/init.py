@@ -8,7 +8,9 @@ same full model.
 Each module declares how its parameters are initialised with ``init_specs() -> {name: ParamInit}``
 (names relative to that module, dotted names reach into children such as ``"wq.weight"``). A
 tensor-parallel shard marks its parameter with ``param.shard = (dim, index, count)``: the full
-tensor is generated and the shard's slice copied in.
+tensor is generated and the shard's slice copied in. A padded parameter (a vocabulary padded to a
+multiple of tp) also carries ``param.unpadded = (dim, real_size)``: only the real entries are
+generated, the padding is zeros.
 """
 
 from __future__ import annotations
@@ -78,6 +80,25 @@ def generate_full_tensor(init: ParamInit, seed: int, name: str, shape: Sequence[
     return torch.empty(tuple(shape), dtype=torch.float32).normal_(0.0, init.std, generator=generator)
 
 
+def generate_full_tensor_padded(init: ParamInit, seed: int, name: str, shape: Sequence[int],
+                                unpadded: tuple[int, int] | None) -> torch.Tensor:
+    """`generate_full_tensor`, except that with `unpadded = (dim, size)` only the first `size`
+    entries along `dim` are generated (as for a tensor of that size) and the rest are zeros.
+
+    A vocabulary padded to a multiple of tp (param.unpadded = (0, vocab)) thus keeps the
+    one-process values in its real rows whatever the padding.
+    """
+    if unpadded is None:
+        return generate_full_tensor(init, seed, name, shape)
+    dim, size = unpadded
+    real_shape = list(shape)
+    real_shape[dim] = size
+    real = generate_full_tensor(init, seed, name, real_shape)
+    pad_shape = list(shape)
+    pad_shape[dim] = shape[dim] - size
+    return torch.cat([real, torch.zeros(pad_shape, dtype=real.dtype)], dim=dim)
+
+
 def full_shape(param: torch.Tensor) -> tuple[int, ...]:
     """Shape of the unsharded tensor that `param` (possibly a shard) is a slice of."""
     shape = list(param.shape)
@@ -142,7 +163,7 @@ def materialize(
         init = specs.get(name)
         if init is None:
             raise ValueError(f"parameter {name!r} has no init spec; declare it in its module's init_specs()")
-        full = generate_full_tensor(init, seed, name, full_shape(param))
+        full = generate_full_tensor_padded(init, seed, name, full_shape(param), getattr(param, "unpadded", None))
         shard = getattr(param, "shard", None)
         if shard is not None:
             dim, index, count = shard

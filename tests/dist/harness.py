@@ -44,7 +44,7 @@ ERROR_GRACE_S = 1.5  # after one rank fails, how long the others get to finish o
 STACK_DUMP_WAIT_S = 2.0  # how long the stack files get to be written after SIGUSR1
 # Imported once by the forkserver the workers are forked from (only the first pool of a process
 # starts it). Test modules themselves are imported by each worker on its first call.
-FORKSERVER_PRELOAD = ("torch", "torch.distributed", "pytest", "parallel_state", __name__)
+FORKSERVER_PRELOAD = ("torch", "torch.distributed", "pytest", "parallel_state", "models", "trainer.trainer", __name__)
 
 
 class RankTimeoutError(TimeoutError):

@@ -1,0 +1,259 @@
+"""Column- and row-parallel linear layers (Megatron-LM), and the gradient sync of TP-replicated params.
+
+Each sharded weight is a slice of the full weight a one-process model gets: the parameter carries
+`param.shard = (dim, index, count)` and models.init.materialize generates the FULL tensor from
+(seed, global name) and copies this rank's slice. With tp = 1 both layers are ordinary linears.
+
+    ColumnParallelLinear  W [out/tp, in]: y_r = x W_r^T        (output split over TP)
+    RowParallelLinear     W [out, in/tp]: y = sum_r x_r W_r^T  (input split over TP, output reduced)
+
+A Column -> Row pair (MLP, attention) communicates once each way: without sequence parallelism the
+Column input is `copy_to_tp_region` (all-reduce in backward) and the Row output is
+`reduce_from_tp_region` (all-reduce in forward). With sequence parallelism activations outside the
+pair are split along the sequence; the Column input is all-gathered (reduce-scattered in backward)
+and the Row output reduce-scattered (all-gathered in backward): same bytes, 1/tp of the activation
+memory in norms, dropout and residuals.
+
+`tp` is the ParallelState's TP AxisGroup, or None for no tensor parallelism (then nothing is
+communicated even inside a multi-rank job; contrast the collectives, where None is the default group).
+
+Several Column layers reading the same input (q/k/v, gate/up) should share one input collective:
+`x_tp = first.prepare_input(x)` then `layer(x_tp, input_prepared=True)` for each.
+
+Parameters replicated over TP whose gradient is a partial sum under SP (norm gains, the Row
+bias) are marked `param.sequence_parallel = True` (a replicated GQA K/V projection with
+kv_heads < tp: `param.tp_partial_grad = True`); `allreduce_sequence_parallel_grads` sums their
+gradients over TP after backward so the replicas never drift.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.init import ParamInit, zeros_init
+from parallel_state.collectives import (
+    ResolvedGroup,
+    all_reduce_inplace,
+    copy_to_tp_region,
+    gather_from_sequence_parallel_region,
+    gather_from_tp_region,
+    reduce_from_tp_region,
+    reduce_scatter_to_sequence_parallel_region,
+    resolve_group,
+    scatter_to_tp_region,
+)
+from parallel_state.comm_stats import CommStats
+from parallel_state.groups import AxisGroup
+
+
+def divide_exactly(total: int, parts: int, what: str) -> int:
+    """total / parts, or a ValueError naming `what` when it does not divide."""
+    if total % parts != 0:
+        raise ValueError(f"{what}={total} is not divisible by tensor-parallel size {parts}; "
+                         f"choose a tp that divides {total}")
+    return total // parts
+
+
+def resolve_tp(tp: AxisGroup | ResolvedGroup | None) -> ResolvedGroup:
+    """The TP group of a layer; None means no tensor parallelism (even inside a multi-rank job)."""
+    if tp is None:
+        return ResolvedGroup(None, 1, 0, "tp")
+    return resolve_group(tp)
+
+
+def mark_shard(param: nn.Parameter, dim: int, index: int, count: int) -> nn.Parameter:
+    """Record that `param` is slice `index` of `count` equal slices of the full tensor along `dim`."""
+    if count > 1:
+        param.shard = (dim, index, count)
+    return param
+
+
+@dataclass(frozen=True)
+class TPContext:
+    """What a model layer needs to shard itself over TP; one per model, handed to every mixer.
+
+    `column(...)` / `row(...)` build the layers with the context's group, SP flag and stats.
+    """
+
+    group: AxisGroup | None = None  # the TP group (ParallelState.tp); None: no tensor parallelism
+    sequence_parallel: bool = False  # activations outside Column->Row pairs split along the sequence
+    stats: CommStats | None = None  # receives the bytes sent; the trainer logs and resets it per step
+
+    @property
+    def size(self) -> int:
+        return resolve_tp(self.group).size
+
+    @property
+    def rank(self) -> int:
+        return resolve_tp(self.group).rank
+
+    @property
+    def sp(self) -> bool:
+        """Whether sequence parallelism is in effect (requested and tp > 1)."""
+        return self.sequence_parallel and self.size > 1
+
+    def column(self, in_features: int, out_features: int, init: ParamInit, **kwargs) -> ColumnParallelLinear:
+        return ColumnParallelLinear(in_features, out_features, self.group, init=init,
+                                    sequence_parallel=self.sequence_parallel, stats=self.stats, **kwargs)
+
+    def row(self, in_features: int, out_features: int, init: ParamInit, **kwargs) -> RowParallelLinear:
+        return RowParallelLinear(in_features, out_features, self.group, init=init,
+                                 sequence_parallel=self.sequence_parallel, stats=self.stats, **kwargs)
+
+    def mark_sequence_parallel(self, *params: nn.Parameter) -> None:
+        """Mark TP-replicated params that see only this rank's tokens under SP (norm gains)."""
+        if self.sp:
+            for p in params:
+                p.sequence_parallel = True
+
+
+class ColumnParallelLinear(nn.Module):
+    """y = x A^T (+ b) with A's output rows split over TP: this rank holds A[out/tp * r : out/tp * (r+1)].
+
+    Input: the full activation [B, T, in] (or, with sequence_parallel, this rank's sequence chunk
+    [B, T/tp, in], gathered here). Output: this rank's slice [B, T, out/tp], or the full [B, T, out]
+    with gather_output (not allowed with sequence_parallel, whose consumers take the slice).
+    """
+
+    def __init__(self, in_features: int, out_features: int, tp: AxisGroup | ResolvedGroup | None, *,
+                 init: ParamInit,
+                 bias: bool = False, gather_output: bool = False, sequence_parallel: bool = False,
+                 stats: CommStats | None = None):
+        super().__init__()
+        comm = resolve_tp(tp)
+        if sequence_parallel and gather_output:
+            raise ValueError("ColumnParallelLinear: gather_output=True with sequence_parallel=True is not "
+                             "supported; feed the output slice to a RowParallelLinear instead")
+        self.tp = comm  # resolved: the collectives below need no lookups
+        self.stats = stats
+        self.in_features = in_features
+        self.out_features = out_features
+        self.gather_output = gather_output
+        self.sequence_parallel = sequence_parallel and comm.size > 1
+        self.weight_init = init
+        self.out_per_rank = divide_exactly(out_features, comm.size, "ColumnParallelLinear out_features")
+        self.weight = mark_shard(nn.Parameter(torch.empty(self.out_per_rank, in_features)), 0, comm.rank, comm.size)
+        self.bias = None
+        if bias:
+            self.bias = mark_shard(nn.Parameter(torch.empty(self.out_per_rank)), 0, comm.rank, comm.size)
+
+    def init_specs(self) -> dict[str, ParamInit]:
+        specs = {"weight": self.weight_init}
+        if self.bias is not None:
+            specs["bias"] = zeros_init()
+        return specs
+
+    def prepare_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The input mapping: all-gather the sequence (SP) or copy into the TP region."""
+        if self.sequence_parallel:
+            return gather_from_sequence_parallel_region(x, self.tp, self.stats, tensor_parallel_output_grad=True)
+        return copy_to_tp_region(x, self.tp, self.stats)
+
+    def forward(self, x: torch.Tensor, input_prepared: bool = False) -> torch.Tensor:
+        if not input_prepared:
+            x = self.prepare_input(x)
+        y = F.linear(x, self.weight, self.bias)
+        return gather_from_tp_region(y, self.tp, self.stats) if self.gather_output else y
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features}, out={self.out_features} ({self.out_per_rank} per rank), "
+                f"bias={self.bias is not None}, gather_output={self.gather_output}, sp={self.sequence_parallel}")
+
+
+class RowParallelLinear(nn.Module):
+    """y = x A^T (+ b) with A's input columns split over TP: this rank holds A[:, in/tp * r : in/tp * (r+1)].
+
+    Input: this rank's slice [B, T, in/tp] (input_is_parallel, e.g. a ColumnParallelLinear's
+    output) or the full [B, T, in], split here. Output: the full sum [B, T, out], or with
+    sequence_parallel this rank's sequence chunk [B, T/tp, out] (reduce-scattered). The bias is
+    replicated and added after the reduction.
+    """
+
+    def __init__(self, in_features: int, out_features: int, tp: AxisGroup | ResolvedGroup | None, *,
+                 init: ParamInit,
+                 bias: bool = False, input_is_parallel: bool = True, sequence_parallel: bool = False,
+                 stats: CommStats | None = None):
+        super().__init__()
+        comm = resolve_tp(tp)
+        if sequence_parallel and not input_is_parallel:
+            raise ValueError("RowParallelLinear: sequence_parallel=True needs input_is_parallel=True")
+        self.tp = comm  # resolved: the collectives below need no lookups
+        self.stats = stats
+        self.in_features = in_features
+        self.out_features = out_features
+        self.input_is_parallel = input_is_parallel
+        self.sequence_parallel = sequence_parallel and comm.size > 1
+        self.weight_init = init
+        self.in_per_rank = divide_exactly(in_features, comm.size, "RowParallelLinear in_features")
+        self.weight = mark_shard(nn.Parameter(torch.empty(out_features, self.in_per_rank)), 1, comm.rank, comm.size)
+        self.bias = None
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features))
+            # Under SP each rank adds the bias to its own tokens only: its gradient is partial.
+            self.bias.sequence_parallel = self.sequence_parallel
+
+    def init_specs(self) -> dict[str, ParamInit]:
+        specs = {"weight": self.weight_init}
+        if self.bias is not None:
+            specs["bias"] = zeros_init()
+        return specs
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.input_is_parallel:
+            x = scatter_to_tp_region(x, self.tp, self.stats)
+        partial = F.linear(x, self.weight)
+        if self.sequence_parallel:
+            y = reduce_scatter_to_sequence_parallel_region(partial, self.tp, self.stats)
+        else:
+            y = reduce_from_tp_region(partial, self.tp, self.stats)
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features} ({self.in_per_rank} per rank), out={self.out_features}, "
+                f"bias={self.bias is not None}, input_is_parallel={self.input_is_parallel}, "
+                f"sp={self.sequence_parallel}")
+
+
+# Markers of parameters replicated over TP whose per-rank gradient is only a partial sum:
+# `sequence_parallel` (norm gains and Row biases under SP: each rank sees its tokens only) and
+# `tp_partial_grad` (a replicated projection each rank uses only in part, e.g. the K/V projection
+# of GQA with kv_heads < tp, where each rank reads only the KV head its query heads need).
+TP_PARTIAL_GRAD_MARKERS = ("sequence_parallel", "tp_partial_grad")
+
+
+def sequence_parallel_params(params: Iterable[nn.Parameter]) -> list[nn.Parameter]:
+    """The parameters carrying a TP_PARTIAL_GRAD_MARKERS marker, whose grads must be summed over TP."""
+    return [p for p in params if any(getattr(p, m, False) for m in TP_PARTIAL_GRAD_MARKERS)]
+
+
+def allreduce_sequence_parallel_grads(params: Iterable[nn.Parameter], tp: AxisGroup | None,
+                                      stats: CommStats | None = None) -> None:
+    """Sum the grads of marked params over TP in one flat buffer (after backward, before clipping).
+
+    Every TP rank must call this with the same parameter list. A missing grad counts as zeros.
+    """
+    if resolve_tp(tp).size == 1:
+        return
+    marked = [p for p in sequence_parallel_params(params) if p.requires_grad]
+    if not marked:
+        return
+    for p in marked:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    grads = [p.grad for p in marked]
+    flat = torch._utils._flatten_dense_tensors(grads)
+    all_reduce_inplace(flat, resolve_tp(tp), stats)
+    for g, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+        g.copy_(synced)
+
+
+def is_tp_duplicate(param: nn.Parameter, tp_rank: int) -> bool:
+    """Whether `param` is a TP replica that another rank already counts (for a global grad norm).
+
+    Sharded params (with `shard`) are counted on every TP rank; replicated ones on TP rank 0 only.
+    """
+    return getattr(param, "shard", None) is None and tp_rank != 0

@@ -42,7 +42,7 @@ def tiny_overrides(tmp_path, run_dir=None, steps: int = 20) -> list[str]:
         "model.num_kv_heads=2", "model.max_position_embeddings=64", f"trainer.max_steps={steps}",
         "trainer.log_interval=1", "trainer.eval_interval=10", "trainer.eval_iters=2",
         "trainer.peak_tflops=1.0", f"trainer.run_dir={run_dir or tmp_path / 'run'}", "optim.lr=3e-3",
-        "optim.schedule.warmup_steps=2",
+        "optim.schedule.warmup_steps=2", "trainer.num_threads=1",
     ]
 
 

@@ -7,12 +7,19 @@ from torch import nn
 
 from models.config import ModelConfig
 from models.layers.attention import Attention
+from models.layers.gla import GatedLinearAttention
 from models.layers.mlp import SwiGLUMLP
 from models.layers.norm import RMSNorm
+from models.layers.pararnn import ParaGRUMixer, ParaLSTMMixer
 from models.spec import LayerSpec
 
 # Implementations behind the names in models.spec (TOKEN_MIXERS, CHANNEL_MIXERS); keep both in step.
-TOKEN_MIXER_CLASSES = {"attention": Attention}
+TOKEN_MIXER_CLASSES = {
+    "attention": Attention,
+    "gla": GatedLinearAttention,
+    "pararnn_gru": ParaGRUMixer,
+    "pararnn_lstm": ParaLSTMMixer,
+}
 CHANNEL_MIXER_CLASSES = {"mlp": SwiGLUMLP}
 
 

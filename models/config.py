@@ -10,6 +10,42 @@ from dataclasses import dataclass, field
 
 
 @dataclass
+class GLAConfig:
+    """Gated linear attention token mixer (Yang et al. 2024; fla's GatedLinearAttention defaults)."""
+
+    # Number of GLA heads; None means model.num_heads. Heads are independent (TP splits them).
+    num_heads: int | None = None
+    # Key/query width as a fraction of hidden_size (the paper's 0.5 halves the state size).
+    expand_k: float = 0.5
+    # Value width as a fraction of hidden_size.
+    expand_v: float = 1.0
+    # Rank of the low-rank gate projection x W1 W2 (the paper uses 16).
+    gate_low_rank_dim: int = 16
+    # g = logsigmoid(x W1 W2 + b) / gate_logit_normalizer; larger keeps decays closer to 1.
+    gate_logit_normalizer: float = 16.0
+    # Training kernel: "chunk" (chunkwise parallel) or "fused_recurrent" (step loop, slow).
+    mode: str = "chunk"
+
+
+@dataclass
+class ParaRNNConfig:
+    """ParaRNN token mixers ("pararnn_gru", "pararnn_lstm"): Newton + parallel-scan RNN layers."""
+
+    # Width N of the recurrent state; None means hidden_size. Channels are independent (TP splits them).
+    state_size: int | None = None
+    # Newton updates per solve in fixed mode (newton_tol null); the paper uses 3.
+    newton_iterations: int = 3
+    # Adaptive mode when set: stop once max |residual| <= newton_tol.
+    newton_tol: float | None = None
+    # Most Newton updates in adaptive mode.
+    newton_max_iterations: int = 20
+    # Fixed mode: warn when the final max |residual| of a solve is above this.
+    newton_warn_residual: float = 1e-3
+    # How the layers run in training: "parallel" (Newton + scan) or "sequential" (the reference loop).
+    mode: str = "parallel"
+
+
+@dataclass
 class ModelConfig:
     """Shape and initialisation of a Llama-style decoder.
 
@@ -53,6 +89,10 @@ class ModelConfig:
     channel_mixers: list[str] = field(default_factory=lambda: ["mlp"])
     # Residual pattern of every block.
     residual: str = "standard"
+    # Settings of the "gla" token mixer (used only by layers whose token mixer is gla).
+    gla: GLAConfig = field(default_factory=GLAConfig)
+    # Settings of the ParaRNN token mixers (used only by pararnn_gru / pararnn_lstm layers).
+    pararnn: ParaRNNConfig = field(default_factory=ParaRNNConfig)
 
     @property
     def head_dim(self) -> int:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from models.config import ModelConfig
 
 # Names implemented now; the trainer's config validation rejects anything else before building.
-TOKEN_MIXERS = ("attention",)
+TOKEN_MIXERS = ("attention", "gla", "pararnn_gru", "pararnn_lstm")
 CHANNEL_MIXERS = ("mlp",)
 RESIDUALS = ("standard",)
 

@@ -23,4 +23,5 @@ class ParallelConfig:
     sequence_parallel: bool = False  # shard norms/dropout activations along the sequence over tp
     order: str = "tp-cp-ep-dp-pp"  # rank layout, fastest-varying axis first (Megatron's default)
     cp_comm: str = "ring"  # context-parallel attention: ring | a2a
+    dp_bucket_mb: float = 25.0  # gradient bucket size of the DP x CP all-reduce (overlapped with backward)
     timeout_s: float = 600.0  # collective timeout of every process group (a hung rank fails after this)

@@ -7,7 +7,8 @@ interleaved) join this module with the pipeline issue.
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from contextlib import nullcontext
+from typing import Callable, ContextManager, Sequence
 
 import torch
 
@@ -15,19 +16,22 @@ LossSumFn = Callable[[dict], torch.Tensor]
 
 
 def forward_backward_no_pipelining(loss_sum_fn: LossSumFn, microbatches: Sequence[dict],
-                                   num_loss_tokens: torch.Tensor | float,
-                                   forward_only: bool = False) -> torch.Tensor:
+                                   num_loss_tokens: torch.Tensor | float, forward_only: bool = False,
+                                   no_sync: Callable[[], ContextManager] = nullcontext) -> torch.Tensor:
     """Run every microbatch forward (and backward); return the detached sum of their token losses.
 
     `loss_sum_fn(microbatch)` returns the microbatch's sum of masked token losses (a scalar).
+    Every backward but the last runs under `no_sync()`, so the gradient reduction (launched from
+    backward hooks) communicates once per step, overlapped with the last microbatch's backward.
     """
     total = torch.zeros((), dtype=torch.float32)
-    for microbatch in microbatches:
+    for i, microbatch in enumerate(microbatches):
         if forward_only:
             with torch.no_grad():
                 loss_sum = loss_sum_fn(microbatch)
         else:
-            loss_sum = loss_sum_fn(microbatch)
-            (loss_sum / num_loss_tokens).backward()
+            with no_sync() if i < len(microbatches) - 1 else nullcontext():
+                loss_sum = loss_sum_fn(microbatch)
+                (loss_sum / num_loss_tokens).backward()
         total = total.to(loss_sum.device) + loss_sum.detach().float()
     return total

@@ -21,12 +21,14 @@ import parallel_state
 from models import build_model
 from optim import LRScheduler, build_optimizer, clip_grad_norm_
 from parallel_state import RNGStreams
+from parallel_state.comm_stats import CommStats
 from trainer import distributed
 from trainer.checkpoint import find_latest_checkpoint, load_checkpoint, save_checkpoint
 from trainer.config import Config, to_yaml
 from trainer.data import DataPipeline, load_tokenizer, prepare
 from trainer.distributed import RuntimeEnv
-from trainer.grad_sync import allreduce_gradients, allreduce_sum
+from trainer.grad_reducer import BucketedGradReducer
+from trainer.grad_sync import allreduce_sum
 from trainer.metrics import build_sinks, console_line, drop_metrics_after
 from trainer.mfu import peak_tflops
 from trainer.schedules import forward_backward_no_pipelining
@@ -112,6 +114,11 @@ class Trainer:
         # streams. The default generator is seeded too so no stray draw depends on the process' past.
         torch.manual_seed(cfg.seed)
         self.model = build_model(cfg.model, seed=cfg.seed, device=self.device)
+        self.comm_stats = CommStats()
+        # Gradients live in flat buckets reduced over DP x CP from backward hooks (before the
+        # optimizer exists, so its state follows the parameters, not the buffers).
+        self.grad_reducer = BucketedGradReducer(self.model.parameters(), self.ps.dp_cp,
+                                                bucket_size_mb=cfg.parallel.dp_bucket_mb, stats=self.comm_stats)
         self.optimizer = build_optimizer(self.model.named_parameters(), cfg.optim)
         self.scheduler = LRScheduler(self.optimizer, cfg.optim.lr, cfg.optim.schedule, t.max_steps)
         self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16)
@@ -197,8 +204,9 @@ class Trainer:
         microbatches = self.data.train_microbatches(self.step)
         local_tokens = sum(mb["loss_mask"].sum() for mb in microbatches)
         num_tokens = allreduce_sum(torch.as_tensor(local_tokens, dtype=torch.float32), self.ps.dp_cp.group)
-        loss_sum = forward_backward_no_pipelining(self._loss_sum, microbatches, num_tokens.to(self.device))
-        allreduce_gradients(self.model.parameters(), self.ps.dp_cp.group)
+        loss_sum = forward_backward_no_pipelining(self._loss_sum, microbatches, num_tokens.to(self.device),
+                                                  no_sync=self.grad_reducer.no_sync)
+        self.grad_reducer.finish()
         grad_norm = clip_grad_norm_(self.model.parameters(), self.cfg.optim.clip_grad)
         loss = (allreduce_sum(loss_sum.cpu(), self.ps.dp_cp.group) / num_tokens).item()
         grad_norm = float(grad_norm)
@@ -208,7 +216,7 @@ class Trainer:
             self.skipped_in_a_row = 0
         else:
             self._handle_non_finite(loss, grad_norm)
-        self.optimizer.zero_grad(set_to_none=True)
+        self.grad_reducer.zero_grad()  # keeps .grad views into the buckets (never set_to_none)
         self.step += 1
         return {"loss": loss, "lr": lr, "grad_norm": grad_norm}
 
@@ -286,7 +294,14 @@ class Trainer:
             "mfu": self.flops_per_token * tokens_per_s / (self.peak_tflops * 1e12 * self.env.world_size),
             "step_time_s": seconds / len(window),
             "tokens": float(self.step * self.tokens_per_step),
+            # Bytes this rank sent per step, by group and collective (see parallel_state.comm_stats).
+            **{key: value / len(window) for key, value in self._drain_comm_stats().items()},
         }
+
+    def _drain_comm_stats(self) -> dict[str, float]:
+        summary = self.comm_stats.summary()
+        self.comm_stats.reset()
+        return summary
 
     def _emit(self, metrics: dict[str, float], elapsed: float, eta: float) -> None:
         if "loss" in metrics:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from models.layers.gla import GLA_MODES
 from models.spec import CHANNEL_MIXERS, RESIDUALS, TOKEN_MIXERS
 from parallel_state.topology import Topology, TopologyError
 from optim.config import OPTIMIZER_NAMES, SCHEDULE_NAMES, WSD_DECAY_SHAPES
@@ -97,6 +98,23 @@ def _validate_model(cfg: Config) -> None:
     _choice("model.residual", m.residual, RESIDUALS)
     if any(name.startswith("pararnn") for name in m.token_mixers):
         _validate_pararnn(cfg)
+    if "gla" in m.token_mixers:
+        _validate_gla(cfg)
+
+
+def _validate_gla(cfg: Config) -> None:
+    m, g = cfg.model, cfg.model.gla
+    heads = g.num_heads if g.num_heads is not None else m.num_heads
+    _positive("model.gla.num_heads", heads)
+    for name in ("expand_k", "expand_v", "gate_logit_normalizer", "gate_low_rank_dim"):
+        _positive(f"model.gla.{name}", getattr(g, name))
+    for name in ("expand_k", "expand_v"):
+        width = int(m.hidden_size * getattr(g, name))
+        _require(width % heads == 0, f"model.gla.{name}", getattr(g, name),
+                 f"gives a width of {width} (hidden_size {m.hidden_size} x {getattr(g, name)}), "
+                 f"not divisible by the {heads} GLA heads",
+                 "choose model.gla.num_heads dividing it, or another expand factor")
+    _choice("model.gla.mode", g.mode, tuple(GLA_MODES))
 
 
 def _validate_pararnn(cfg: Config) -> None:
@@ -111,6 +129,7 @@ def _validate_pararnn(cfg: Config) -> None:
     _require(p.newton_max_iterations >= 1, "model.pararnn.newton_max_iterations", p.newton_max_iterations,
              "must be at least 1", "use e.g. 20")
     _positive("model.pararnn.newton_warn_residual", p.newton_warn_residual)
+    _choice("model.pararnn.mode", p.mode, ("parallel", "sequential"))
 
 
 def _validate_parallel(cfg: Config, world_size: int) -> None:

@@ -95,6 +95,8 @@ BAD_CONFIGS = [
     (["data.source=text_files"], 1, "data.paths", "needs input files", ".jsonl"),
     (["model.token_mixers=[pararnn_gru]", "model.pararnn.newton_iterations=0"], 1,
      "model.pararnn.newton_iterations", "must be at least 1", "use 3"),
+    (["model.token_mixers=[gla]", "model.gla.num_heads=3"], 1, "model.gla.expand_k",
+     "not divisible by the 3 GLA heads", "model.gla.num_heads"),
 ]
 
 

@@ -91,7 +91,7 @@ def test_spec_constants_match_implemented_classes():
 @pytest.mark.parametrize(
     "field_name, overrides, bad_value",
     [
-        ("token_mixers", {"token_mixers": ["attention", "gla"]}, "gla"),
+        ("token_mixers", {"token_mixers": ["attention", "mamba"]}, "mamba"),
         ("channel_mixers", {"channel_mixers": ["nope"]}, "nope"),
         ("residual", {"residual": "ladder"}, "ladder"),
     ],

@@ -1,0 +1,157 @@
+"""ParaRNN speed: the parallel solve (Newton + scan, adjoint backward) vs the sequential loop.
+
+Times forward + backward of the recurrence of ParaGRU and ParaLSTM (input projections u given, as
+the part ParaRNN parallelises; the projections cost the same in both modes) for hidden 256 at
+T = 1024, 4096, 16384, batch 1, in the same run. Prints the speedup (sequential / parallel, medians
+of --repeats), the Newton iterations, the final residual and the largest difference between the two
+modes' states. Target on CPU: >= 30x at T = 4096.
+
+On CUDA it also times the Triton scan against the torch scan, and runs the comparison with each
+scan backend, with the speedup at T = 4096 next to the paper's up to 665x (Danieli et al. 2025).
+
+    .venv/bin/python bench/pararnn.py [--lengths 1024 4096 16384] [--cells gru lstm] [--threads N]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from kernels.dispatch import KernelsConfig
+from kernels.pararnn import NewtonOptions, linear_scan, parallel_recurrence, sequential_recurrence
+from models.layers.pararnn import ParaGRU, ParaLSTM
+
+PAPER_SPEEDUP_T4096 = 665.0
+LAYERS = {"gru": ParaGRU, "lstm": ParaLSTM}
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def median_seconds(fn: Callable[[], object], repeats: int, device: torch.device, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def recurrence_inputs(cell_name: str, hidden: int, batch: int, seq_len: int, device: torch.device, seed: int):
+    """A layer initialised as in training, and the projections u of a random input (requires grad)."""
+    torch.manual_seed(seed)
+    layer = LAYERS[cell_name](hidden).to(device)
+    with torch.no_grad():
+        u = layer.input_projections(torch.randn(batch, seq_len, hidden, device=device))
+    params = [getattr(layer, name).detach().requires_grad_(True) for name in layer.recurrent_names]
+    return layer.cell, u.requires_grad_(True), params
+
+
+def compare_modes(cell_name: str, seq_len: int, args, device: torch.device, kernels: KernelsConfig | None) -> dict:
+    cell, u, params = recurrence_inputs(cell_name, args.hidden, args.batch, seq_len, device, args.seed)
+    options = NewtonOptions(iterations=args.iterations)
+    reports = []
+
+    def parallel() -> torch.Tensor:
+        h, report = parallel_recurrence(cell, u, params, options, kernels)
+        h.sum().backward()
+        reports.append(report)
+        return h
+
+    def sequential() -> torch.Tensor:
+        h = sequential_recurrence(cell, u, params)
+        h.sum().backward()
+        return h
+
+    t_par = median_seconds(parallel, args.repeats, device)
+    t_seq = median_seconds(sequential, args.seq_repeats, device, warmup=0)
+    diff = float((parallel() - sequential()).detach().abs().max())
+    return {"cell": cell_name, "T": seq_len, "parallel_s": t_par, "sequential_s": t_seq,
+            "speedup": t_seq / t_par, "iterations": reports[-1].iterations,
+            "residual": float(reports[-1].residual), "max_diff": diff}
+
+
+def scan_backends(seq_len: int, args, device: torch.device) -> list[dict]:
+    """Triton vs torch scan (forward only) for both Jacobian structures."""
+    rows = []
+    for structure in ("diagonal", "block2"):
+        block = () if structure == "diagonal" else (2,)
+        b = torch.randn(args.batch, seq_len, *block, args.hidden, device=device)
+        a = torch.rand(args.batch, seq_len, *block, *block, args.hidden, device=device) * (0.9 if not block else 0.45)
+        times = {}
+        for name in ("torch", "triton"):
+            config = KernelsConfig(backend=name, on_missing="fail")
+            times[name] = median_seconds(
+                lambda a=a, b=b, s=structure, c=config: linear_scan(a, b, s, kernels=c), args.repeats, device)
+        err = float((linear_scan(a, b, structure, kernels=KernelsConfig(backend="torch"))
+                     - linear_scan(a, b, structure, kernels=KernelsConfig(backend="triton"))).abs().max())
+        rows.append({"structure": structure, "T": seq_len, **times, "max_diff": err})
+    return rows
+
+
+def print_mode_table(rows: list[dict], title: str) -> None:
+    print(f"\n{title}")
+    print(f"{'cell':5} {'T':>6} {'parallel':>10} {'sequential':>11} {'speedup':>8} {'newton':>7} "
+          f"{'residual':>9} {'max|par-seq|':>12}")
+    for r in rows:
+        print(f"{r['cell']:5} {r['T']:>6} {r['parallel_s'] * 1e3:>8.1f}ms {r['sequential_s'] * 1e3:>9.1f}ms "
+              f"{r['speedup']:>7.1f}x {r['iterations']:>7} {r['residual']:>9.1e} {r['max_diff']:>12.1e}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 16384])
+    parser.add_argument("--cells", nargs="+", default=["gru", "lstm"], choices=sorted(LAYERS))
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--iterations", type=int, default=3, help="Newton updates (fixed mode)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs of the parallel solve (median)")
+    parser.add_argument("--seq-repeats", type=int, default=2, help="timed runs of the sequential loop (median)")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    print(f"ParaRNN bench: device={device} threads={torch.get_num_threads()} hidden={args.hidden} "
+          f"batch={args.batch} newton_iterations={args.iterations}; reference = sequential loop, same run")
+
+    backends = [("auto", None)]
+    if device.type == "cuda":
+        backends = [("torch scan", KernelsConfig(backend="torch")), ("triton scan", KernelsConfig(backend="triton"))]
+    results = {}
+    for label, kernels in backends:
+        rows = [compare_modes(cell, seq_len, args, device, kernels) for cell in args.cells for seq_len in args.lengths]
+        results[label] = rows
+        print_mode_table(rows, f"forward+backward, parallel ({label}) vs sequential")
+
+    for label, rows in results.items():
+        for r in rows:
+            if r["T"] == 4096:
+                target = f"paper: up to {PAPER_SPEEDUP_T4096:.0f}x" if device.type == "cuda" else "target >= 30x"
+                print(f"{label}: {r['cell']} T=4096 speedup {r['speedup']:.1f}x ({target})")
+
+    if device.type == "cuda":
+        print("\nscan only (forward): Triton vs torch")
+        for seq_len in args.lengths:
+            for r in scan_backends(seq_len, args, device):
+                print(f"{r['structure']:8} T={r['T']:>6} torch {r['torch'] * 1e3:8.3f}ms triton {r['triton'] * 1e3:8.3f}ms "
+                      f"ratio {r['torch'] / r['triton']:6.1f}x max_diff {r['max_diff']:.1e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,281 @@
+"""ParaRNN token mixers: ParaGRU and ParaLSTM, nonlinear RNNs trained in parallel over the sequence.
+
+Each layer computes the input projections of every step in one matmul (u = x W_in + b), solves the
+recurrence h_t = f(h_{t-1}, u_t) with kernels.pararnn (Newton + parallel scan, or the plain loop in
+``mode="sequential"``), and maps the states back with an output projection. The recurrent weights
+act element-wise, so every channel of the state is independent of the others: a tensor-parallel
+split of the state channels (W_in's dim 1, the recurrent weights' and biases' dim 1, W_out's input
+dim) needs no communication inside the recurrence.
+
+Cells (exact equations in SPECS.md, "ParaRNN"):
+- GRU, state h [.., N], diagonal Jacobian:
+  z = sigmoid(a_z h + u_z); r = sigmoid(a_r h + u_r); c = tanh(a_c (r h) + u_c); h' = z c + (1 - z) h.
+- LSTM with coupled input-forget gate and peepholes, state [c, h] [.., 2, N], 2x2-block Jacobian:
+  f = sigmoid(a_f h + u_f + p_f c); c~ = tanh(a_c h + u_c); c' = f c + (1 - f) c~;
+  o = sigmoid(a_o h + u_o + p_o c'); h' = o tanh(c').
+
+Initialisation (SPECS): recurrent and peephole weights ~ N(0, (2 / sqrt(5 N))^2); input weights
+with Xavier variance 2 / (hidden + N) per gate (normal, since models.init has no uniform kind);
+biases 0 except the first gate's, which starts at -linspace(0, 1, N). That offset is a fixed,
+non-persistent buffer added to the learned bias (zeros-initialised): with biases exempt from weight
+decay (the default) training is identical to initialising the bias at the offset.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kernels.dispatch import KernelsConfig
+from kernels.pararnn import NewtonOptions, NewtonReport, parallel_recurrence, sequential_recurrence
+from models.config import ModelConfig
+from models.init import ParamInit, normal_init, zeros_init
+
+MODES = ("parallel", "sequential")
+
+
+class GRUCell:
+    """The ParaGRU recurrence. u [.., 3, N] holds (u_z, u_r, u_c); params = (a [3, N],)."""
+
+    structure = "diagonal"
+
+    def zero_state(self, u: torch.Tensor) -> torch.Tensor:
+        return u.new_zeros(u.shape[:-2] + u.shape[-1:])
+
+    def step(self, h_prev: torch.Tensor, u: torch.Tensor, params: Sequence[torch.Tensor]) -> torch.Tensor:
+        (a,) = params
+        # unbind, not u[..., g, :]: its backward stacks once instead of a full-size zero tensor per gate.
+        u_z, u_r, u_c = u.unbind(-2)
+        z = torch.sigmoid(a[0] * h_prev + u_z)
+        r = torch.sigmoid(a[1] * h_prev + u_r)
+        c = torch.tanh(a[2] * (r * h_prev) + u_c)
+        return h_prev + z * (c - h_prev)
+
+    def step_and_jacobian(self, h_prev: torch.Tensor, u: torch.Tensor,
+                          params: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        (a,) = params
+        # unbind, not u[..., g, :]: its backward stacks once instead of a full-size zero tensor per gate.
+        u_z, u_r, u_c = u.unbind(-2)
+        z = torch.sigmoid(a[0] * h_prev + u_z)
+        r = torch.sigmoid(a[1] * h_prev + u_r)
+        c = torch.tanh(a[2] * (r * h_prev) + u_c)
+        c_minus_h = c - h_prev
+        dz = z * (1 - z) * a[0]
+        dr = r * (1 - r) * a[1]
+        dc = (1 - c * c) * a[2] * (r + h_prev * dr)
+        jacobian = (1 - z) + z * dc + c_minus_h * dz
+        return h_prev + z * c_minus_h, jacobian
+
+    def output(self, states: torch.Tensor) -> torch.Tensor:
+        """The part of the state the layer reads out: all of it."""
+        return states
+
+
+class LSTMCell:
+    """The ParaLSTM recurrence. u [.., 3, N] holds (u_f, u_c, u_o); params = (a [3, N], p [2, N]).
+
+    The state is [c, h] stacked on dim -2.
+    """
+
+    structure = "block2"
+
+    def zero_state(self, u: torch.Tensor) -> torch.Tensor:
+        return u.new_zeros(u.shape[:-2] + (2, u.shape[-1]))
+
+    def step(self, s_prev: torch.Tensor, u: torch.Tensor, params: Sequence[torch.Tensor]) -> torch.Tensor:
+        a, p = params
+        c, h = s_prev.unbind(-2)
+        u_f, u_c, u_o = u.unbind(-2)
+        f = torch.sigmoid(a[0] * h + u_f + p[0] * c)
+        c_tilde = torch.tanh(a[1] * h + u_c)
+        c_next = c_tilde + f * (c - c_tilde)
+        o = torch.sigmoid(a[2] * h + u_o + p[1] * c_next)
+        return torch.stack([c_next, o * torch.tanh(c_next)], dim=-2)
+
+    def step_and_jacobian(self, s_prev: torch.Tensor, u: torch.Tensor,
+                          params: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        a, p = params
+        c, h = s_prev.unbind(-2)
+        u_f, u_c, u_o = u.unbind(-2)
+        f = torch.sigmoid(a[0] * h + u_f + p[0] * c)
+        c_tilde = torch.tanh(a[1] * h + u_c)
+        c_minus_ct = c - c_tilde
+        c_next = c_tilde + f * c_minus_ct
+        o = torch.sigmoid(a[2] * h + u_o + p[1] * c_next)
+        tanh_c = torch.tanh(c_next)
+        df = f * (1 - f)
+        dc_dc = f + c_minus_ct * df * p[0]
+        dc_dh = c_minus_ct * df * a[0] + (1 - f) * (1 - c_tilde * c_tilde) * a[1]
+        do = o * (1 - o)
+        do_dc = do * p[1] * dc_dc
+        do_dh = do * (a[2] + p[1] * dc_dh)
+        o_dtanh = o * (1 - tanh_c * tanh_c)
+        dh_dc = do_dc * tanh_c + o_dtanh * dc_dc
+        dh_dh = do_dh * tanh_c + o_dtanh * dc_dh
+        state = torch.stack([c_next, o * tanh_c], dim=-2)
+        jacobian = torch.stack([torch.stack([dc_dc, dc_dh], dim=-2), torch.stack([dh_dc, dh_dh], dim=-2)], dim=-3)
+        return state, jacobian
+
+    def output(self, states: torch.Tensor) -> torch.Tensor:
+        """The part of the state the layer reads out: h."""
+        return states[..., 1, :]
+
+
+class _ParaRNN(nn.Module):
+    """Shared body of ParaGRU and ParaLSTM: input projection, recurrence, output projection."""
+
+    def __init__(self, cell, hidden_size: int, num_gates: int, num_recurrent_vectors: dict[str, int],
+                 state_size: int | None, newton: NewtonOptions | None, output_init_std: float,
+                 kernels: KernelsConfig | None, mode: str):
+        super().__init__()
+        self.cell = cell
+        self.hidden_size = hidden_size
+        self.state_size = hidden_size if state_size is None else state_size
+        if self.hidden_size <= 0 or self.state_size <= 0:
+            raise ValueError(f"ParaRNN sizes must be positive: hidden_size={hidden_size}, "
+                             f"state_size (model.pararnn.state_size)={self.state_size}")
+        self.num_gates = num_gates
+        if mode not in MODES:
+            raise ValueError(f"mode={mode!r}: unknown ParaRNN mode (model.pararnn.mode). Fix: use one of "
+                             f"{', '.join(MODES)}")
+        # The mode forward uses when it is not given one.
+        self.mode = mode
+        self.newton = newton if newton is not None else NewtonOptions()
+        self.kernels = kernels
+        self.output_init_std = output_init_std
+        n = self.state_size
+        # Gate-major [G, N, hidden] so a TP shard of the state channels is a slice of dim 1.
+        self.w_in = nn.Parameter(torch.empty(num_gates, n, hidden_size))
+        self.b_in = nn.Parameter(torch.empty(num_gates, n))
+        self.recurrent_names = tuple(num_recurrent_vectors)
+        for name, count in num_recurrent_vectors.items():
+            self.register_parameter(name, nn.Parameter(torch.empty(count, n)))
+        self.w_out = nn.Linear(n, hidden_size, bias=False)
+        self.register_buffer("first_gate_bias_offset", torch.empty(n), persistent=False)
+        self.reset_parameters()
+        self.reset_buffers()
+        # The most recent parallel solve (iterations, residual); None before the first one.
+        self.last_newton_report: NewtonReport | None = None
+
+    def reset_parameters(self) -> None:
+        """Draw every parameter from its init spec with torch's global RNG (standalone use).
+
+        A model built by models.init.build_model is re-initialised there from (seed, global name).
+        """
+        if self.w_in.is_meta:
+            return
+        with torch.no_grad():
+            for name, init in self.init_specs().items():
+                param = self.get_parameter(name)
+                if init.kind == "normal":
+                    param.normal_(0.0, init.std)
+                else:
+                    param.fill_(1.0 if init.kind == "ones" else 0.0)
+
+    def reset_buffers(self) -> None:
+        """Recompute the first gate's fixed bias offset -linspace(0, 1, N) (SPECS init)."""
+        if self.first_gate_bias_offset.is_meta:
+            return
+        with torch.no_grad():
+            self.first_gate_bias_offset.copy_(-torch.linspace(0.0, 1.0, self.state_size))
+
+    def init_specs(self) -> dict[str, ParamInit]:
+        recurrent_std = 2.0 / math.sqrt(5 * self.state_size)
+        specs = {
+            "w_in": normal_init(math.sqrt(2.0 / (self.hidden_size + self.state_size))),
+            "b_in": zeros_init(),
+            "w_out.weight": normal_init(self.output_init_std),
+        }
+        specs.update({name: normal_init(recurrent_std) for name in self.recurrent_names})
+        return specs
+
+    def input_projections(self, x: torch.Tensor) -> torch.Tensor:
+        """u [B, T, G, N] for every step at once: one matmul plus the biases."""
+        batch, seq_len, _ = x.shape
+        weight = self.w_in.reshape(self.num_gates * self.state_size, self.hidden_size)
+        u = F.linear(x, weight).view(batch, seq_len, self.num_gates, self.state_size)
+        bias = self.b_in + F.pad(self.first_gate_bias_offset.unsqueeze(0), (0, 0, 0, self.num_gates - 1))
+        return u + bias
+
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor | None = None,
+                mode: str | None = None) -> torch.Tensor:
+        """x [B, T, hidden] -> [B, T, hidden] in `mode` (default: the layer's).
+
+        position_ids is unused: the recurrence follows token order.
+        """
+        del position_ids
+        mode = self.mode if mode is None else mode
+        u = self.input_projections(x)
+        # The recurrence runs in fp32 (or fp64) even under bf16 autocast: Newton needs the precision.
+        compute_dtype = torch.float64 if u.dtype == torch.float64 else torch.float32
+        u = u.to(compute_dtype)
+        params = [getattr(self, name).to(compute_dtype) for name in self.recurrent_names]
+        if mode == "parallel":
+            states, self.last_newton_report = parallel_recurrence(self.cell, u, params, self.newton, self.kernels)
+        elif mode == "sequential":
+            states = sequential_recurrence(self.cell, u, params)
+        else:
+            raise ValueError(f"mode={mode!r}: unknown ParaRNN mode. Fix: use one of {', '.join(MODES)}")
+        return self.w_out(self.cell.output(states).to(x.dtype))
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token: 3 x forward, forward = 2 x (input + output projection parameters).
+
+        The element-wise recurrence (and Newton's repeated evaluations of it) is not counted, as MFU
+        counts model FLOPs, not the solver's.
+        """
+        del seq_len  # one state update per token, whatever the length
+        return 3.0 * 2.0 * (self.num_gates + 1) * self.state_size * self.hidden_size
+
+
+class ParaGRU(_ParaRNN):
+    """GRU with diagonal recurrent weights, trained in parallel over the sequence (ParaRNN).
+
+    Maps [B, T, hidden] to [B, T, hidden]; ``forward(x, mode="parallel" | "sequential")``.
+    """
+
+    def __init__(self, hidden_size: int, state_size: int | None = None, newton: NewtonOptions | None = None,
+                 output_init_std: float = 0.02, kernels: KernelsConfig | None = None, mode: str = "parallel"):
+        super().__init__(GRUCell(), hidden_size, num_gates=3, num_recurrent_vectors={"recurrent": 3},
+                         state_size=state_size, newton=newton, output_init_std=output_init_std,
+                         kernels=kernels, mode=mode)
+
+
+class ParaLSTM(_ParaRNN):
+    """LSTM with coupled input-forget gate, peepholes and diagonal recurrence (ParaRNN).
+
+    Maps [B, T, hidden] to [B, T, hidden]; ``forward(x, mode="parallel" | "sequential")``.
+    """
+
+    def __init__(self, hidden_size: int, state_size: int | None = None, newton: NewtonOptions | None = None,
+                 output_init_std: float = 0.02, kernels: KernelsConfig | None = None, mode: str = "parallel"):
+        super().__init__(LSTMCell(), hidden_size, num_gates=3,
+                         num_recurrent_vectors={"recurrent": 3, "peephole": 2}, state_size=state_size,
+                         newton=newton, output_init_std=output_init_std, kernels=kernels, mode=mode)
+
+
+def _from_model_config(cfg: ModelConfig) -> dict:
+    """Constructor arguments of a ParaRNN token mixer from model.* and model.pararnn.*."""
+    p = cfg.pararnn
+    newton = NewtonOptions(iterations=p.newton_iterations, tol=p.newton_tol,
+                           max_iterations=p.newton_max_iterations, warn_residual=p.newton_warn_residual)
+    # Scaled by the GLOBAL layer count like attention's wo, so every pipeline stage agrees.
+    output_std = cfg.init_std / math.sqrt(2 * cfg.num_layers) if cfg.scaled_output_init else cfg.init_std
+    return {"state_size": p.state_size, "newton": newton, "output_init_std": output_std, "mode": p.mode}
+
+
+class ParaGRUMixer(ParaGRU):
+    """ParaGRU built from the model config: the "pararnn_gru" token mixer."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg.hidden_size, **_from_model_config(cfg))
+
+
+class ParaLSTMMixer(ParaLSTM):
+    """ParaLSTM built from the model config: the "pararnn_lstm" token mixer."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg.hidden_size, **_from_model_config(cfg))

@@ -1,0 +1,319 @@
+"""ParaRNN: parallel scans, Newton solver, adjoint backward and the ParaGRU / ParaLSTM layers.
+
+References are independent of the code under test: Python loops over time (scans, the recurrence
+with plain autograd) and torch.func Jacobians of one cell step, in float64.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+import warnings
+
+import pytest
+import torch
+
+from kernels.pararnn import (
+    NewtonNotConvergedWarning,
+    NewtonOptions,
+    adjoint_scan,
+    block2_linear_scan,
+    diag_linear_scan,
+    newton_solve,
+    parallel_recurrence,
+    sequential_recurrence,
+)
+from models.layers.pararnn import GRUCell, LSTMCell, ParaGRU, ParaLSTM
+
+F64 = torch.float64
+
+
+def _random_affine(structure: str, batch: int, seq_len: int, channels: int, gen: torch.Generator):
+    """Random maps with spectral radius below ~1, so 1000 steps neither explode nor vanish."""
+    if structure == "diagonal":
+        a = torch.rand(batch, seq_len, channels, generator=gen, dtype=F64) * 1.9 - 0.95
+        b = torch.randn(batch, seq_len, channels, generator=gen, dtype=F64)
+        h0 = torch.randn(batch, channels, generator=gen, dtype=F64)
+    else:
+        a = torch.randn(batch, seq_len, 2, 2, channels, generator=gen, dtype=F64) * 0.45
+        b = torch.randn(batch, seq_len, 2, channels, generator=gen, dtype=F64)
+        h0 = torch.randn(batch, 2, channels, generator=gen, dtype=F64)
+    return a, b, h0
+
+
+@pytest.mark.parametrize("structure", ["diagonal", "block2"])
+@pytest.mark.parametrize("seq_len", [1, 2, 17, 1000])
+def test_scan_matches_sequential_loop(structure, seq_len):
+    gen = torch.Generator().manual_seed(seq_len)
+    a, b, h0 = _random_affine(structure, 2, seq_len, 5, gen)
+    scan = diag_linear_scan if structure == "diagonal" else block2_linear_scan
+    for initial in (None, h0):
+        # The loop written out here, not kernels.pararnn.linear_scan_sequential, to stay independent.
+        h = torch.zeros_like(b[:, 0]) if initial is None else initial
+        expected = []
+        for t in range(seq_len):
+            if structure == "diagonal":
+                h = a[:, t] * h + b[:, t]
+            else:
+                h = torch.einsum("bijd,bjd->bid", a[:, t], h) + b[:, t]
+            expected.append(h)
+        torch.testing.assert_close(scan(a, b, initial), torch.stack(expected, 1), rtol=1e-10, atol=1e-10)
+
+
+def test_scan_rejects_mismatched_shapes():
+    with pytest.raises(ValueError, match=r"a \[B, T, 2, 2, D\] and b \[B, T, 2, D\]"):
+        block2_linear_scan(torch.zeros(1, 3, 2, 4), torch.zeros(1, 3, 2, 4))
+
+
+@pytest.mark.parametrize("structure", ["diagonal", "block2"])
+def test_adjoint_scan_matches_reverse_loop(structure):
+    gen = torch.Generator().manual_seed(3)
+    jac, grad, _ = _random_affine(structure, 2, 23, 4, gen)
+    lam = torch.zeros_like(grad[:, 0])
+    expected = [None] * 23
+    for t in reversed(range(23)):
+        if t < 22:
+            nxt = jac[:, t + 1]
+            lam = grad[:, t] + (nxt * lam if structure == "diagonal" else torch.einsum("bjid,bjd->bid", nxt, lam))
+        else:
+            lam = grad[:, t]
+        expected[t] = lam
+    torch.testing.assert_close(adjoint_scan(jac, grad, structure), torch.stack(expected, 1), rtol=1e-10, atol=1e-10)
+
+
+def _cell_inputs(cell, batch: int, seq_len: int, n: int, scale: float, seed: int, dtype=F64):
+    gen = torch.Generator().manual_seed(seed)
+    u = torch.randn(batch, seq_len, 3, n, generator=gen, dtype=dtype)
+    shapes = [(3, n)] if isinstance(cell, GRUCell) else [(3, n), (2, n)]
+    params = [torch.randn(*s, generator=gen, dtype=dtype) * scale for s in shapes]
+    return u, params
+
+
+@pytest.mark.parametrize("cell", [GRUCell(), LSTMCell()], ids=["gru", "lstm"])
+def test_cell_jacobian_matches_autodiff(cell):
+    u, params = _cell_inputs(cell, 1, 1, 3, scale=0.8, seed=0)
+    u = u[0, 0]
+    state = torch.randn(cell.zero_state(u).shape, dtype=F64)
+    _, jac = cell.step_and_jacobian(state, u, params)
+    full = torch.func.jacrev(lambda s: cell.step(s, u, params))(state)
+    if cell.structure == "diagonal":  # full [N, N] must be diagonal with our entries
+        torch.testing.assert_close(full, torch.diag(jac), rtol=1e-12, atol=1e-12)
+    else:  # full [2, N, 2, N]: only same-channel blocks are non-zero
+        for d in range(3):
+            torch.testing.assert_close(full[:, d, :, d], jac[:, :, d], rtol=1e-12, atol=1e-12)
+        off_channel = full.clone()
+        for d in range(3):
+            off_channel[:, d, :, d] = 0
+        assert off_channel.abs().max() == 0
+    torch.testing.assert_close(cell.step_and_jacobian(state, u, params)[0], cell.step(state, u, params))
+
+
+@pytest.mark.parametrize("cell", [GRUCell(), LSTMCell()], ids=["gru", "lstm"])
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)], ids=["fp64", "fp32"])
+def test_adjoint_backward_equals_autograd_through_the_loop(cell, dtype, tol):
+    u, params = _cell_inputs(cell, 2, 40, 6, scale=0.7, seed=1, dtype=dtype)
+    u.requires_grad_(True)
+    for p in params:
+        p.requires_grad_(True)
+    upstream = torch.randn(cell.zero_state(u).shape, dtype=dtype, generator=torch.Generator().manual_seed(2))
+    options = NewtonOptions(tol=1e-13 if dtype == torch.float64 else 1e-6, max_iterations=40)
+    h_par, report = parallel_recurrence(cell, u, params, options)
+    h_seq = sequential_recurrence(cell, u, params)
+    torch.testing.assert_close(h_par, h_seq, rtol=tol, atol=tol)
+    grads_par = torch.autograd.grad((h_par * upstream).sum(), [u, *params])
+    grads_seq = torch.autograd.grad((h_seq * upstream).sum(), [u, *params])
+    for gp, gs in zip(grads_par, grads_seq):
+        torch.testing.assert_close(gp, gs, rtol=tol, atol=tol)
+    assert report.iterations < 40
+
+
+def test_only_requested_gradients_are_computed():
+    cell = GRUCell()
+    u, params = _cell_inputs(cell, 1, 8, 4, scale=0.5, seed=3)
+    params[0].requires_grad_(True)
+    h, _ = parallel_recurrence(cell, u, params)
+    (grad,) = torch.autograd.grad(h.sum(), params)
+    h_seq = sequential_recurrence(cell, u, params)
+    torch.testing.assert_close(grad, torch.autograd.grad(h_seq.sum(), params)[0], rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("cell", [GRUCell(), LSTMCell()], ids=["gru", "lstm"])
+def test_after_k_updates_the_first_k_plus_1_states_are_exact(cell):
+    # Large recurrent weights: far from linear, so later states are visibly wrong after few updates.
+    u, params = _cell_inputs(cell, 2, 30, 8, scale=2.5, seed=4)
+    exact = sequential_recurrence(cell, u, params)
+    for k in range(6):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NewtonNotConvergedWarning)
+            h, report = newton_solve(cell, u, params, NewtonOptions(iterations=k))
+        assert report.iterations == k
+        torch.testing.assert_close(h[:, : k + 1], exact[:, : k + 1], rtol=1e-12, atol=1e-12)
+        assert (h[:, k + 1 :] - exact[:, k + 1 :]).abs().max() > 1e-6  # the claim is not vacuous
+
+
+@pytest.mark.parametrize("cell", [GRUCell(), LSTMCell()], ids=["gru", "lstm"])
+def test_residual_converges_quadratically_for_contractive_cells(cell):
+    u, params = _cell_inputs(cell, 2, 200, 16, scale=0.5, seed=5)
+    residuals = []
+    for k in range(6):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NewtonNotConvergedWarning)
+            _, report = newton_solve(cell, u, params, NewtonOptions(iterations=k))
+        residuals.append(float(report.residual))
+    assert residuals[0] > 1e-3
+    # Quadratic: each residual is below a constant times the square of the previous one, until the
+    # float64 floor. A linearly converging method would keep log r_{k+1} / log r_k near 1.
+    for before, after in itertools.pairwise(residuals):
+        if before < 1e-7:
+            break
+        assert after < 10 * before**2, residuals
+    assert residuals[-1] < 1e-12, residuals
+
+
+def test_adaptive_mode_stops_at_tolerance_and_fixed_mode_warns():
+    cell = GRUCell()
+    u, params = _cell_inputs(cell, 1, 64, 8, scale=0.5, seed=6)
+    _, report = newton_solve(cell, u, params, NewtonOptions(tol=1e-9, max_iterations=50))
+    assert float(report.residual) <= 1e-9 and report.converged and report.iterations < 10
+    with pytest.warns(NewtonNotConvergedWarning, match="newton_iterations"):
+        _, report = newton_solve(cell, u, params, NewtonOptions(iterations=0, warn_residual=1e-9))
+    assert not report.converged
+    with pytest.warns(NewtonNotConvergedWarning, match="after 2 updates"):
+        newton_solve(cell, u, params, NewtonOptions(tol=1e-30, max_iterations=2))
+
+
+@pytest.mark.parametrize("cell", [GRUCell(), LSTMCell()], ids=["gru", "lstm"])
+def test_saved_memory_does_not_grow_with_iterations(cell):
+    u, params = _cell_inputs(cell, 2, 64, 8, scale=0.5, seed=7)
+    u.requires_grad_(True)
+
+    def saved_bytes(iterations: int) -> tuple[int, int]:
+        packed = []
+
+        def pack(t):
+            packed.append(t.numel() * t.element_size())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            parallel_recurrence(cell, u, params, NewtonOptions(iterations=iterations, warn_residual=1.0))
+        return len(packed), sum(packed)
+
+    one, many = saved_bytes(1), saved_bytes(12)
+    assert one == many
+    # Exactly u and the solved states (plus the small recurrent weights).
+    state_bytes = cell.zero_state(u).numel() * 8
+    assert many[1] == u.numel() * 8 + state_bytes + sum(p.numel() * 8 for p in params)
+
+
+@pytest.mark.parametrize("layer_class", [ParaGRU, ParaLSTM])
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)], ids=["fp64", "fp32"])
+def test_layer_parallel_matches_sequential(layer_class, dtype, tol):
+    torch.manual_seed(0)
+    newton = NewtonOptions(tol=1e-13 if dtype == torch.float64 else 1e-6, max_iterations=40)
+    layer = layer_class(24, state_size=16, newton=newton).to(dtype)
+    x = torch.randn(2, 33, 24, dtype=dtype, requires_grad=True)
+    y_par = layer(x, mode="parallel")
+    assert y_par.shape == x.shape and layer.last_newton_report.converged
+    grads_par = torch.autograd.grad(y_par.square().sum(), [x, *layer.parameters()])
+    y_seq = layer(x, mode="sequential")
+    grads_seq = torch.autograd.grad(y_seq.square().sum(), [x, *layer.parameters()])
+    torch.testing.assert_close(y_par, y_seq, rtol=tol, atol=tol)
+    for (name, _), gp, gs in zip([("x", None), *layer.named_parameters()], grads_par, grads_seq):
+        torch.testing.assert_close(gp, gs, rtol=tol, atol=tol, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_layer_default_three_iterations_converge_at_init():
+    torch.manual_seed(0)
+    layer = ParaGRU(64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NewtonNotConvergedWarning)
+        y = layer(torch.randn(2, 256, 64))
+    assert layer.last_newton_report.iterations == 3 and float(layer.last_newton_report.residual) < 1e-5
+    assert torch.isfinite(y).all()
+
+
+def test_layer_rejects_unknown_mode():
+    with pytest.raises(ValueError, match="mode='scan'"):
+        ParaGRU(8)(torch.randn(1, 3, 8), mode="scan")
+
+
+def test_input_projection_is_one_matmul_with_first_gate_bias_offset():
+    torch.manual_seed(0)
+    layer = ParaLSTM(8, state_size=5)
+    x = torch.randn(2, 7, 8)
+    u = layer.input_projections(x)
+    expected_bias = torch.zeros(3, 5)
+    expected_bias[0] = -torch.linspace(0, 1, 5)
+    expected = torch.einsum("bth,gnh->btgn", x, layer.w_in) + expected_bias
+    torch.testing.assert_close(u, expected)
+
+
+def test_init_follows_specs():
+    layer = ParaLSTM(512, state_size=400)
+    n = 400
+    std = {name: float(p.detach().std()) for name, p in layer.named_parameters()}
+    assert math.isclose(std["recurrent"], 2 / math.sqrt(5 * n), rel_tol=0.1)
+    assert math.isclose(std["peephole"], 2 / math.sqrt(5 * n), rel_tol=0.1)
+    assert math.isclose(std["w_in"], math.sqrt(2 / (512 + n)), rel_tol=0.05)
+    assert float(layer.b_in.detach().abs().max()) == 0.0
+    assert set(layer.init_specs()) == {name for name, _ in layer.named_parameters()}
+
+
+@pytest.mark.parametrize("mixer", ["pararnn_gru", "pararnn_lstm"])
+def test_model_with_pararnn_mixers_builds_and_trains_a_step(mixer):
+    from models.config import ModelConfig
+    from models.init import build_model
+
+    cfg = ModelConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4,
+                      token_mixers=[mixer, "attention"])
+    model = build_model(cfg, seed=0)
+    again = build_model(cfg, seed=0)
+    for (name, p), (_, q) in zip(model.named_parameters(), again.named_parameters()):
+        assert torch.equal(p, q), name  # weights depend only on (seed, name)
+    block = model.layers["0"]
+    assert torch.equal(block.token_mixer.first_gate_bias_offset, -torch.linspace(0, 1, 32))
+    tokens = torch.randint(0, 64, (2, 16))
+    logits = model(tokens)
+    logits.float().logsumexp(-1).mean().backward()
+    assert all(p.grad is not None for p in block.token_mixer.parameters())
+    assert block.flops_per_token(16) > 0
+
+
+def test_experiment_configs_compose():
+    from trainer.config import compose
+
+    gru = compose(["+experiment=pararnn_quickstart"])
+    lstm = compose(["+experiment=pararnn_lstm_quickstart", "model.pararnn.newton_tol=1e-5"])
+    assert list(gru.model.token_mixers) == ["pararnn_gru"] and gru.model.pararnn.newton_iterations == 3
+    assert list(lstm.model.token_mixers) == ["pararnn_lstm"] and lstm.model.pararnn.newton_tol == 1e-5
+
+
+def test_layer_runs_under_bf16_autocast_with_fp32_recurrence():
+    torch.manual_seed(0)
+    layer = ParaLSTM(16)
+    x = torch.randn(2, 9, 16, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    y.float().sum().backward()
+    assert layer.last_newton_report.residual.dtype == torch.float32
+    assert all(torch.isfinite(p.grad).all() for p in layer.parameters())
+
+
+def test_model_parallel_and_sequential_modes_give_the_same_loss_and_gradients():
+    from models.config import ModelConfig, ParaRNNConfig
+    from models.init import build_model
+
+    def loss_and_grads(mode: str):
+        cfg = ModelConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4,
+                          token_mixers=["pararnn_gru", "pararnn_lstm"],
+                          pararnn=ParaRNNConfig(mode=mode, newton_tol=1e-6, newton_max_iterations=30))
+        model = build_model(cfg, seed=0)
+        tokens = torch.randint(0, 64, (2, 20), generator=torch.Generator().manual_seed(0))
+        loss = torch.nn.functional.cross_entropy(model(tokens).flatten(0, 1), tokens.flatten())
+        loss.backward()
+        return loss.detach(), {n: p.grad for n, p in model.named_parameters()}
+
+    loss_par, grads_par = loss_and_grads("parallel")
+    loss_seq, grads_seq = loss_and_grads("sequential")
+    torch.testing.assert_close(loss_par, loss_seq, rtol=1e-5, atol=1e-5)
+    for name in grads_seq:
+        torch.testing.assert_close(grads_par[name], grads_seq[name], rtol=1e-5, atol=1e-5, msg=name)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from kernels.dispatch import KernelsConfig
+
 
 @dataclass
 class GLAConfig:
@@ -93,6 +95,8 @@ class ModelConfig:
     gla: GLAConfig = field(default_factory=GLAConfig)
     # Settings of the ParaRNN token mixers (used only by pararnn_gru / pararnn_lstm layers).
     pararnn: ParaRNNConfig = field(default_factory=ParaRNNConfig)
+    # Which implementation fused ops (GLA chunk, ParaRNN scan) use: auto = Triton on CUDA, torch elsewhere.
+    kernels: KernelsConfig = field(default_factory=KernelsConfig)
 
     @property
     def head_dim(self) -> int:

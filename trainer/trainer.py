@@ -141,7 +141,8 @@ class Trainer:
                  cfg.data.global_batch_size, cfg.data.seq_len, self.tokens_per_step,
                  self.data.num_microbatches, cfg.data.micro_batch_size, self.dp_size)
         log.info("MFU peak: %.2f TFLOP/s per device (%s)", self.peak_tflops, peak_source)
-        log.info("fast paths: %s", detect_fast_paths().describe())
+        log.info("fast paths: %s; fused kernels: model.kernels.backend=%s (on_missing=%s)",
+                 detect_fast_paths().describe(), cfg.model.kernels.backend, cfg.model.kernels.on_missing)
 
     # ---- state -------------------------------------------------------------------------------
 

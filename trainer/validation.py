@@ -10,6 +10,8 @@ import os
 from typing import Any
 
 from models.layers.gla import GLA_MODES
+from kernels.dispatch import BACKENDS as KERNEL_BACKENDS
+from kernels.dispatch import ON_MISSING as KERNEL_ON_MISSING
 from models.spec import CHANNEL_MIXERS, RESIDUALS, TOKEN_MIXERS
 from parallel_state.topology import Topology, TopologyError
 from optim.config import OPTIMIZER_NAMES, SCHEDULE_NAMES, WSD_DECAY_SHAPES
@@ -96,6 +98,8 @@ def _validate_model(cfg: Config) -> None:
             _require(name in known, field_name, names, f"'{name}' is not an available layer",
                      f"use only {list(known)}")
     _choice("model.residual", m.residual, RESIDUALS)
+    _choice("model.kernels.backend", m.kernels.backend, KERNEL_BACKENDS)
+    _choice("model.kernels.on_missing", m.kernels.on_missing, KERNEL_ON_MISSING)
     if any(name.startswith("pararnn") for name in m.token_mixers):
         _validate_pararnn(cfg)
     if "gla" in m.token_mixers:

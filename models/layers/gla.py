@@ -56,6 +56,7 @@ class GatedLinearAttention(nn.Module):
         self.head_v_dim = self.value_dim // self.num_heads
         self.gate_logit_normalizer = gla.gate_logit_normalizer
         self.mode = gla.mode
+        self.kernels = cfg.kernels
         self.norm_eps = cfg.norm_eps
         self.init_std = cfg.init_std
         # Scaled by the GLOBAL layer count, as attention's wo, so every pipeline stage agrees.
@@ -96,7 +97,7 @@ class GatedLinearAttention(nn.Module):
         # The gate is a log-decay summed over up to 64 steps per chunk: keep it in fp32 under autocast.
         gate = F.logsigmoid(self.gk_proj(x).float()) / self.gate_logit_normalizer
         gate = gate.view(batch, seq_len, heads, self.head_k_dim)
-        o, _ = GLA_MODES[self.mode](q, k, v, gate)
+        o, _ = GLA_MODES[self.mode](q, k, v, gate, kernels=self.kernels)
         o32 = o.float()
         o32 = o32 * torch.rsqrt(o32.pow(2).mean(dim=-1, keepdim=True) + self.norm_eps)
         o32 = o32 * self.g_norm_weight.float()

@@ -91,6 +91,7 @@ BAD_CONFIGS = [
     (["trainer.resume=auto"], 1, "trainer.resume", "run_dir, which is null", "set trainer.run_dir"),
     (["data.val_fraction=0"], 1, "data.val_fraction", "must lie in (0, 1)", "0.05"),
     (["model.dropout=1.5"], 1, "model.dropout", "must lie in [0, 1)", "0.1"),
+    (["model.kernels.backend=cuda"], 1, "model.kernels.backend", "must be one of", "triton"),
     (["logger.backend=mlflow"], 1, "logger.backend", "must be one of", "wandb"),
     (["data.source=text_files"], 1, "data.paths", "needs input files", ".jsonl"),
     (["model.token_mixers=[pararnn_gru]", "model.pararnn.newton_iterations=0"], 1,

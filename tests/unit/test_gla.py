@@ -255,3 +255,18 @@ def test_experiments_compose_and_validate(experiment):
     validate(cfg, world_size=1)
     assert "gla" in cfg.model.token_mixers
     assert cfg.model.gla.num_heads == 4
+
+
+def test_model_kernels_config_reaches_the_gla_op(monkeypatch):
+    """model.kernels.backend=triton with on_missing=fail must fail on CPU (no silent fallback)."""
+    from kernels.dispatch import BACKEND_ENV, KernelsConfig
+    from models import ModelConfig, build_model
+
+    monkeypatch.delenv(BACKEND_ENV, raising=False)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    cfg = ModelConfig(vocab_size=32, hidden_size=32, num_layers=1, num_heads=4, token_mixers=["gla"],
+                      kernels=KernelsConfig(backend="triton", on_missing="fail"))
+    cfg.gla.num_heads = 4
+    model = build_model(cfg, seed=0)
+    with pytest.raises(Exception, match="triton"):
+        model(torch.zeros(1, 8, dtype=torch.long))

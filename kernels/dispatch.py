@@ -22,13 +22,14 @@ Usage from an op module::
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
+
+from kernels.fast_paths import module_importable
 
 # Environment variable that overrides KernelsConfig.backend (useful for benchmarks and tests).
 BACKEND_ENV = "FOLDTRON_KERNELS_BACKEND"
@@ -52,10 +53,7 @@ class KernelsConfig:
 
 def triton_importable() -> bool:
     """True when the ``triton`` package can be imported (not that a GPU is present)."""
-    try:
-        return importlib.util.find_spec("triton") is not None
-    except (ImportError, ValueError):
-        return False
+    return module_importable("triton")
 
 
 def triton_interpreter_on() -> bool:

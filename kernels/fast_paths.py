@@ -9,7 +9,8 @@ import importlib.util
 from dataclasses import dataclass
 
 
-def _importable(module: str) -> bool:
+def module_importable(module: str) -> bool:
+    """Whether `module` can be imported here, without importing it."""
     try:
         return importlib.util.find_spec(module) is not None
     except (ImportError, ValueError):
@@ -37,5 +38,5 @@ class FastPaths:
 def detect_fast_paths() -> FastPaths:
     import torch
 
-    return FastPaths(cuda=torch.cuda.is_available(), triton=_importable("triton"), apex=_importable("apex"),
-                     transformer_engine=_importable("transformer_engine"))
+    return FastPaths(cuda=torch.cuda.is_available(), triton=module_importable("triton"), apex=module_importable("apex"),
+                     transformer_engine=module_importable("transformer_engine"))

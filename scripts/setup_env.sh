@@ -19,7 +19,7 @@ fi
 if ! "$VENV/bin/python" -c "import torch" >/dev/null 2>&1; then
     echo "[setup] installing $TORCH_SPEC (set TORCH_SPEC or pre-install torch in $VENV to bring your own)"
     "$VENV/bin/pip" install -q "$TORCH_SPEC" 2>&1 | grep -v "^WARNING: Location" || true
-    "$VENV/bin/python" -c "import torch" || { echo "[setup] torch install failed" >&2; exit 1; }
+    "$VENV/bin/python" -c "import torch" 2>/dev/null || { echo "[setup] torch install failed" >&2; exit 1; }
 fi
 echo "[setup] installing foldtron (editable) with dev extras"
 "$VENV/bin/pip" install -q -e ".[dev]" 2>&1 | grep -v "^WARNING: Location" || true

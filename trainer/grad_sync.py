@@ -1,7 +1,8 @@
-"""Gradient reduction over data-parallel replicas.
+"""Plain collectives of the training step: small sums (token counts, loss sums) and the flat
+gradient all-reduce.
 
-A plain coalesced all-reduce (SUM, per the loss contract) of every gradient over the DP x CP group,
-after the last microbatch. The bucketed, backward-overlapped reducer replaces it with the TP/DP issue.
+The trainer reduces gradients with trainer.grad_reducer (bucketed, overlapped with backward);
+`allreduce_gradients` is the obviously-correct reference it is tested and benchmarked against.
 """
 from __future__ import annotations
 

@@ -21,9 +21,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from models import build_model  # noqa: E402
-from trainer.config import compose  # noqa: E402
-from trainer.trainer import Trainer  # noqa: E402
+from models import build_model
+from trainer.config import compose
+from trainer.trainer import Trainer
 
 
 def time_trainer(overrides: list[str], steps: int, run_dir: str) -> float:

@@ -14,9 +14,9 @@ from omegaconf import DictConfig
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
-from trainer.config import register_configs, to_config  # noqa: E402
-from trainer.trainer import NonFiniteLossError, train  # noqa: E402
-from trainer.validation import ConfigError  # noqa: E402
+from trainer.config import register_configs, to_config
+from trainer.trainer import NonFiniteLossError, train
+from trainer.validation import ConfigError
 
 register_configs()
 # `kill -USR1 <pid>` prints every thread's stack: how a hung rank is diagnosed (the e2e tests use it).

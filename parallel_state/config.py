@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 
 @dataclass
@@ -18,8 +17,8 @@ class ParallelConfig:
     pp: int = 1  # pipeline-parallel size (layers split over pp stages)
     vpp: int = 1  # virtual pipeline chunks per stage (interleaved 1F1B when > 1)
     ep: int = 1  # expert-parallel size (experts split over ep ranks)
-    etp: Optional[int] = None  # expert tensor-parallel size; null means etp = tp
-    dp: Optional[int] = None  # data-parallel size; null infers world / (tp * cp * pp)
+    etp: int | None = None  # expert tensor-parallel size; null means etp = tp
+    dp: int | None = None  # data-parallel size; null infers world / (tp * cp * pp)
     sequence_parallel: bool = False  # shard norms/dropout activations along the sequence over tp
     order: str = "tp-cp-ep-dp-pp"  # rank layout, fastest-varying axis first (Megatron's default)
     cp_comm: str = "ring"  # context-parallel attention: ring | a2a

@@ -12,8 +12,7 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-WORDS = ("the king queen lord lady doth thou art thee hath night day love death sword crown "
-         "speak hear come go where what why noble gentle fair foul heaven earth blood").split()
+WORDS = ["the", "king", "queen", "lord", "lady", "doth", "thou", "art", "thee", "hath", "night", "day", "love", "death", "sword", "crown", "speak", "hear", "come", "go", "where", "what", "why", "noble", "gentle", "fair", "foul", "heaven", "earth", "blood"]
 
 
 def write_corpus(directory, num_docs: int = 4, words_per_doc: int = 3000, seed: int = 0) -> list[str]:

@@ -12,7 +12,7 @@ import os
 import re
 import shutil
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -88,12 +88,12 @@ def load_checkpoint(path: str) -> LoadedCheckpoint:
         with open(meta_path) as f:
             meta = json.load(f)
         state = torch.load(state_path, map_location="cpu", weights_only=False)
-    except Exception as e:  # noqa: BLE001 - any unreadable file means the same thing: skip it
+    except Exception as e:
         raise ValueError(f"checkpoint {path} is unreadable: {type(e).__name__}: {e}") from e
     return LoadedCheckpoint(path=path, step=int(meta["step"]), state=state)
 
 
-def find_latest_checkpoint(run_dir: str) -> Optional[LoadedCheckpoint]:
+def find_latest_checkpoint(run_dir: str) -> LoadedCheckpoint | None:
     """The newest checkpoint in run_dir that loads; incomplete or corrupt ones are skipped with a warning."""
     for step, path in reversed(list_checkpoints(run_dir)):
         try:

@@ -7,7 +7,6 @@ structured-config checks reject unknown keys and wrong types with the key's full
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError
@@ -30,15 +29,15 @@ class TrainerConfig:
     save_interval: int = 0  # steps between checkpoints; 0 = only at the end
     save_final: bool = True  # write a checkpoint after the last step
     keep_last: int = 3  # complete checkpoints kept; older ones are deleted (0 keeps all)
-    run_dir: Optional[str] = None  # null: runs/<name>/<timestamp>, agreed by all ranks
+    run_dir: str | None = None  # null: runs/<name>/<timestamp>, agreed by all ranks
     resume: str = "none"  # none | auto (newest complete checkpoint in run_dir) | path to a step_* dir
     precision: str = "fp32"  # fp32 | bf16 (bf16 autocast, fp32 master weights)
     device: str = "auto"  # auto | cpu | cuda
     nan_policy: str = "stop"  # stop | skip: what a non-finite loss or grad norm does
     max_skipped_steps: int = 10  # with nan_policy=skip: stop after this many consecutive skips
-    peak_tflops: Optional[float] = None  # per-device peak for MFU; null: GPU table or a CPU matmul probe
+    peak_tflops: float | None = None  # per-device peak for MFU; null: GPU table or a CPU matmul probe
     progress_bar: bool = True  # draw a progress bar in the console line
-    num_threads: Optional[int] = None  # torch intra-op threads per rank on CPU; null: cores / local ranks
+    num_threads: int | None = None  # torch intra-op threads per rank on CPU; null: cores / local ranks
 
 
 @dataclass
@@ -47,9 +46,9 @@ class LoggerConfig:
 
     backend: str = "none"  # none | wandb | tensorboard
     project: str = "foldtron"  # W&B project
-    entity: Optional[str] = None  # W&B entity (team or user)
-    run_name: Optional[str] = None  # W&B / TensorBoard run name; null: the run directory's name
-    wandb_mode: Optional[str] = None  # online | offline | disabled; null: online with a key, else offline
+    entity: str | None = None  # W&B entity (team or user)
+    run_name: str | None = None  # W&B / TensorBoard run name; null: the run directory's name
+    wandb_mode: str | None = None  # online | offline | disabled; null: online with a key, else offline
     tags: list[str] = field(default_factory=list)  # W&B tags
 
 
@@ -93,7 +92,7 @@ def _reject_unknown_keys(node: DictConfig, schema: type, prefix: str) -> None:
     import typing
 
     hints = typing.get_type_hints(schema)
-    for key in node.keys():
+    for key in node:
         if key not in hints:
             raise ConfigKeyError(f"Key '{key}' not in '{schema.__name__}'\n    full_key: {prefix}{key}\n"
                                  f"    known keys: {', '.join(f.name for f in dataclasses.fields(schema))}")

@@ -8,7 +8,7 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -29,7 +29,7 @@ class RuntimeEnv:
         return self.rank == 0
 
     @staticmethod
-    def from_environ(environ: Optional[dict] = None) -> "RuntimeEnv":
+    def from_environ(environ: dict | None = None) -> RuntimeEnv:
         env = os.environ if environ is None else environ
         world = int(env.get("WORLD_SIZE", "1"))
         return RuntimeEnv(rank=int(env.get("RANK", "0")), world_size=world,

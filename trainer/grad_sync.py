@@ -6,13 +6,13 @@ The trainer reduces gradients with trainer.grad_reducer (bucketed, overlapped wi
 """
 from __future__ import annotations
 
-from typing import Iterable, Optional
+from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist
 
 
-def allreduce_gradients(params: Iterable[torch.nn.Parameter], group: Optional[dist.ProcessGroup] = None) -> None:
+def allreduce_gradients(params: Iterable[torch.nn.Parameter], group: dist.ProcessGroup | None = None) -> None:
     """Sum gradients over `group` in one flat buffer (a missing grad counts as zeros)."""
     if not dist.is_initialized() or dist.get_world_size(group) == 1:
         return
@@ -26,7 +26,7 @@ def allreduce_gradients(params: Iterable[torch.nn.Parameter], group: Optional[di
         p.grad.copy_(synced)
 
 
-def allreduce_sum(value: torch.Tensor, group: Optional[dist.ProcessGroup] = None) -> torch.Tensor:
+def allreduce_sum(value: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
     """Sum a small tensor (token counts, loss sums) over `group`; identity on one process."""
     if dist.is_initialized() and dist.get_world_size(group) > 1:
         value = value.clone()

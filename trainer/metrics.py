@@ -8,7 +8,7 @@ import json
 import logging
 import math
 import os
-from typing import Any, Optional, Protocol
+from typing import Any, Protocol
 
 from trainer.config import LoggerConfig
 
@@ -28,7 +28,7 @@ class JsonlSink:
 
     def __init__(self, run_dir: str):
         self.path = os.path.join(run_dir, METRICS_FILE)
-        self._file = open(self.path, "a")
+        self._file = open(self.path, "a")  # noqa: SIM115 - held open for the run, closed by close()
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         self._file.write(json.dumps({"step": step, **metrics}) + "\n")
@@ -74,7 +74,7 @@ class TensorBoardSink:
         self._writer.close()
 
 
-def wandb_mode(cfg: LoggerConfig, environ: Optional[dict] = None) -> str:
+def wandb_mode(cfg: LoggerConfig, environ: dict | None = None) -> str:
     """online with an API key, offline without one, unless logger.wandb_mode or WANDB_MODE says otherwise."""
     environ = os.environ if environ is None else environ
     if cfg.wandb_mode is not None:
@@ -88,7 +88,7 @@ def wandb_mode(cfg: LoggerConfig, environ: Optional[dict] = None) -> str:
 
         if wandb.api.api_key:  # from `wandb login` (netrc)
             return "online"
-    except Exception:  # noqa: BLE001 - no key available is the answer
+    except Exception:  # noqa: BLE001, S110 - an unreadable netrc means no key: offline is the answer
         pass
     return "offline"
 
@@ -134,7 +134,7 @@ def build_sinks(cfg: LoggerConfig, run_dir: str, config: dict[str, Any]) -> list
 def format_duration(seconds: float) -> str:
     if not math.isfinite(seconds):
         return "?"
-    seconds = int(round(seconds))
+    seconds = round(seconds)
     h, rem = divmod(seconds, 3600)
     m, s = divmod(rem, 60)
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"

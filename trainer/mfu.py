@@ -7,7 +7,6 @@ unknown GPU) a short matmul probe, so CPU MFU reads as "fraction of what this ma
 from __future__ import annotations
 
 import time
-from typing import Optional
 
 import torch
 
@@ -21,7 +20,7 @@ GPU_PEAK_TFLOPS = (
 )
 
 
-def table_peak_tflops(device_name: str, precision: str) -> Optional[float]:
+def table_peak_tflops(device_name: str, precision: str) -> float | None:
     for key, peaks in GPU_PEAK_TFLOPS:
         if key in device_name.upper():
             return peaks[precision]
@@ -44,7 +43,7 @@ def measure_matmul_tflops(device: torch.device, dtype: torch.dtype, size: int = 
     return 2 * size**3 * n / (time.perf_counter() - start) / 1e12
 
 
-def peak_tflops(device: torch.device, precision: str, configured: Optional[float]) -> tuple[float, str]:
+def peak_tflops(device: torch.device, precision: str, configured: float | None) -> tuple[float, str]:
     """(peak TFLOP/s per device, where the number came from)."""
     if configured is not None:
         return configured, "trainer.peak_tflops"

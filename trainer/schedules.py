@@ -7,8 +7,8 @@ interleaved) join this module with the pipeline issue.
 """
 from __future__ import annotations
 
-from contextlib import nullcontext
-from typing import Callable, ContextManager, Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 
@@ -17,7 +17,7 @@ LossSumFn = Callable[[dict], torch.Tensor]
 
 def forward_backward_no_pipelining(loss_sum_fn: LossSumFn, microbatches: Sequence[dict],
                                    num_loss_tokens: torch.Tensor | float, forward_only: bool = False,
-                                   no_sync: Callable[[], ContextManager] = nullcontext) -> torch.Tensor:
+                                   no_sync: Callable[[], AbstractContextManager] = nullcontext) -> torch.Tensor:
     """Run every microbatch forward (and backward); return the detached sum of their token losses.
 
     `loss_sum_fn(microbatch)` returns the microbatch's sum of masked token losses (a scalar).

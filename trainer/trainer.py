@@ -12,17 +12,17 @@ import os
 import sys
 import time
 from contextlib import nullcontext
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
-from kernels.fast_paths import detect_fast_paths
 import parallel_state
+from kernels.fast_paths import detect_fast_paths
 from models import build_model
 from optim import LRScheduler, build_optimizer, clip_grad_norm_
 from parallel_state import RNGStreams
 from parallel_state.comm_stats import CommStats
-from trainer import distributed
+from trainer import distributed, validation
 from trainer.checkpoint import find_latest_checkpoint, load_checkpoint, save_checkpoint
 from trainer.config import Config, to_yaml
 from trainer.data import DataPipeline, load_tokenizer, prepare
@@ -32,7 +32,6 @@ from trainer.grad_sync import allreduce_sum
 from trainer.metrics import build_sinks, console_line, drop_metrics_after
 from trainer.mfu import peak_tflops
 from trainer.schedules import forward_backward_no_pipelining
-from trainer import validation
 from trainer.validation import ConfigError, validate
 
 log = logging.getLogger("foldtron")
@@ -58,7 +57,7 @@ def default_run_dir(cfg: Config) -> str:
     return os.path.join("runs", cfg.name, time.strftime("%Y%m%d-%H%M%S"))
 
 
-def setup_logging(run_dir: Optional[str], env: RuntimeEnv) -> None:
+def setup_logging(run_dir: str | None, env: RuntimeEnv) -> None:
     """Console for every rank (rank 0 at INFO, others WARNING); rank 0 also writes run_dir/train.log."""
     root = logging.getLogger("foldtron")
     root.handlers.clear()
@@ -81,7 +80,7 @@ def setup_logging(run_dir: Optional[str], env: RuntimeEnv) -> None:
 class Trainer:
     """One training run. `Trainer(cfg).train()` does everything `launch/train.py` promises."""
 
-    def __init__(self, cfg: Config, env: Optional[RuntimeEnv] = None):
+    def __init__(self, cfg: Config, env: RuntimeEnv | None = None):
         self.env = env or RuntimeEnv.from_environ()
         validate(cfg, self.env.world_size)
         self.cfg = cfg = resolve_vocab(cfg)
@@ -263,7 +262,7 @@ class Trainer:
                 window_time += dt
                 train_time += dt
                 is_last = self.step == t.max_steps
-                metrics: Optional[dict[str, float]] = None
+                metrics: dict[str, float] | None = None
                 if self.step % t.log_interval == 0 or is_last:
                     metrics = self._window_metrics(window, window_time)
                     window, window_time = [], 0.0

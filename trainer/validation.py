@@ -9,12 +9,12 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from models.layers.gla import GLA_MODES
 from kernels.dispatch import BACKENDS as KERNEL_BACKENDS
 from kernels.dispatch import ON_MISSING as KERNEL_ON_MISSING
+from models.layers.gla import GLA_MODES
 from models.spec import CHANNEL_MIXERS, RESIDUALS, TOKEN_MIXERS
-from parallel_state.topology import Topology, TopologyError
 from optim.config import OPTIMIZER_NAMES, SCHEDULE_NAMES, WSD_DECAY_SHAPES
+from parallel_state.topology import Topology, TopologyError
 from trainer.checkpoint import list_checkpoints
 from trainer.config import Config
 from trainer.data.config import SOURCES as DATA_SOURCES
@@ -46,7 +46,7 @@ def _choice(field: str, value: Any, choices: tuple) -> None:
              f"set {field} to one of {', '.join(map(str, choices))}")
 
 
-def _positive(field: str, value: int | float) -> None:
+def _positive(field: str, value: float) -> None:
     _require(value > 0, field, value, "must be positive", f"set {field} to a value > 0")
 
 

@@ -6,6 +6,7 @@ list of str) so that Hydra can compose it directly.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from kernels.dispatch import KernelsConfig
@@ -107,6 +108,14 @@ class ModelConfig:
     def kv_heads(self) -> int:
         """Number of key/value heads after resolving the None default."""
         return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
+
+    def output_init_std(self) -> float:
+        """Init std of the projections that write into the residual stream (attention wo, MLP w2, ...).
+
+        Megatron's scaled init divides by sqrt(2 * num_layers), the GLOBAL layer count, so every
+        pipeline stage initialises identically.
+        """
+        return self.init_std / math.sqrt(2 * self.num_layers) if self.scaled_output_init else self.init_std
 
     def resolved_ffn_hidden_size(self) -> int:
         """MLP inner width: the explicit value, or the Llama rule."""

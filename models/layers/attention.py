@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -38,10 +36,7 @@ class Attention(nn.Module):
         self.head_dim = cfg.head_dim
         self.attention_dropout = cfg.attention_dropout
         self.init_std = cfg.init_std
-        # Scaled by the GLOBAL layer count so every pipeline stage initialises identically.
-        self.output_init_std = (
-            cfg.init_std / math.sqrt(2 * cfg.num_layers) if cfg.scaled_output_init else cfg.init_std
-        )
+        self.output_init_std = cfg.output_init_std()
         self.wq = nn.Linear(self.hidden_size, self.num_heads * self.head_dim, bias=False)
         self.wk = nn.Linear(self.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
         self.wv = nn.Linear(self.hidden_size, self.num_kv_heads * self.head_dim, bias=False)

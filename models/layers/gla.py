@@ -14,8 +14,6 @@ shards with its head (an fla checkpoint converts by broadcasting its gain over h
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -59,10 +57,7 @@ class GatedLinearAttention(nn.Module):
         self.kernels = cfg.kernels
         self.norm_eps = cfg.norm_eps
         self.init_std = cfg.init_std
-        # Scaled by the GLOBAL layer count, as attention's wo, so every pipeline stage agrees.
-        self.output_init_std = (
-            cfg.init_std / math.sqrt(2 * cfg.num_layers) if cfg.scaled_output_init else cfg.init_std
-        )
+        self.output_init_std = cfg.output_init_std()
         self.q_proj = nn.Linear(self.hidden_size, self.key_dim, bias=False)
         self.k_proj = nn.Linear(self.hidden_size, self.key_dim, bias=False)
         self.v_proj = nn.Linear(self.hidden_size, self.value_dim, bias=False)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -20,10 +18,7 @@ class SwiGLUMLP(nn.Module):
         self.hidden_size = cfg.hidden_size
         self.ffn_hidden_size = cfg.resolved_ffn_hidden_size()
         self.init_std = cfg.init_std
-        # Scaled by the GLOBAL layer count so every pipeline stage initialises identically.
-        self.output_init_std = (
-            cfg.init_std / math.sqrt(2 * cfg.num_layers) if cfg.scaled_output_init else cfg.init_std
-        )
+        self.output_init_std = cfg.output_init_std()
         self.w1 = nn.Linear(self.hidden_size, self.ffn_hidden_size, bias=False)
         self.w3 = nn.Linear(self.hidden_size, self.ffn_hidden_size, bias=False)
         self.w2 = nn.Linear(self.ffn_hidden_size, self.hidden_size, bias=False)

@@ -262,8 +262,7 @@ def _from_model_config(cfg: ModelConfig) -> dict:
     p = cfg.pararnn
     newton = NewtonOptions(iterations=p.newton_iterations, tol=p.newton_tol,
                            max_iterations=p.newton_max_iterations, warn_residual=p.newton_warn_residual)
-    # Scaled by the GLOBAL layer count like attention's wo, so every pipeline stage agrees.
-    output_std = cfg.init_std / math.sqrt(2 * cfg.num_layers) if cfg.scaled_output_init else cfg.init_std
+    output_std = cfg.output_init_std()
     return {"state_size": p.state_size, "newton": newton, "output_init_std": output_std, "mode": p.mode,
             "kernels": cfg.kernels}
 

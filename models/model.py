@@ -3,19 +3,25 @@
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from models.block import DecoderBlock
 from models.config import ModelConfig
-from models.layers.embedding import EMBEDDING_WEIGHT_NAME, LMHead, TokenEmbedding
+from models.init import full_shape, normal_init
 from models.layers.norm import RMSNorm
+from models.layers.tensor_parallel import TPContext
+from models.layers.vocab_parallel import (
+    EMBEDDING_WEIGHT_NAME,
+    IGNORE_INDEX,
+    VocabParallelEmbedding,
+    VocabParallelLMHead,
+    vocab_parallel_cross_entropy,
+)
 from models.spec import check_implemented, layer_specs
-
-IGNORE_INDEX = -100
 
 
 class DecoderModel(nn.Module):
@@ -30,6 +36,11 @@ class DecoderModel(nn.Module):
     with the head but not the embedding holds its own copy, initialised from the embedding's
     name (keeping the copies equal during training is the trainer's job).
 
+    Tensor parallel (`tp`, a TPContext): every layer holds its TP shard (slices of the same full
+    weights); the vocabulary is padded to a multiple of tp and split over ranks, and the loss is
+    computed without gathering the logits. Under sequence parallelism the residual stream between
+    the embedding and the head is this rank's chunk of the sequence [B, T/tp, hidden].
+
     Construct through `models.init.build_model`; direct construction leaves torch's default init.
     """
 
@@ -39,8 +50,10 @@ class DecoderModel(nn.Module):
         layer_ids: Sequence[int] | None = None,
         has_embedding: bool = True,
         has_head: bool = True,
+        tp: TPContext | None = None,
     ):
         super().__init__()
+        tp = tp or TPContext()
         cfg.validate()
         check_implemented(cfg)
         specs = layer_specs(cfg)
@@ -53,18 +66,24 @@ class DecoderModel(nn.Module):
         self.cfg = cfg
         self.has_embedding = has_embedding
         self.has_head = has_head
+        self.tp = tp
+        vocab_layer_args = {"sequence_parallel": tp.sequence_parallel, "stats": tp.stats}
         # Registered first so a tied weight is named after the embedding in named_parameters().
-        self.embedding = (
-            TokenEmbedding(cfg.vocab_size, cfg.hidden_size, cfg.init_std) if has_embedding else None
-        )
-        self.layers = nn.ModuleDict({str(i): DecoderBlock(cfg, specs[i]) for i in layer_ids})
+        self.embedding = None
+        if has_embedding:
+            self.embedding = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp.group,
+                                                    init=normal_init(cfg.init_std), **vocab_layer_args)
+        self.layers = nn.ModuleDict({str(i): DecoderBlock(cfg, specs[i], tp) for i in layer_ids})
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps) if has_head else None
         self.output = None
         if has_head:
-            seed_name = EMBEDDING_WEIGHT_NAME if cfg.tie_embeddings else None
-            self.output = LMHead(cfg.vocab_size, cfg.hidden_size, cfg.init_std, seed_name=seed_name)
+            self.output = VocabParallelLMHead(
+                cfg.vocab_size, cfg.hidden_size, tp.group,
+                init=normal_init(cfg.init_std, seed_name=EMBEDDING_WEIGHT_NAME if cfg.tie_embeddings else None),
+                **vocab_layer_args)
             if cfg.tie_embeddings and has_embedding:
                 self.output.weight = self.embedding.weight
+            tp.mark_sequence_parallel(self.norm.weight)
 
     @property
     def layer_ids(self) -> list[int]:
@@ -72,10 +91,11 @@ class DecoderModel(nn.Module):
         return [int(key) for key in self.layers]
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """input_ids [B, T] long -> logits [B, T, vocab].
+        """input_ids [B, T] long -> logits [B, T, vocab] (under TP this rank's vocabulary slice
+        [B, T, V_p / tp], V_p the vocabulary padded to a multiple of tp).
 
-        Without the embedding, `input_ids` is the previous stage's hidden state [B, T, hidden];
-        without the head, the result is this stage's hidden state.
+        Without the embedding, `input_ids` is the previous stage's hidden state [B, T, hidden]
+        ([B, T/tp, hidden] under SP); without the head, the result is this stage's hidden state.
         """
         hidden = self.embedding(input_ids) if self.embedding is not None else input_ids
         for block in self.layers.values():
@@ -98,17 +118,12 @@ class DecoderModel(nn.Module):
         if self.output is None:
             raise ValueError("token_losses needs the LM head; this model was built with has_head=False")
         logits = self(input_ids, position_ids)
-        batch, seq_len, vocab_size = logits.shape
-        losses = F.cross_entropy(
-            logits.float().reshape(batch * seq_len, vocab_size),
-            labels.reshape(batch * seq_len),
-            ignore_index=IGNORE_INDEX,
-            reduction="none",
-        )
-        return losses.view(batch, seq_len)
+        return vocab_parallel_cross_entropy(logits, labels, self.tp.group, self.cfg.vocab_size, self.tp.stats,
+                                            ignore_index=IGNORE_INDEX)
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
-        """Number of parameter elements held, each tied tensor once.
+        """Number of parameter elements of the layers held, each tied tensor once, counted at their
+        FULL (unsharded) size: the same number under every TP degree (vocabulary padding included).
 
         `exclude_embeddings` leaves out the vocabulary matrices (token embedding and LM head),
         the usual "non-embedding" count of scaling-law papers.
@@ -119,7 +134,7 @@ class DecoderModel(nn.Module):
                 if module is not None:
                     excluded.add(id(module.weight))
         # parameters() already yields a shared tensor once.
-        return sum(p.numel() for p in self.parameters() if id(p) not in excluded)
+        return sum(math.prod(full_shape(p)) for p in self.parameters() if id(p) not in excluded)
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token of the parts held (3 x forward matmul FLOPs).

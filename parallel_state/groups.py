@@ -89,10 +89,11 @@ class ParallelState:
 
 
 def default_backend(device: torch.device | str | None) -> str | None:
-    """nccl for a CUDA device, gloo for a CPU one; None (inherit the default group's) for no device."""
+    """nccl for CUDA tensors (plus gloo for the small CPU ones: token counts, loss sums) on a CUDA
+    device, gloo on a CPU one; None (inherit the default group's) for no device."""
     if device is None:
         return None
-    return "nccl" if torch.device(device).type == "cuda" else "gloo"
+    return "cpu:gloo,cuda:nccl" if torch.device(device).type == "cuda" else "gloo"
 
 
 def init(topology: Topology, backend: str | None = None, device: torch.device | str | None = None,

@@ -2,7 +2,13 @@
 
 A directory named step_* therefore only exists once all of it is on disk. Resume picks the newest
 one that loads; anything else (a half-copied directory, a corrupt file) is skipped with a warning
-that names it. This is the one-process format; the sharded format replaces `state.pt` later.
+that names it.
+
+Model-parallel runs write one state file per model shard (`state_tp01_pp00.pt`: the TP and PP
+coordinates), each from the first DP x CP replica of that shard, into the same temporary
+directory; the writer adds meta.json (step, layout, shard list) and renames once every shard is
+on disk. A one-shard layout keeps the single `state.pt`. Loading needs the same tp and pp (a
+clear error otherwise; resharding on load is future work).
 """
 from __future__ import annotations
 
@@ -11,6 +17,7 @@ import logging
 import os
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +35,34 @@ def step_dir_name(step: int) -> str:
     return f"step_{step:06d}"
 
 
+class CheckpointLayoutError(ValueError):
+    """The checkpoint was written by a different model-parallel layout than the run loading it."""
+
+
+@dataclass(frozen=True)
+class ShardLayout:
+    """Which model shard this rank holds and whether it writes it (the first DP x CP replica does)."""
+
+    tp_rank: int = 0
+    tp: int = 1
+    pp_rank: int = 0
+    pp: int = 1
+    writes: bool = True
+
+    def file_name(self, tp_rank: int | None = None, pp_rank: int | None = None) -> str:
+        if self.tp * self.pp == 1:
+            return STATE_FILE
+        tp_rank = self.tp_rank if tp_rank is None else tp_rank
+        pp_rank = self.pp_rank if pp_rank is None else pp_rank
+        return f"state_tp{tp_rank:02d}_pp{pp_rank:02d}.pt"
+
+    def all_file_names(self) -> list[str]:
+        return [self.file_name(t, p) for p in range(self.pp) for t in range(self.tp)]
+
+
+SINGLE_SHARD = ShardLayout()
+
+
 @dataclass
 class LoadedCheckpoint:
     """A checkpoint that loaded completely."""
@@ -37,18 +72,40 @@ class LoadedCheckpoint:
     state: dict[str, Any]
 
 
-def save_checkpoint(run_dir: str, step: int, state: dict[str, Any], keep_last: int = 0) -> str:
-    """Write `state` as checkpoint `step` atomically and prune to the newest `keep_last` (0 keeps all)."""
+def save_checkpoint(run_dir: str, step: int, state: dict[str, Any], keep_last: int = 0,
+                    layout: ShardLayout = SINGLE_SHARD, is_writer: bool = True,
+                    barrier: Callable[[], None] = lambda: None) -> str:
+    """Write checkpoint `step` atomically and prune to the newest `keep_last` (0 keeps all).
+
+    Every rank of a model-parallel job calls this with its own `state` and `layout`; `barrier`
+    synchronises them (the writer prepares the directory, shards are written, the writer commits).
+    """
     root = os.path.join(run_dir, CHECKPOINT_DIR)
-    os.makedirs(root, exist_ok=True)
     final = os.path.join(root, step_dir_name(step))
-    tmp = os.path.join(root, f".tmp_{step_dir_name(step)}_{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    torch.save(state, os.path.join(tmp, STATE_FILE))
-    # meta.json last: its presence marks a directory whose state file was fully written.
+    # Same name on every rank (they write into one directory); a leftover from a crash is wiped.
+    tmp = os.path.join(root, f".tmp_{step_dir_name(step)}")
+    if is_writer:
+        os.makedirs(root, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    barrier()
+    if layout.writes:
+        torch.save(state, os.path.join(tmp, layout.file_name()))
+    barrier()
+    if is_writer:
+        _commit(root, tmp, final, {"step": step, "format": "foldtron-shards-v1", "tp": layout.tp,
+                                   "pp": layout.pp, "shards": layout.all_file_names()})
+        if keep_last > 0:
+            for stale in list_checkpoints(run_dir)[:-keep_last]:
+                shutil.rmtree(stale[1], ignore_errors=True)
+    barrier()
+    return final
+
+
+def _commit(root: str, tmp: str, final: str, meta: dict[str, Any]) -> None:
+    # meta.json last: its presence marks a directory whose state files were fully written.
     with open(os.path.join(tmp, META_FILE), "w") as f:
-        json.dump({"step": step, "format": "foldtron-single-v1"}, f)
+        json.dump(meta, f)
     _fsync_dir(tmp)
     if os.path.exists(final):
         # Re-saving the same step (e.g. the final save after an interval save) replaces it; move
@@ -60,10 +117,6 @@ def save_checkpoint(run_dir: str, step: int, state: dict[str, Any], keep_last: i
     else:
         os.replace(tmp, final)
     _fsync_dir(root)
-    if keep_last > 0:
-        for stale in list_checkpoints(run_dir)[:-keep_last]:
-            shutil.rmtree(stale[1], ignore_errors=True)
-    return final
 
 
 def list_checkpoints(run_dir: str) -> list[tuple[int, str]]:
@@ -79,25 +132,44 @@ def list_checkpoints(run_dir: str) -> list[tuple[int, str]]:
     return sorted(found)
 
 
-def load_checkpoint(path: str) -> LoadedCheckpoint:
-    """Load one checkpoint directory; raises ValueError if it is incomplete or unreadable."""
-    meta_path, state_path = os.path.join(path, META_FILE), os.path.join(path, STATE_FILE)
-    if not os.path.isfile(meta_path) or not os.path.isfile(state_path):
-        raise ValueError(f"checkpoint {path} is incomplete (missing {META_FILE} or {STATE_FILE})")
+def load_checkpoint(path: str, layout: ShardLayout = SINGLE_SHARD) -> LoadedCheckpoint:
+    """Load this rank's shard of one checkpoint directory.
+
+    Raises ValueError if it is incomplete or unreadable, CheckpointLayoutError if it was written
+    by another tp/pp layout.
+    """
+    meta_path = os.path.join(path, META_FILE)
+    if not os.path.isfile(meta_path):
+        raise ValueError(f"checkpoint {path} is incomplete (missing {META_FILE})")
     try:
         with open(meta_path) as f:
             meta = json.load(f)
-        state = torch.load(state_path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise ValueError(f"checkpoint {path} is unreadable: {type(e).__name__}: {e}") from e
+    saved = (int(meta.get("tp", 1)), int(meta.get("pp", 1)))
+    if saved != (layout.tp, layout.pp):
+        raise CheckpointLayoutError(
+            f"checkpoint {path} was saved with parallel.tp={saved[0]} parallel.pp={saved[1]}, but this run has "
+            f"tp={layout.tp} pp={layout.pp}; resume with the same tp and pp (resharding on load is not "
+            f"implemented yet), or start a new run_dir")
+    missing = [name for name in meta.get("shards", [STATE_FILE]) if not os.path.isfile(os.path.join(path, name))]
+    if missing:
+        raise ValueError(f"checkpoint {path} is incomplete (missing {', '.join(missing)})")
+    try:
+        state = torch.load(os.path.join(path, layout.file_name()), map_location="cpu", weights_only=False)
     except Exception as e:
         raise ValueError(f"checkpoint {path} is unreadable: {type(e).__name__}: {e}") from e
     return LoadedCheckpoint(path=path, step=int(meta["step"]), state=state)
 
 
-def find_latest_checkpoint(run_dir: str) -> LoadedCheckpoint | None:
-    """The newest checkpoint in run_dir that loads; incomplete or corrupt ones are skipped with a warning."""
+def find_latest_checkpoint(run_dir: str, layout: ShardLayout = SINGLE_SHARD) -> LoadedCheckpoint | None:
+    """The newest checkpoint in run_dir that loads; incomplete or corrupt ones are skipped with a
+    warning, one of another layout is an error."""
     for step, path in reversed(list_checkpoints(run_dir)):
         try:
-            return load_checkpoint(path)
+            return load_checkpoint(path, layout)
+        except CheckpointLayoutError:
+            raise
         except ValueError as e:
             log.warning("skipping checkpoint %s: %s", path, e)
     return None

@@ -13,6 +13,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+import parallel_state.groups
+
 
 @dataclass(frozen=True)
 class RuntimeEnv:
@@ -47,10 +49,11 @@ def select_device(env: RuntimeEnv, requested: str) -> torch.device:
 
 
 def init_world(env: RuntimeEnv, device: torch.device, timeout_s: float = 600.0) -> None:
-    """Create the default process group (nccl on CUDA, gloo on CPU) when there is more than one rank."""
+    """Create the default process group when there is more than one rank: gloo on CPU; on CUDA nccl
+    for device tensors plus gloo for the small CPU ones (token counts, checkpoint agreement)."""
     if env.world_size == 1 or dist.is_initialized():
         return
-    backend = "nccl" if device.type == "cuda" else "gloo"
+    backend = parallel_state.groups.default_backend(device)
     dist.init_process_group(backend=backend, rank=env.rank, world_size=env.world_size,
                             timeout=datetime.timedelta(seconds=timeout_s),
                             device_id=device if device.type == "cuda" else None)
@@ -73,3 +76,11 @@ def broadcast_from_writer(value: Any) -> Any:
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def allreduce_max(value: torch.Tensor) -> torch.Tensor:
+    """Maximum of a small CPU tensor over all ranks; identity on one process."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        value = value.clone()
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return value

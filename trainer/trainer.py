@@ -19,11 +19,12 @@ import torch
 import parallel_state
 from kernels.fast_paths import detect_fast_paths
 from models import build_model
+from models.layers.tensor_parallel import TPContext, allreduce_sequence_parallel_grads, is_tp_duplicate
 from optim import LRScheduler, build_optimizer, clip_grad_norm_
 from parallel_state import RNGStreams
 from parallel_state.comm_stats import CommStats
 from trainer import distributed, validation
-from trainer.checkpoint import find_latest_checkpoint, load_checkpoint, save_checkpoint
+from trainer.checkpoint import ShardLayout, find_latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from trainer.config import Config, to_yaml
 from trainer.data import DataPipeline, load_tokenizer, prepare
 from trainer.distributed import RuntimeEnv
@@ -112,8 +113,13 @@ class Trainer:
         # Weights are seeded by parameter name inside build_model; dropout draws from self.rng's
         # streams. The default generator is seeded too so no stray draw depends on the process' past.
         torch.manual_seed(cfg.seed)
-        self.model = build_model(cfg.model, seed=cfg.seed, device=self.device)
         self.comm_stats = CommStats()
+        self.tp = TPContext(self.ps.tp, cfg.parallel.sequence_parallel, self.comm_stats, self.rng)
+        self.model = build_model(cfg.model, seed=cfg.seed, device=self.device, tp=self.tp)
+        # Dropout on the residual stream: replicated over TP unless SP splits the sequence over it.
+        self.dropout_stream = "tp-sharded" if self.tp.sp else "tp-replicated"
+        self.shard_layout = ShardLayout(tp_rank=self.ps.tp.rank, tp=self.ps.tp.size, pp_rank=self.ps.pp.rank,
+                                        pp=self.ps.pp.size, writes=self.ps.dp_cp.rank == 0)
         # Gradients live in flat buckets reduced over DP x CP from backward hooks (before the
         # optimizer exists, so its state follows the parameters, not the buffers).
         self.grad_reducer = BucketedGradReducer(self.model.parameters(), self.ps.dp_cp,
@@ -166,7 +172,10 @@ class Trainer:
         mode = self.cfg.trainer.resume
         if mode == "none":
             return
-        loaded = find_latest_checkpoint(self.run_dir) if mode == "auto" else load_checkpoint(mode)
+        if mode == "auto":
+            loaded = self._agreed_latest_checkpoint()
+        else:
+            loaded = load_checkpoint(mode, self.shard_layout)
         if loaded is None:
             log.info("resume=auto: no complete checkpoint in %s, starting from step 0", self.run_dir)
             return
@@ -178,11 +187,25 @@ class Trainer:
                 log.info("metrics.jsonl: dropped %d rows logged after step %d (rolled back by the resume)",
                          dropped, self.step)
 
+    def _agreed_latest_checkpoint(self):
+        """The newest checkpoint every rank can load (a shard unreadable on one rank makes all fall
+        back together rather than resume from different steps)."""
+        loaded = find_latest_checkpoint(self.run_dir, self.shard_layout)
+        mine = torch.tensor(loaded.step if loaded is not None else -1, dtype=torch.int64)
+        agreed = -distributed.allreduce_max(-mine).item()
+        if agreed == mine.item():
+            return loaded
+        if agreed < 0:
+            return None
+        path = dict((step, path) for step, path in list_checkpoints(self.run_dir))[agreed]
+        log.warning("rank %d: resuming from step %d, the newest checkpoint every rank can load", self.env.rank,
+                    agreed)
+        return load_checkpoint(path, self.shard_layout)
+
     def save(self) -> None:
-        if self.env.is_writer:
-            path = save_checkpoint(self.run_dir, self.step, self.state_dict(), self.cfg.trainer.keep_last)
-            log.info("saved checkpoint %s", path)
-        distributed.barrier()
+        path = save_checkpoint(self.run_dir, self.step, self.state_dict(), self.cfg.trainer.keep_last,
+                               layout=self.shard_layout, is_writer=self.env.is_writer, barrier=distributed.barrier)
+        log.info("saved checkpoint %s", path)
 
     # ---- steps -------------------------------------------------------------------------------
 
@@ -191,8 +214,7 @@ class Trainer:
 
     def _loss_sum(self, microbatch: dict) -> torch.Tensor:
         mb = self._to_device(microbatch)
-        # Replicated weights (no TP shards yet) draw dropout from the TP-replicated stream.
-        with self.autocast, self.rng.fork("tp-replicated"):
+        with self.autocast, self.rng.fork(self.dropout_stream):
             # Tokens are in order here, so the model takes its default positions and the fused causal
             # kernel; explicit positions are for layouts that reorder tokens (context parallelism).
             token_losses = self.model.token_losses(mb["input_ids"], mb["labels"])
@@ -207,7 +229,11 @@ class Trainer:
         loss_sum = forward_backward_no_pipelining(self._loss_sum, microbatches, num_tokens.to(self.device),
                                                   no_sync=self.grad_reducer.no_sync)
         self.grad_reducer.finish()
-        grad_norm = clip_grad_norm_(self.model.parameters(), self.cfg.optim.clip_grad)
+        # TP-replicated params that saw only part of the work (norm gains under SP, replicated GQA K/V).
+        allreduce_sequence_parallel_grads(self.model.parameters(), self.ps.tp, self.comm_stats)
+        grad_norm = clip_grad_norm_(self.model.parameters(), self.cfg.optim.clip_grad,
+                                    norm_reduce_fn=lambda sq: allreduce_sum(sq, self.ps.mp.group),
+                                    counted=lambda p: not is_tp_duplicate(p, self.ps.tp.rank))
         loss = (allreduce_sum(loss_sum.cpu(), self.ps.dp_cp.group) / num_tokens).item()
         grad_norm = float(grad_norm)
         lr = self.scheduler.apply(self.step)

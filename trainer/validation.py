@@ -142,9 +142,8 @@ def _validate_parallel(cfg: Config, world_size: int) -> None:
     _choice("parallel.cp_comm", p.cp_comm, CP_COMMS)
     _positive("parallel.timeout_s", p.timeout_s)
     topology(cfg, world_size)  # sizes tile the world on both grids; the order string is valid
-    # The foundation runs data parallelism only; the other axes land with their own issues and
-    # must not run silently as if they were data parallel.
-    for name in ("tp", "cp", "pp", "ep", "etp"):
+    # Axes that land with their own issues must not run silently as if they were data parallel.
+    for name in ("cp", "pp", "ep", "etp"):
         value = getattr(p, name) or 1
         _require(value == 1, f"parallel.{name}", value, "this axis is not implemented in this build yet",
                  f"set parallel.{name}=1 (data parallelism over all ranks works)")
@@ -152,6 +151,32 @@ def _validate_parallel(cfg: Config, world_size: int) -> None:
              "set parallel.vpp=1 or parallel.pp>1")
     _require(not p.sequence_parallel or p.tp > 1, "parallel.sequence_parallel", p.sequence_parallel,
              "sequence parallelism shards over tensor-parallel ranks", "set parallel.tp>1 or turn it off")
+    if p.tp > 1:
+        _validate_tensor_parallel(cfg)
+
+
+def _divides(tp: int, field: str, value: int, what: str, fix: str) -> None:
+    _require(value % tp == 0, field, value, f"{what} is not divisible by parallel.tp={tp}", fix)
+
+
+def _validate_tensor_parallel(cfg: Config) -> None:
+    """Every sharded width divides by tp (the vocabulary is padded instead, see vocab_parallel)."""
+    m, tp = cfg.model, cfg.parallel.tp
+    _divides(tp, "model.hidden_size", m.hidden_size, "the hidden size",
+             f"choose a tp dividing {m.hidden_size}, or a hidden size that is a multiple of {tp}")
+    _divides(tp, "model.num_heads", m.num_heads, "the number of attention heads (split over TP)",
+             f"choose a tp dividing {m.num_heads}")
+    kv = m.kv_heads
+    _require(kv % tp == 0 or tp % kv == 0, "model.num_kv_heads", kv,
+             f"neither divides nor is a multiple of parallel.tp={tp} (K/V heads are split over TP ranks, "
+             "or replicated when there are fewer of them than ranks)",
+             f"choose a tp dividing {kv} or a multiple of it")
+    if "mlp" in m.channel_mixers:
+        _divides(tp, "model.ffn_hidden_size", m.resolved_ffn_hidden_size(), "the MLP inner width",
+                 f"set model.ffn_hidden_size to a multiple of {tp}")
+    if cfg.parallel.sequence_parallel:
+        _divides(tp, "data.seq_len", cfg.data.seq_len, "the sequence length (split over TP by sequence "
+                 "parallelism)", f"use a multiple of {tp}, or parallel.sequence_parallel=false")
 
 
 def _validate_data(cfg: Config, world_size: int) -> None:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from models.config import ModelConfig
-from models.init import ParamInit, normal_init
+from models.init import normal_init
 from models.layers.rope import RotaryEmbedding, apply_rotary
+from models.layers.tensor_parallel import ColumnParallelLinear, TPContext, divide_exactly
 
 
 def repeat_kv_heads(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -25,38 +28,68 @@ def causal_mask_from_positions(query_pos: torch.Tensor, key_pos: torch.Tensor) -
     return (key_pos.unsqueeze(-2) <= query_pos.unsqueeze(-1)).unsqueeze(1)
 
 
-class Attention(nn.Module):
-    """Llama attention: bias-free wq, wk, wv, wo; RoPE on q and k; causal softmax attention."""
+def kv_heads_per_rank(num_kv_heads: int, tp: int) -> tuple[int, bool]:
+    """(K/V heads held per TP rank, whether they are replicated rather than split) (pure).
 
-    def __init__(self, cfg: ModelConfig):
+    tp dividing kv_heads splits them like the query heads. kv_heads dividing tp (GQA with fewer
+    K/V heads than ranks, e.g. 8 KV heads at tp=16) gives every rank all of them; each rank then
+    reads the one its query heads share, as Megatron does. Anything else cannot be laid out.
+    """
+    if num_kv_heads % tp == 0:
+        return num_kv_heads // tp, False
+    if tp % num_kv_heads == 0:
+        return num_kv_heads, True
+    raise ValueError(f"model.num_kv_heads={num_kv_heads} and parallel.tp={tp}: one must divide the other "
+                     f"(K/V heads are split over TP ranks, or replicated when fewer than tp); "
+                     f"choose a tp that divides or is a multiple of {num_kv_heads}")
+
+
+class Attention(nn.Module):
+    """Llama attention: bias-free wq, wk, wv, wo; RoPE on q and k; causal softmax attention.
+
+    Tensor parallel (Megatron): query heads are split over TP (wq column-parallel, wo row-parallel);
+    K/V heads are split too, or replicated when there are fewer than tp (see `kv_heads_per_rank`;
+    their weights are then marked `tp_partial_grad` because each rank back-propagates through one
+    head only). Nothing is communicated between the input collective and wo's reduction.
+    """
+
+    def __init__(self, cfg: ModelConfig, tp: TPContext | None = None):
         super().__init__()
+        tp = tp or TPContext()
         self.hidden_size = cfg.hidden_size
         self.num_heads = cfg.num_heads
         self.num_kv_heads = cfg.kv_heads
         self.head_dim = cfg.head_dim
         self.attention_dropout = cfg.attention_dropout
-        self.init_std = cfg.init_std
-        self.output_init_std = cfg.output_init_std()
-        self.wq = nn.Linear(self.hidden_size, self.num_heads * self.head_dim, bias=False)
-        self.wk = nn.Linear(self.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
-        self.wv = nn.Linear(self.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
-        self.wo = nn.Linear(self.num_heads * self.head_dim, self.hidden_size, bias=False)
+        self.tp = tp
+        self.heads_per_rank = divide_exactly(cfg.num_heads, tp.size, "model.num_heads")
+        self.kv_heads_per_rank, kv_replicated = kv_heads_per_rank(cfg.kv_heads, tp.size)
+        # With replicated K/V, the one head this rank's query heads read.
+        self.kv_select = tp.rank * cfg.kv_heads // tp.size if kv_replicated else None
+        std, out_std = normal_init(cfg.init_std), normal_init(cfg.output_init_std())
+        kv_width = self.num_kv_heads * self.head_dim
+        self.wq = tp.column(self.hidden_size, self.num_heads * self.head_dim, std)
+        if kv_replicated:
+            self.wk = ColumnParallelLinear(self.hidden_size, kv_width, None, init=std)
+            self.wv = ColumnParallelLinear(self.hidden_size, kv_width, None, init=std)
+            self.wk.weight.tp_partial_grad = self.wv.weight.tp_partial_grad = True
+        else:
+            self.wk = tp.column(self.hidden_size, kv_width, std)
+            self.wv = tp.column(self.hidden_size, kv_width, std)
+        self.wo = tp.row(self.num_heads * self.head_dim, self.hidden_size, out_std)
         self.rope = RotaryEmbedding(self.head_dim, cfg.rope_theta)
 
-    def init_specs(self) -> dict[str, ParamInit]:
-        return {
-            "wq.weight": normal_init(self.init_std),
-            "wk.weight": normal_init(self.init_std),
-            "wv.weight": normal_init(self.init_std),
-            "wo.weight": normal_init(self.output_init_std),
-        }
-
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """x [B, T, hidden]; position_ids [B, T] or None for 0..T-1 -> [B, T, hidden]."""
+        """x [B, T, hidden] (under SP this rank's [B, T/tp, hidden]); position_ids [B, T] or None
+        for 0..T-1 -> same shape as x."""
+        x = self.wq.prepare_input(x)  # one input collective for q, k and v
         batch, seq_len, _ = x.shape
-        q = self.wq(x).view(batch, seq_len, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.wk(x).view(batch, seq_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.wv(x).view(batch, seq_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q = self.wq(x, input_prepared=True).view(batch, seq_len, -1, self.head_dim).transpose(1, 2)
+        k = self.wk(x, input_prepared=True).view(batch, seq_len, -1, self.head_dim).transpose(1, 2)
+        v = self.wv(x, input_prepared=True).view(batch, seq_len, -1, self.head_dim).transpose(1, 2)
+        if self.kv_select is not None:
+            k = k[:, self.kv_select:self.kv_select + 1]
+            v = v[:, self.kv_select:self.kv_select + 1]
 
         rope_positions = position_ids
         if rope_positions is None:
@@ -65,17 +98,19 @@ class Attention(nn.Module):
         q = apply_rotary(q, cos, sin)
         k = apply_rotary(k, cos, sin)
 
-        groups = self.num_heads // self.num_kv_heads
+        groups = q.shape[1] // k.shape[1]
         k = repeat_kv_heads(k, groups)
         v = repeat_kv_heads(v, groups)
         dropout_p = self.attention_dropout if self.training else 0.0
-        if position_ids is None:
-            # Default positions: the fused causal kernels apply.
-            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
-        else:
-            mask = causal_mask_from_positions(position_ids, position_ids)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
-        out = out.transpose(1, 2).reshape(batch, seq_len, self.num_heads * self.head_dim)
+        # Heads differ per TP rank, so their dropout masks must too: the tp-sharded stream.
+        with self.tp.sharded_rng() if dropout_p > 0 else nullcontext():
+            if position_ids is None:
+                # Default positions: the fused causal kernels apply.
+                out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+            else:
+                mask = causal_mask_from_positions(position_ids, position_ids)
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+        out = out.transpose(1, 2).reshape(batch, seq_len, self.heads_per_rank * self.head_dim)
         return self.wo(out)
 
     def flops_per_token(self, seq_len: int) -> float:

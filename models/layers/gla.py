@@ -11,6 +11,11 @@ So tensor parallelism can split heads over ranks like attention (column-parallel
 row-parallel Wo, W1 replicated) with no communication inside the recurrence. The one difference
 from fla: the output norm has a gain per head ([heads, head_v]) instead of one shared gain, so it
 shards with its head (an fla checkpoint converts by broadcasting its gain over heads).
+
+Under TP W1 stays replicated without a TP-region input mapping of its own: each rank back-propagates
+only through its slice of W2, so W1's weight gradient is a partial sum (marked `tp_partial_grad`,
+summed over TP after backward) and its input gradient joins the other projections' partial input
+gradients in the one reduction of the layer's input mapping.
 """
 from __future__ import annotations
 
@@ -20,7 +25,8 @@ from torch import nn
 
 from kernels.gla import chunk_gla, fused_recurrent_gla
 from models.config import ModelConfig
-from models.init import ParamInit, normal_init, ones_init, zeros_init
+from models.init import ParamInit, normal_init, ones_init
+from models.layers.tensor_parallel import ColumnParallelLinear, TPContext, mark_shard
 
 GLA_MODES = {"chunk": chunk_gla, "fused_recurrent": fused_recurrent_gla}
 
@@ -37,10 +43,14 @@ class GatedLinearAttention(nn.Module):
 
     Has no positional encoding (order comes from the recurrence), so ``position_ids`` is ignored:
     tokens must arrive in sequence order.
+
+    Tensor parallel: heads are split over `tp` (see the module docstring); the size attributes
+    (num_heads, key_dim, value_dim) describe the full layer, `heads_per_rank` this rank's part.
     """
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, tp: TPContext | None = None):
         super().__init__()
+        tp = tp or TPContext()
         gla = cfg.gla
         self.hidden_size = cfg.hidden_size
         self.num_heads, self.key_dim, self.value_dim = gla_dims(cfg)
@@ -48,60 +58,71 @@ class GatedLinearAttention(nn.Module):
             raise ValueError(
                 f"model.gla: key width {self.key_dim} and value width {self.value_dim} must be divisible "
                 f"by the {self.num_heads} GLA heads; change model.gla.num_heads or expand_k/expand_v")
+        if self.num_heads % tp.size:
+            heads_field = ("model.gla.num_heads" if gla.num_heads is not None
+                           else "model.num_heads (model.gla.num_heads=null)")
+            raise ValueError(
+                f"{heads_field}={self.num_heads} is not divisible by parallel.tp={tp.size}: GLA heads are "
+                f"split over TP ranks; choose a number of GLA heads that is a multiple of {tp.size} or a tp "
+                f"that divides {self.num_heads}")
         if gla.mode not in GLA_MODES:
             raise ValueError(f"model.gla.mode={gla.mode!r}: unknown; use one of {', '.join(GLA_MODES)}")
+        self.heads_per_rank = self.num_heads // tp.size
         self.head_k_dim = self.key_dim // self.num_heads
         self.head_v_dim = self.value_dim // self.num_heads
         self.gate_logit_normalizer = gla.gate_logit_normalizer
         self.mode = gla.mode
         self.kernels = cfg.kernels
         self.norm_eps = cfg.norm_eps
-        self.init_std = cfg.init_std
-        self.output_init_std = cfg.output_init_std()
-        self.q_proj = nn.Linear(self.hidden_size, self.key_dim, bias=False)
-        self.k_proj = nn.Linear(self.hidden_size, self.key_dim, bias=False)
-        self.v_proj = nn.Linear(self.hidden_size, self.value_dim, bias=False)
-        self.g_proj = nn.Linear(self.hidden_size, self.value_dim, bias=False)  # W_r of the output gate
+        std, output_std = normal_init(cfg.init_std), normal_init(cfg.output_init_std())
+        self.q_proj = tp.column(self.hidden_size, self.key_dim, std)
+        self.k_proj = tp.column(self.hidden_size, self.key_dim, std)
+        self.v_proj = tp.column(self.hidden_size, self.value_dim, std)
+        self.g_proj = tp.column(self.hidden_size, self.value_dim, std)  # W_r of the output gate
         self.gk_proj = nn.Sequential(
-            nn.Linear(self.hidden_size, gla.gate_low_rank_dim, bias=False),
-            nn.Linear(gla.gate_low_rank_dim, self.key_dim, bias=True),
+            ColumnParallelLinear(self.hidden_size, gla.gate_low_rank_dim, None, init=std),  # replicated W1
+            tp.column(gla.gate_low_rank_dim, self.key_dim, std, bias=True),
         )
-        self.g_norm_weight = nn.Parameter(torch.empty(self.num_heads, self.head_v_dim))
-        self.o_proj = nn.Linear(self.value_dim, self.hidden_size, bias=False)
+        if tp.size > 1:
+            self.gk_proj[0].weight.tp_partial_grad = True
+        self.g_norm_weight = mark_shard(nn.Parameter(torch.empty(self.heads_per_rank, self.head_v_dim)),
+                                        0, tp.rank, tp.size)
+        self.o_proj = tp.row(self.value_dim, self.hidden_size, output_std)
 
     def init_specs(self) -> dict[str, ParamInit]:
-        return {
-            "q_proj.weight": normal_init(self.init_std),
-            "k_proj.weight": normal_init(self.init_std),
-            "v_proj.weight": normal_init(self.init_std),
-            "g_proj.weight": normal_init(self.init_std),
-            "gk_proj.0.weight": normal_init(self.init_std),
-            "gk_proj.1.weight": normal_init(self.init_std),
-            "gk_proj.1.bias": zeros_init(),
-            "g_norm_weight": ones_init(),
-            "o_proj.weight": normal_init(self.output_init_std),
-        }
+        """Every parameter's init (the projections' own specs, named from here, and the norm gain)."""
+        specs = {"g_norm_weight": ones_init()}
+        for name in ("q_proj", "k_proj", "v_proj", "g_proj", "gk_proj.0", "gk_proj.1", "o_proj"):
+            layer_specs = self.get_submodule(name).init_specs()
+            specs.update({f"{name}.{key}": init for key, init in layer_specs.items()})
+        return specs
 
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """x [B, T, hidden] -> [B, T, hidden]; position_ids is unused (see the class docstring)."""
+        """x [B, T, hidden] (under SP this rank's [B, T/tp, hidden]) -> same shape.
+
+        position_ids is unused (see the class docstring).
+        """
+        x = self.q_proj.prepare_input(x)  # one input collective for every projection
         batch, seq_len, _ = x.shape
-        heads = self.num_heads
-        q = self.q_proj(x).view(batch, seq_len, heads, self.head_k_dim)
-        k = self.k_proj(x).view(batch, seq_len, heads, self.head_k_dim)
-        v = self.v_proj(x).view(batch, seq_len, heads, self.head_v_dim)
+        heads = self.heads_per_rank
+        q = self.q_proj(x, input_prepared=True).view(batch, seq_len, heads, self.head_k_dim)
+        k = self.k_proj(x, input_prepared=True).view(batch, seq_len, heads, self.head_k_dim)
+        v = self.v_proj(x, input_prepared=True).view(batch, seq_len, heads, self.head_v_dim)
+        gate_logits = self.gk_proj[1](self.gk_proj[0](x, input_prepared=True), input_prepared=True)
         # The gate is a log-decay summed over up to 64 steps per chunk: keep it in fp32 under autocast.
-        gate = F.logsigmoid(self.gk_proj(x).float()) / self.gate_logit_normalizer
+        gate = F.logsigmoid(gate_logits.float()) / self.gate_logit_normalizer
         gate = gate.view(batch, seq_len, heads, self.head_k_dim)
         o, _ = GLA_MODES[self.mode](q, k, v, gate, kernels=self.kernels)
         o32 = o.float()
         o32 = o32 * torch.rsqrt(o32.pow(2).mean(dim=-1, keepdim=True) + self.norm_eps)
         o32 = o32 * self.g_norm_weight.float()
-        output_gate = self.g_proj(x).view(batch, seq_len, heads, self.head_v_dim)
+        output_gate = self.g_proj(x, input_prepared=True).view(batch, seq_len, heads, self.head_v_dim)
         o = o32.to(output_gate.dtype) * F.silu(output_gate)
-        return self.o_proj(o.reshape(batch, seq_len, self.value_dim))
+        return self.o_proj(o.reshape(batch, seq_len, heads * self.head_v_dim))
 
     def flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per token (3 x forward) of the chunkwise form (chunk 64, full chunk counted).
+        """Training FLOPs per token (3 x forward) of the chunkwise form (chunk 64, full chunk counted),
+        of the full layer whatever the TP split.
 
         Forward = 2 x projection parameters + per head: scores 2*C*K and their product with v 2*C*V
         inside the chunk, plus the state readout and update 2*K*V each.

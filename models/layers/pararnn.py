@@ -33,6 +33,7 @@ from kernels.dispatch import KernelsConfig
 from kernels.pararnn import NewtonOptions, NewtonReport, parallel_recurrence, sequential_recurrence
 from models.config import ModelConfig
 from models.init import ParamInit, normal_init, zeros_init
+from models.layers.tensor_parallel import TPContext, mark_shard, resolve_tp, tp_region_input
 
 MODES = ("parallel", "sequential")
 
@@ -125,12 +126,19 @@ class LSTMCell:
 
 
 class _ParaRNN(nn.Module):
-    """Shared body of ParaGRU and ParaLSTM: input projection, recurrence, output projection."""
+    """Shared body of ParaGRU and ParaLSTM: input projection, recurrence, output projection.
+
+    Tensor parallel over `tp`: each rank holds a contiguous slice of the state channels (w_in, b_in
+    and the recurrent vectors sliced on dim 1, w_out row-parallel), reads the full input (all-gathered
+    along the sequence under SP) and runs the recurrence on its channels only. `state_size` is the
+    full N (for init and FLOPs); `state_per_rank` this rank's share.
+    """
 
     def __init__(self, cell, hidden_size: int, num_gates: int, num_recurrent_vectors: dict[str, int],
                  state_size: int | None, newton: NewtonOptions | None, output_init_std: float,
-                 kernels: KernelsConfig | None, mode: str):
+                 kernels: KernelsConfig | None, mode: str, tp: TPContext | None = None):
         super().__init__()
+        tp = tp or TPContext()
         self.cell = cell
         self.hidden_size = hidden_size
         self.state_size = hidden_size if state_size is None else state_size
@@ -147,14 +155,29 @@ class _ParaRNN(nn.Module):
         self.kernels = kernels
         self.output_init_std = output_init_std
         n = self.state_size
+        if n % tp.size:
+            field = "model.pararnn.state_size" if state_size is not None else (
+                "model.pararnn.state_size (null: model.hidden_size)")
+            raise ValueError(f"{field}={n} is not divisible by parallel.tp={tp.size}: ParaRNN state channels "
+                             f"are split over TP ranks; choose a state_size that is a multiple of {tp.size} "
+                             f"or a tp that divides {n}")
+        self.state_per_rank = local = n // tp.size
+        self.tp_rank, self.tp_size = tp.rank, tp.size
+        # The input mapping's arguments, the group resolved once (no lookups per call).
+        self.tp_group, self.sequence_parallel, self.tp_stats = resolve_tp(tp.group), tp.sp, tp.stats
+
+        def channel_shard(*shape: int) -> nn.Parameter:
+            """A parameter holding this rank's slice of the state channels (dim 1)."""
+            return mark_shard(nn.Parameter(torch.empty(*shape)), 1, tp.rank, tp.size)
+
         # Gate-major [G, N, hidden] so a TP shard of the state channels is a slice of dim 1.
-        self.w_in = nn.Parameter(torch.empty(num_gates, n, hidden_size))
-        self.b_in = nn.Parameter(torch.empty(num_gates, n))
+        self.w_in = channel_shard(num_gates, local, hidden_size)
+        self.b_in = channel_shard(num_gates, local)
         self.recurrent_names = tuple(num_recurrent_vectors)
         for name, count in num_recurrent_vectors.items():
-            self.register_parameter(name, nn.Parameter(torch.empty(count, n)))
-        self.w_out = nn.Linear(n, hidden_size, bias=False)
-        self.register_buffer("first_gate_bias_offset", torch.empty(n), persistent=False)
+            self.register_parameter(name, channel_shard(count, local))
+        self.w_out = tp.row(n, hidden_size, normal_init(output_init_std))
+        self.register_buffer("first_gate_bias_offset", torch.empty(local), persistent=False)
         self.reset_parameters()
         self.reset_buffers()
         # The most recent parallel solve (iterations, residual); None before the first one.
@@ -176,11 +199,13 @@ class _ParaRNN(nn.Module):
                     param.fill_(1.0 if init.kind == "ones" else 0.0)
 
     def reset_buffers(self) -> None:
-        """Recompute the first gate's fixed bias offset -linspace(0, 1, N) (SPECS init)."""
+        """Recompute the first gate's fixed bias offset -linspace(0, 1, N) (SPECS init), this rank's
+        channels of it under TP."""
         if self.first_gate_bias_offset.is_meta:
             return
+        offset = -torch.linspace(0.0, 1.0, self.state_size)
         with torch.no_grad():
-            self.first_gate_bias_offset.copy_(-torch.linspace(0.0, 1.0, self.state_size))
+            self.first_gate_bias_offset.copy_(offset.chunk(self.tp_size)[self.tp_rank])
 
     def init_specs(self) -> dict[str, ParamInit]:
         recurrent_std = 2.0 / math.sqrt(5 * self.state_size)
@@ -193,21 +218,24 @@ class _ParaRNN(nn.Module):
         return specs
 
     def input_projections(self, x: torch.Tensor) -> torch.Tensor:
-        """u [B, T, G, N] for every step at once: one matmul plus the biases."""
+        """u [B, T, G, N/tp] for every step at once: one matmul plus the biases (x: the full input)."""
         batch, seq_len, _ = x.shape
-        weight = self.w_in.reshape(self.num_gates * self.state_size, self.hidden_size)
-        u = F.linear(x, weight).view(batch, seq_len, self.num_gates, self.state_size)
+        weight = self.w_in.reshape(self.num_gates * self.state_per_rank, self.hidden_size)
+        u = F.linear(x, weight).view(batch, seq_len, self.num_gates, self.state_per_rank)
         bias = self.b_in + F.pad(self.first_gate_bias_offset.unsqueeze(0), (0, 0, 0, self.num_gates - 1))
         return u + bias
 
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor | None = None,
                 mode: str | None = None) -> torch.Tensor:
-        """x [B, T, hidden] -> [B, T, hidden] in `mode` (default: the layer's).
+        """x [B, T, hidden] (under SP this rank's [B, T/tp, hidden]) -> same shape, in `mode`
+        (default: the layer's).
 
         position_ids is unused: the recurrence follows token order.
         """
         del position_ids
         mode = self.mode if mode is None else mode
+        if self.tp_size > 1:
+            x = tp_region_input(x, self.tp_group, self.sequence_parallel, self.tp_stats)
         u = self.input_projections(x)
         # The recurrence runs in fp32 (or fp64) even under bf16 autocast: Newton needs the precision.
         compute_dtype = torch.float64 if u.dtype == torch.float64 else torch.float32
@@ -222,7 +250,8 @@ class _ParaRNN(nn.Module):
         return self.w_out(self.cell.output(states).to(x.dtype))
 
     def flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per token: 3 x forward, forward = 2 x (input + output projection parameters).
+        """Training FLOPs per token: 3 x forward, forward = 2 x (input + output projection parameters),
+        of the full layer whatever the TP split.
 
         The element-wise recurrence (and Newton's repeated evaluations of it) is not counted, as MFU
         counts model FLOPs, not the solver's.
@@ -238,10 +267,11 @@ class ParaGRU(_ParaRNN):
     """
 
     def __init__(self, hidden_size: int, state_size: int | None = None, newton: NewtonOptions | None = None,
-                 output_init_std: float = 0.02, kernels: KernelsConfig | None = None, mode: str = "parallel"):
+                 output_init_std: float = 0.02, kernels: KernelsConfig | None = None, mode: str = "parallel",
+                 tp: TPContext | None = None):
         super().__init__(GRUCell(), hidden_size, num_gates=3, num_recurrent_vectors={"recurrent": 3},
                          state_size=state_size, newton=newton, output_init_std=output_init_std,
-                         kernels=kernels, mode=mode)
+                         kernels=kernels, mode=mode, tp=tp)
 
 
 class ParaLSTM(_ParaRNN):
@@ -251,10 +281,11 @@ class ParaLSTM(_ParaRNN):
     """
 
     def __init__(self, hidden_size: int, state_size: int | None = None, newton: NewtonOptions | None = None,
-                 output_init_std: float = 0.02, kernels: KernelsConfig | None = None, mode: str = "parallel"):
+                 output_init_std: float = 0.02, kernels: KernelsConfig | None = None, mode: str = "parallel",
+                 tp: TPContext | None = None):
         super().__init__(LSTMCell(), hidden_size, num_gates=3,
                          num_recurrent_vectors={"recurrent": 3, "peephole": 2}, state_size=state_size,
-                         newton=newton, output_init_std=output_init_std, kernels=kernels, mode=mode)
+                         newton=newton, output_init_std=output_init_std, kernels=kernels, mode=mode, tp=tp)
 
 
 def _from_model_config(cfg: ModelConfig) -> dict:
@@ -270,12 +301,12 @@ def _from_model_config(cfg: ModelConfig) -> dict:
 class ParaGRUMixer(ParaGRU):
     """ParaGRU built from the model config: the "pararnn_gru" token mixer."""
 
-    def __init__(self, cfg: ModelConfig):
-        super().__init__(cfg.hidden_size, **_from_model_config(cfg))
+    def __init__(self, cfg: ModelConfig, tp: TPContext | None = None):
+        super().__init__(cfg.hidden_size, **_from_model_config(cfg), tp=tp)
 
 
 class ParaLSTMMixer(ParaLSTM):
     """ParaLSTM built from the model config: the "pararnn_lstm" token mixer."""
 
-    def __init__(self, cfg: ModelConfig):
-        super().__init__(cfg.hidden_size, **_from_model_config(cfg))
+    def __init__(self, cfg: ModelConfig, tp: TPContext | None = None):
+        super().__init__(cfg.hidden_size, **_from_model_config(cfg), tp=tp)

@@ -28,6 +28,7 @@ gradients over TP after backward so the replicas never drift.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -48,6 +49,7 @@ from parallel_state.collectives import (
 )
 from parallel_state.comm_stats import CommStats
 from parallel_state.groups import AxisGroup
+from parallel_state.rng import RNGStreams
 
 
 def divide_exactly(total: int, parts: int, what: str) -> int:
@@ -63,6 +65,16 @@ def resolve_tp(tp: AxisGroup | ResolvedGroup | None) -> ResolvedGroup:
     if tp is None:
         return ResolvedGroup(None, 1, 0, "tp")
     return resolve_group(tp)
+
+
+def tp_region_input(x: torch.Tensor, tp: AxisGroup | ResolvedGroup | None, sequence_parallel: bool,
+                    stats: CommStats | None) -> torch.Tensor:
+    """Enter a TP region with the full activation: all-gather the sequence under SP (reduce-scatter
+    in backward), else identity forward with an all-reduce in backward."""
+    tp = resolve_tp(tp)  # None means no TP here, not the collectives' "default group"
+    if sequence_parallel:
+        return gather_from_sequence_parallel_region(x, tp, stats, tensor_parallel_output_grad=True)
+    return copy_to_tp_region(x, tp, stats)
 
 
 def mark_shard(param: nn.Parameter, dim: int, index: int, count: int) -> nn.Parameter:
@@ -82,6 +94,7 @@ class TPContext:
     group: AxisGroup | None = None  # the TP group (ParallelState.tp); None: no tensor parallelism
     sequence_parallel: bool = False  # activations outside Column->Row pairs split along the sequence
     stats: CommStats | None = None  # receives the bytes sent; the trainer logs and resets it per step
+    rng: RNGStreams | None = None  # the rank's random streams (dropout on sharded activations)
 
     @property
     def size(self) -> int:
@@ -95,6 +108,22 @@ class TPContext:
     def sp(self) -> bool:
         """Whether sequence parallelism is in effect (requested and tp > 1)."""
         return self.sequence_parallel and self.size > 1
+
+    def sharded_rng(self) -> AbstractContextManager:
+        """Draw random numbers (dropout) from the tp-sharded stream: activations that differ per TP
+        rank (split heads, channels) need masks that differ too. A no-op without TP or streams."""
+        if self.rng is None or self.size == 1:
+            return nullcontext()
+        return self.rng.fork("tp-sharded")
+
+    def prepare_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The input mapping of a TP region that takes the full activation (what every Column layer
+        does first): all-gather the sequence under SP, else identity with an all-reduce in backward.
+
+        Layers that read one input into several sharded computations call this once and pass the
+        result on with `input_prepared=True`.
+        """
+        return tp_region_input(x, self.group, self.sp, self.stats)
 
     def column(self, in_features: int, out_features: int, init: ParamInit, **kwargs) -> ColumnParallelLinear:
         return ColumnParallelLinear(in_features, out_features, self.group, init=init,
@@ -149,9 +178,7 @@ class ColumnParallelLinear(nn.Module):
 
     def prepare_input(self, x: torch.Tensor) -> torch.Tensor:
         """The input mapping: all-gather the sequence (SP) or copy into the TP region."""
-        if self.sequence_parallel:
-            return gather_from_sequence_parallel_region(x, self.tp, self.stats, tensor_parallel_output_grad=True)
-        return copy_to_tp_region(x, self.tp, self.stats)
+        return tp_region_input(x, self.tp, self.sequence_parallel, self.stats)
 
     def forward(self, x: torch.Tensor, input_prepared: bool = False) -> torch.Tensor:
         if not input_prepared:

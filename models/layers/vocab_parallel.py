@@ -28,6 +28,8 @@ from parallel_state.comm_stats import CommStats
 from parallel_state.groups import AxisGroup
 
 IGNORE_INDEX = -100  # label of tokens without a loss (same as F.cross_entropy's default)
+# Global name of the embedding matrix; a tied head on a stage without the embedding seeds from it.
+EMBEDDING_WEIGHT_NAME = "embedding.weight"
 
 
 def padded_vocab_size(vocab_size: int, tp: int, multiple: int = 1) -> int:
@@ -99,6 +101,8 @@ class VocabParallelLMHead(ColumnParallelLinear):
 
     def __init__(self, vocab_size: int, hidden_size: int, tp: AxisGroup | None, *, init: ParamInit,
                  multiple: int = 1, sequence_parallel: bool = False, stats: CommStats | None = None):
+        # init.seed_name = EMBEDDING_WEIGHT_NAME makes a tied head on a stage without the embedding
+        # start equal to it.
         tp_size = resolve_tp(tp).size
         padded = padded_vocab_size(vocab_size, tp_size, multiple)
         super().__init__(hidden_size, padded, tp, init=init, bias=False, gather_output=False,
@@ -106,6 +110,11 @@ class VocabParallelLMHead(ColumnParallelLinear):
         self.vocab_size = vocab_size
         self.padded_vocab_size = padded
         _mark_padding(self.weight, vocab_size, padded)
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token of the full (unpadded, unsharded) head: 3 x (2 x vocab x hidden)."""
+        del seq_len
+        return 3.0 * 2.0 * self.vocab_size * self.in_features
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
@@ -161,4 +170,10 @@ def vocab_parallel_cross_entropy(local_logits: torch.Tensor, labels: torch.Tenso
     if local_logits.shape[-1] * comm.size < vocab_size:
         raise ValueError(f"vocab_parallel_cross_entropy: {local_logits.shape[-1]} columns x tp={comm.size} "
                          f"cover fewer than vocab_size={vocab_size} entries")
+    if comm.size == 1 and local_logits.shape[-1] == vocab_size:
+        # Nothing to combine or mask: torch's fused log-softmax kernel (upcast: bf16 over a large
+        # vocabulary is lossy).
+        flat = F.cross_entropy(local_logits.float().flatten(0, -2), labels.flatten(), ignore_index=ignore_index,
+                               reduction="none")
+        return flat.view(labels.shape)
     return _VocabParallelCrossEntropy.apply(local_logits, labels, comm, stats, vocab_size, ignore_index)

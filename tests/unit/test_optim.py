@@ -279,7 +279,7 @@ def test_clip_norm_reduce_fn_is_applied():
         return sq_sum * 2
 
     reduced_norm = clip_grad_norm_(reduced, 1.0, norm_reduce_fn=double)
-    assert calls == [torch.float32]
+    assert calls == [torch.float64]
     torch.testing.assert_close(reduced_norm, plain_norm * math.sqrt(2))
     # The clip coefficient uses the reduced (global) norm.
     coef = 1.0 / (reduced_norm + 1e-6)
@@ -323,3 +323,19 @@ def test_clip_without_grads_still_calls_reduce():
     )
     assert calls == [1]
     assert norm.item() == pytest.approx(2.0)
+
+
+def test_squared_norm_is_accurate_and_independent_of_sharding():
+    """A skewed gradient (a few embedding rows carry the mass): its norm must not depend on how TP
+    shards it, or the clip coefficient (and every clipped gradient) would depend on the layout."""
+    from optim.clip import squared_norm
+
+    g = torch.Generator().manual_seed(0)
+    grad = torch.randn(4099, 32, generator=g) * torch.rand(4099, 1, generator=g) ** 8
+    exact = grad.double().square().sum()
+    assert squared_norm(grad).dtype == torch.float64
+    torch.testing.assert_close(squared_norm(grad), exact, rtol=1e-7, atol=0)
+    for shards in (2, 4, 8):
+        sharded = sum(squared_norm(part) for part in grad.tensor_split(shards))
+        torch.testing.assert_close(sharded, exact, rtol=1e-7, atol=0)
+    assert squared_norm(torch.zeros(0)).item() == 0.0

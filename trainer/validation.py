@@ -174,6 +174,17 @@ def _validate_tensor_parallel(cfg: Config) -> None:
     if "mlp" in m.channel_mixers:
         _divides(tp, "model.ffn_hidden_size", m.resolved_ffn_hidden_size(), "the MLP inner width",
                  f"set model.ffn_hidden_size to a multiple of {tp}")
+    if "gla" in m.token_mixers:
+        heads = m.gla.num_heads if m.gla.num_heads is not None else m.num_heads
+        field = "model.gla.num_heads" if m.gla.num_heads is not None else "model.num_heads (model.gla.num_heads=null)"
+        _divides(tp, field, heads, "the number of GLA heads (split over TP)",
+                 f"choose a number of GLA heads that is a multiple of {tp}, or a tp dividing {heads}")
+    if any(name.startswith("pararnn") for name in m.token_mixers):
+        state = m.pararnn.state_size if m.pararnn.state_size is not None else m.hidden_size
+        field = ("model.pararnn.state_size" if m.pararnn.state_size is not None
+                 else "model.pararnn.state_size (null: model.hidden_size)")
+        _divides(tp, field, state, "the ParaRNN state width (its channels are split over TP)",
+                 f"choose a state_size that is a multiple of {tp}, or a tp dividing {state}")
     if cfg.parallel.sequence_parallel:
         _divides(tp, "data.seq_len", cfg.data.seq_len, "the sequence length (split over TP by sequence "
                  "parallelism)", f"use a multiple of {tp}, or parallel.sequence_parallel=false")

@@ -2,7 +2,9 @@
 VENV    := .venv
 PYTHON  := $(VENV)/bin/python
 STAMP   := $(VENV)/.foldtron-installed
-NPROC   ?= 1
+NPROC   ?= 4
+# The parallel layout of `make train` (dp is inferred: 4 ranks / tp 2 = dp 2). With NPROC=1 use LAYOUT=.
+LAYOUT  ?= parallel.tp=2 parallel.sequence_parallel=true
 ARGS    ?=
 PYTEST_ARGS ?=
 
@@ -14,7 +16,7 @@ $(STAMP): pyproject.toml scripts/setup_env.sh
 	@scripts/setup_env.sh
 
 train: $(STAMP)
-	$(VENV)/bin/torchrun --standalone --nproc-per-node=$(NPROC) launch/train.py +experiment=quickstart $(ARGS)
+	$(VENV)/bin/torchrun --standalone --nproc-per-node=$(NPROC) launch/train.py +experiment=quickstart $(LAYOUT) $(ARGS)
 
 test: $(STAMP)
 	$(PYTHON) -m pytest -q -n 2 --dist loadgroup $(PYTEST_ARGS)

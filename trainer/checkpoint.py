@@ -150,8 +150,7 @@ def load_checkpoint(path: str, layout: ShardLayout = SINGLE_SHARD) -> LoadedChec
     if saved != (layout.tp, layout.pp):
         raise CheckpointLayoutError(
             f"checkpoint {path} was saved with parallel.tp={saved[0]} parallel.pp={saved[1]}, but this run has "
-            f"tp={layout.tp} pp={layout.pp}; resume with the same tp and pp (resharding on load is not "
-            f"implemented yet), or start a new run_dir")
+            f"tp={layout.tp} pp={layout.pp} (resharding on load is not implemented yet)")
     missing = [name for name in meta.get("shards", [STATE_FILE]) if not os.path.isfile(os.path.join(path, name))]
     if missing:
         raise ValueError(f"checkpoint {path} is incomplete (missing {', '.join(missing)})")

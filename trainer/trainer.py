@@ -24,7 +24,14 @@ from optim import LRScheduler, build_optimizer, clip_grad_norm_
 from parallel_state import RNGStreams
 from parallel_state.comm_stats import CommStats
 from trainer import distributed, validation
-from trainer.checkpoint import ShardLayout, find_latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from trainer.checkpoint import (
+    CheckpointLayoutError,
+    ShardLayout,
+    find_latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+)
 from trainer.config import Config, to_yaml
 from trainer.data import DataPipeline, load_tokenizer, prepare
 from trainer.distributed import RuntimeEnv
@@ -172,10 +179,11 @@ class Trainer:
         mode = self.cfg.trainer.resume
         if mode == "none":
             return
-        if mode == "auto":
-            loaded = self._agreed_latest_checkpoint()
-        else:
-            loaded = load_checkpoint(mode, self.shard_layout)
+        try:
+            loaded = self._agreed_latest_checkpoint() if mode == "auto" else load_checkpoint(mode, self.shard_layout)
+        except CheckpointLayoutError as e:
+            raise ConfigError("trainer.resume", mode, str(e),
+                              "run with the checkpoint's parallel.tp and parallel.pp, or a new trainer.run_dir") from e
         if loaded is None:
             log.info("resume=auto: no complete checkpoint in %s, starting from step 0", self.run_dir)
             return
@@ -197,7 +205,7 @@ class Trainer:
             return loaded
         if agreed < 0:
             return None
-        path = dict((step, path) for step, path in list_checkpoints(self.run_dir))[agreed]
+        path = dict(list_checkpoints(self.run_dir))[agreed]
         log.warning("rank %d: resuming from step %d, the newest checkpoint every rank can load", self.env.rank,
                     agreed)
         return load_checkpoint(path, self.shard_layout)

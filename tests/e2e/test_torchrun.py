@@ -95,6 +95,26 @@ def test_two_data_parallel_ranks_match_one_rank(tmp_path):
     assert sum("| loss " in line for line in proc.stdout.splitlines()) == 8  # rank 0 logs, once
 
 
+def test_quickstart_on_tp2_dp2_matches_one_rank(tmp_path):
+    """`make train`'s layout (4 ranks: tp2 with sequence parallelism x dp2) reproduces the 1-rank
+    loss curve of the quickstart for 10 steps, and writes one checkpoint shard per TP rank."""
+    common = ["+experiment=quickstart", "trainer.max_steps=10", "trainer.log_interval=1", "trainer.eval_interval=0",
+              "trainer.eval_at_end=false", "trainer.save_interval=0", "optim.schedule.warmup_steps=2"]
+    one, four = tmp_path / "one", tmp_path / "four"
+    _torchrun(1, common + [f"trainer.run_dir={one}"])
+    proc = _torchrun(4, common + [f"trainer.run_dir={four}", "parallel.tp=2", "parallel.sequence_parallel=true"],
+                     timeout=400)
+    a = [r["loss"] for r in _metrics(one) if "loss" in r]
+    b = [r["loss"] for r in _metrics(four) if "loss" in r]
+    assert len(a) == len(b) == 10
+    assert b == pytest.approx(a, rel=1e-5)
+    assert "tp=2" in proc.stdout and "dp=2" in proc.stdout
+    rows = _metrics(four)
+    assert rows[-1]["comm/tp/all_gather_bytes"] > 0 and rows[-1]["comm/tp/reduce_scatter_bytes"] > 0
+    shards = sorted(os.listdir(four / "checkpoints" / "step_000010"))
+    assert shards == ["meta.json", "state_tp00_pp00.pt", "state_tp01_pp00.pt"]
+
+
 def test_bad_override_fails_fast_with_the_field(tmp_path):
     cmd = [sys.executable, os.path.join(REPO_ROOT, "launch", "train.py"), "+experiment=quickstart",
            "model.num_kv_heads=3", f"trainer.run_dir={tmp_path / 'never'}"]

@@ -5,7 +5,11 @@ from models.layers.mlp import SwiGLUMLP
 from models.layers.norm import RMSNorm
 from models.layers.rope import RotaryEmbedding, apply_rotary, rotate_half
 from models.layers.tensor_parallel import ColumnParallelLinear, RowParallelLinear, TPContext
-from models.layers.vocab_parallel import VocabParallelEmbedding, VocabParallelLMHead, vocab_parallel_cross_entropy
+from models.layers.vocab_parallel import (
+    VocabParallelEmbedding,
+    VocabParallelLMHead,
+    vocab_parallel_cross_entropy,
+)
 
 __all__ = [
     "Attention",

@@ -11,7 +11,7 @@ from models.layers.gla import GatedLinearAttention
 from models.layers.mlp import SwiGLUMLP
 from models.layers.norm import RMSNorm
 from models.layers.pararnn import ParaGRUMixer, ParaLSTMMixer
-from models.layers.tensor_parallel import TPContext
+from models.parallel_context import ParallelContext, resolve_context
 from models.spec import LayerSpec
 
 # Implementations behind the names in models.spec (TOKEN_MIXERS, CHANNEL_MIXERS); keep both in step.
@@ -38,24 +38,24 @@ class DecoderBlock(nn.Module):
     The mixers are registered under their kind's name, so parameter names read
     ``layers.3.attention.wq.weight`` / ``layers.3.mlp.w1.weight`` like Llama's.
 
-    Tensor parallel: every mixer is built as ``cls(cfg, tp)`` and shards itself. Under sequence
+    Parallel layouts: every mixer is built as ``cls(cfg, par)`` and shards itself. Under sequence
     parallelism the block's input, norms, dropout and residual adds work on this rank's chunk of
     the sequence; the norm gains then see only those tokens and are marked for a TP gradient sum.
     """
 
-    def __init__(self, cfg: ModelConfig, spec: LayerSpec, tp: TPContext | None = None):
+    def __init__(self, cfg: ModelConfig, spec: LayerSpec, par: ParallelContext | None = None):
         super().__init__()
-        tp = tp or TPContext()
+        par = resolve_context(par)
         if spec.residual != "standard":
             raise ValueError(f"model.residual {spec.residual!r} is not implemented; available: standard")
         token_mixer_class = _mixer_class(spec.token_mixer, "token_mixers", TOKEN_MIXER_CLASSES)
         channel_mixer_class = _mixer_class(spec.channel_mixer, "channel_mixers", CHANNEL_MIXER_CLASSES)
         self.spec = spec
         self.token_mixer_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
-        self.add_module(spec.token_mixer, token_mixer_class(cfg, tp))
+        self.add_module(spec.token_mixer, token_mixer_class(cfg, par))
         self.channel_mixer_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
-        self.add_module(spec.channel_mixer, channel_mixer_class(cfg, tp))
-        tp.mark_sequence_parallel(self.token_mixer_norm.weight, self.channel_mixer_norm.weight)
+        self.add_module(spec.channel_mixer, channel_mixer_class(cfg, par))
+        par.tp.mark_sequence_parallel(self.token_mixer_norm.weight, self.channel_mixer_norm.weight)
         self.dropout = nn.Dropout(cfg.dropout)
 
     @property

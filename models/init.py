@@ -26,8 +26,8 @@ from torch import nn
 from models.config import ModelConfig
 
 if TYPE_CHECKING:
-    from models.layers.tensor_parallel import TPContext
     from models.model import DecoderModel
+    from models.parallel_context import ParallelContext
 
 INIT_KINDS = ("normal", "ones", "zeros")
 
@@ -185,12 +185,12 @@ def build_model(
     layer_ids: Sequence[int] | None = None,
     has_embedding: bool = True,
     has_head: bool = True,
-    tp: TPContext | None = None,
+    par: ParallelContext | None = None,
 ) -> DecoderModel:
     """Construct (the requested part of) the decoder on meta and materialise it from `seed`.
 
-    With `tp` (a models.layers.tensor_parallel.TPContext) this rank's TP shard is built: every
-    parameter is its slice of the same full tensor the one-process model gets.
+    With `par` (a models.parallel_context.ParallelContext) this rank's shard of the layout is built:
+    every parameter is its slice of the same full tensor the one-process model gets.
     """
     # Imported here because models.model imports this module for ParamInit.
     from models.model import DecoderModel
@@ -200,5 +200,5 @@ def build_model(
             "model.vocab_size is None: the trainer must fill it from the tokenizer before build_model"
         )
     with torch.device("meta"):
-        model = DecoderModel(cfg, layer_ids=layer_ids, has_embedding=has_embedding, has_head=has_head, tp=tp)
+        model = DecoderModel(cfg, layer_ids=layer_ids, has_embedding=has_embedding, has_head=has_head, par=par)
     return materialize(model, seed, device=device, dtype=dtype)

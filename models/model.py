@@ -13,7 +13,6 @@ from models.block import DecoderBlock
 from models.config import ModelConfig
 from models.init import full_shape, normal_init
 from models.layers.norm import RMSNorm
-from models.layers.tensor_parallel import TPContext
 from models.layers.vocab_parallel import (
     EMBEDDING_WEIGHT_NAME,
     IGNORE_INDEX,
@@ -21,6 +20,7 @@ from models.layers.vocab_parallel import (
     VocabParallelLMHead,
     vocab_parallel_cross_entropy,
 )
+from models.parallel_context import ParallelContext, resolve_context
 from models.spec import check_implemented, layer_specs
 
 
@@ -36,7 +36,7 @@ class DecoderModel(nn.Module):
     with the head but not the embedding holds its own copy, initialised from the embedding's
     name (keeping the copies equal during training is the trainer's job).
 
-    Tensor parallel (`tp`, a TPContext): every layer holds its TP shard (slices of the same full
+    Parallel layouts (`par`, a models.parallel_context.ParallelContext): under tensor parallelism every layer holds its TP shard (slices of the same full
     weights); the vocabulary is padded to a multiple of tp and split over ranks, and the loss is
     computed without gathering the logits. Under sequence parallelism the residual stream between
     the embedding and the head is this rank's chunk of the sequence [B, T/tp, hidden].
@@ -50,10 +50,11 @@ class DecoderModel(nn.Module):
         layer_ids: Sequence[int] | None = None,
         has_embedding: bool = True,
         has_head: bool = True,
-        tp: TPContext | None = None,
+        par: ParallelContext | None = None,
     ):
         super().__init__()
-        tp = tp or TPContext()
+        par = resolve_context(par)
+        tp = par.tp
         cfg.validate()
         check_implemented(cfg)
         specs = layer_specs(cfg)
@@ -73,7 +74,7 @@ class DecoderModel(nn.Module):
         if has_embedding:
             self.embedding = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp.group,
                                                     init=normal_init(cfg.init_std), **vocab_layer_args)
-        self.layers = nn.ModuleDict({str(i): DecoderBlock(cfg, specs[i], tp) for i in layer_ids})
+        self.layers = nn.ModuleDict({str(i): DecoderBlock(cfg, specs[i], par) for i in layer_ids})
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps) if has_head else None
         self.output = None
         if has_head:

@@ -20,6 +20,7 @@ import parallel_state
 from kernels.fast_paths import detect_fast_paths
 from models import build_model
 from models.layers.tensor_parallel import TPContext, allreduce_sequence_parallel_grads, is_tp_duplicate
+from models.parallel_context import ParallelContext
 from optim import LRScheduler, build_optimizer, clip_grad_norm_
 from parallel_state import RNGStreams
 from parallel_state.comm_stats import CommStats
@@ -122,7 +123,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.comm_stats = CommStats()
         self.tp = TPContext(self.ps.tp, cfg.parallel.sequence_parallel, self.comm_stats, self.rng)
-        self.model = build_model(cfg.model, seed=cfg.seed, device=self.device, tp=self.tp)
+        self.model = build_model(cfg.model, seed=cfg.seed, device=self.device, par=ParallelContext(tp=self.tp))
         # Dropout on the residual stream: replicated over TP unless SP splits the sequence over it.
         self.dropout_stream = "tp-sharded" if self.tp.sp else "tp-replicated"
         self.shard_layout = ShardLayout(tp_rank=self.ps.tp.rank, tp=self.ps.tp.size, pp_rank=self.ps.pp.rank,

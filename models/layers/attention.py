@@ -11,7 +11,8 @@ from torch import nn
 from models.config import ModelConfig
 from models.init import normal_init
 from models.layers.rope import RotaryEmbedding, apply_rotary
-from models.layers.tensor_parallel import ColumnParallelLinear, TPContext, divide_exactly
+from models.layers.tensor_parallel import ColumnParallelLinear, divide_exactly
+from models.parallel_context import ParallelContext, resolve_context
 
 
 def repeat_kv_heads(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -53,9 +54,9 @@ class Attention(nn.Module):
     head only). Nothing is communicated between the input collective and wo's reduction.
     """
 
-    def __init__(self, cfg: ModelConfig, tp: TPContext | None = None):
+    def __init__(self, cfg: ModelConfig, par: ParallelContext | None = None):
         super().__init__()
-        tp = tp or TPContext()
+        tp = resolve_context(par).tp
         self.hidden_size = cfg.hidden_size
         self.num_heads = cfg.num_heads
         self.num_kv_heads = cfg.kv_heads

@@ -26,7 +26,8 @@ from torch import nn
 from kernels.gla import chunk_gla, fused_recurrent_gla
 from models.config import ModelConfig
 from models.init import ParamInit, normal_init, ones_init
-from models.layers.tensor_parallel import ColumnParallelLinear, TPContext, mark_shard
+from models.layers.tensor_parallel import ColumnParallelLinear, mark_shard
+from models.parallel_context import ParallelContext, resolve_context
 
 GLA_MODES = {"chunk": chunk_gla, "fused_recurrent": fused_recurrent_gla}
 
@@ -48,9 +49,9 @@ class GatedLinearAttention(nn.Module):
     (num_heads, key_dim, value_dim) describe the full layer, `heads_per_rank` this rank's part.
     """
 
-    def __init__(self, cfg: ModelConfig, tp: TPContext | None = None):
+    def __init__(self, cfg: ModelConfig, par: ParallelContext | None = None):
         super().__init__()
-        tp = tp or TPContext()
+        tp = resolve_context(par).tp
         gla = cfg.gla
         self.hidden_size = cfg.hidden_size
         self.num_heads, self.key_dim, self.value_dim = gla_dims(cfg)

@@ -8,7 +8,7 @@ from torch import nn
 
 from models.config import ModelConfig
 from models.init import normal_init
-from models.layers.tensor_parallel import TPContext
+from models.parallel_context import ParallelContext, resolve_context
 
 
 class SwiGLUMLP(nn.Module):
@@ -17,9 +17,9 @@ class SwiGLUMLP(nn.Module):
     Tensor parallel: w1 and w3 column-parallel, w2 row-parallel (the inner width is split over TP).
     """
 
-    def __init__(self, cfg: ModelConfig, tp: TPContext | None = None):
+    def __init__(self, cfg: ModelConfig, par: ParallelContext | None = None):
         super().__init__()
-        tp = tp or TPContext()
+        tp = resolve_context(par).tp
         self.hidden_size = cfg.hidden_size
         self.ffn_hidden_size = cfg.resolved_ffn_hidden_size()
         std, out_std = normal_init(cfg.init_std), normal_init(cfg.output_init_std())

@@ -34,6 +34,7 @@ from kernels.pararnn import NewtonOptions, NewtonReport, parallel_recurrence, se
 from models.config import ModelConfig
 from models.init import ParamInit, normal_init, zeros_init
 from models.layers.tensor_parallel import TPContext, mark_shard, resolve_tp, tp_region_input
+from models.parallel_context import ParallelContext, resolve_context
 
 MODES = ("parallel", "sequential")
 
@@ -117,7 +118,8 @@ class LSTMCell:
         dh_dc = do_dc * tanh_c + o_dtanh * dc_dc
         dh_dh = do_dh * tanh_c + o_dtanh * dc_dh
         state = torch.stack([c_next, o * tanh_c], dim=-2)
-        jacobian = torch.stack([torch.stack([dc_dc, dc_dh], dim=-2), torch.stack([dh_dc, dh_dh], dim=-2)], dim=-3)
+        # One flat stack, then a view: nested stacks make torch.compile copy the blocks twice.
+        jacobian = torch.stack([dc_dc, dc_dh, dh_dc, dh_dh], dim=-2).unflatten(-2, (2, 2))
         return state, jacobian
 
     def output(self, states: torch.Tensor) -> torch.Tensor:
@@ -301,12 +303,12 @@ def _from_model_config(cfg: ModelConfig) -> dict:
 class ParaGRUMixer(ParaGRU):
     """ParaGRU built from the model config: the "pararnn_gru" token mixer."""
 
-    def __init__(self, cfg: ModelConfig, tp: TPContext | None = None):
-        super().__init__(cfg.hidden_size, **_from_model_config(cfg), tp=tp)
+    def __init__(self, cfg: ModelConfig, par: ParallelContext | None = None):
+        super().__init__(cfg.hidden_size, **_from_model_config(cfg), tp=resolve_context(par).tp)
 
 
 class ParaLSTMMixer(ParaLSTM):
     """ParaLSTM built from the model config: the "pararnn_lstm" token mixer."""
 
-    def __init__(self, cfg: ModelConfig, tp: TPContext | None = None):
-        super().__init__(cfg.hidden_size, **_from_model_config(cfg), tp=tp)
+    def __init__(self, cfg: ModelConfig, par: ParallelContext | None = None):
+        super().__init__(cfg.hidden_size, **_from_model_config(cfg), tp=resolve_context(par).tp)

@@ -22,6 +22,7 @@ from models.layers.tensor_parallel import (
     allreduce_sequence_parallel_grads,
     sequence_parallel_params,
 )
+from models.parallel_context import ParallelContext
 from parallel_state.collectives import ResolvedGroup
 from parallel_state.comm_stats import CommStats
 from parallel_state.groups import init
@@ -54,7 +55,7 @@ def mixer_inputs() -> tuple[torch.Tensor, torch.Tensor]:
 
 def build(kind: str, mode: str, tp: TPContext | None) -> torch.nn.Module:
     with torch.device("meta"):
-        mixer = MIXERS[kind](mixer_cfg(mode), tp)
+        mixer = MIXERS[kind](mixer_cfg(mode), ParallelContext(tp=tp or TPContext()))
     return materialize(mixer, SEED)
 
 
@@ -158,8 +159,8 @@ def fake_tp(size: int, rank: int = 0) -> TPContext:
 
 def test_shard_shapes_and_markers():
     with torch.device("meta"):
-        gla = GatedLinearAttention(mixer_cfg(), fake_tp(4, 3))
-        lstm = ParaLSTMMixer(mixer_cfg(), fake_tp(4, 3))
+        gla = GatedLinearAttention(mixer_cfg(), ParallelContext(tp=fake_tp(4, 3)))
+        lstm = ParaLSTMMixer(mixer_cfg(), ParallelContext(tp=fake_tp(4, 3)))
     assert (gla.num_heads, gla.heads_per_rank) == (4, 1)
     assert gla.q_proj.weight.shape == (4, HIDDEN) and gla.o_proj.weight.shape == (HIDDEN, 8)
     assert gla.g_norm_weight.shape == (1, 8) and gla.g_norm_weight.shard == (0, 3, 4)
@@ -180,4 +181,4 @@ def test_shard_shapes_and_markers():
 ], ids=["gla-heads", "gru-state", "lstm-hidden", "gla-model-heads"])
 def test_indivisible_sizes_name_the_field(kind, overrides, match):
     with torch.device("meta"), pytest.raises(ValueError, match=match):
-        MIXERS[kind](mixer_cfg(**overrides), fake_tp(4))
+        MIXERS[kind](mixer_cfg(**overrides), ParallelContext(tp=fake_tp(4)))

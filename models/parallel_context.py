@@ -1,0 +1,51 @@
+"""What a model layer needs to know about the parallel layout, handed to every mixer at construction.
+
+`ParallelContext` bundles one context per axis a layer may shard or communicate over: tensor
+parallelism (`TPContext`: heads, channels, vocabulary), context parallelism (`CPContext`: the
+sequence split across ranks, attention's ring or all-to-all) and, for MoE layers, the expert layout
+(`moe`, a moe.MoEContext). The default (no argument) is one process: no sharding, no communication.
+Layers are built as ``cls(cfg, par)`` by models.block; the trainer builds one context from its
+ParallelState.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from models.layers.tensor_parallel import TPContext
+from parallel_state.collectives import ResolvedGroup, resolve_group
+from parallel_state.comm_stats import CommStats
+from parallel_state.groups import AxisGroup
+
+CP_COMMS = ("ring", "a2a")
+
+
+@dataclass(frozen=True)
+class CPContext:
+    """Context parallelism: this rank holds 2 of the 2*cp zigzag chunks of every sequence."""
+
+    group: AxisGroup | ResolvedGroup | None = None  # ParallelState.cp; None: no context parallelism
+    comm: str = "ring"  # "ring" (K/V blocks around the ring) or "a2a" (Ulysses all-to-all over heads)
+    stats: CommStats | None = None  # receives the bytes sent
+
+    @property
+    def size(self) -> int:
+        return 1 if self.group is None else resolve_group(self.group).size
+
+    @property
+    def rank(self) -> int:
+        return 0 if self.group is None else resolve_group(self.group).rank
+
+
+@dataclass(frozen=True)
+class ParallelContext:
+    """The per-axis contexts of one model (see the module docstring)."""
+
+    tp: TPContext = field(default_factory=TPContext)
+    cp: CPContext = field(default_factory=CPContext)
+    moe: Any = None  # moe.MoEContext for MoE channel mixers; None: one process
+
+
+def resolve_context(par: ParallelContext | None) -> ParallelContext:
+    """`par`, or the one-process context for None."""
+    return par if par is not None else ParallelContext()

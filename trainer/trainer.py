@@ -20,7 +20,7 @@ import parallel_state
 from kernels.fast_paths import detect_fast_paths
 from models import build_model
 from models.layers.tensor_parallel import TPContext, allreduce_sequence_parallel_grads, is_tp_duplicate
-from models.parallel_context import ParallelContext
+from models.parallel_context import CPContext, ParallelContext
 from optim import LRScheduler, build_optimizer, clip_grad_norm_
 from parallel_state import RNGStreams
 from parallel_state.comm_stats import CommStats
@@ -35,6 +35,7 @@ from trainer.checkpoint import (
 )
 from trainer.config import Config, to_yaml
 from trainer.data import DataPipeline, load_tokenizer, prepare
+from trainer.data.context_split import zigzag_split
 from trainer.distributed import RuntimeEnv
 from trainer.grad_reducer import BucketedGradReducer
 from trainer.grad_sync import allreduce_sum
@@ -123,7 +124,9 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.comm_stats = CommStats()
         self.tp = TPContext(self.ps.tp, cfg.parallel.sequence_parallel, self.comm_stats, self.rng)
-        self.model = build_model(cfg.model, seed=cfg.seed, device=self.device, par=ParallelContext(tp=self.tp))
+        self.cp = CPContext(self.ps.cp, cfg.parallel.cp_comm, self.comm_stats)
+        self.model = build_model(cfg.model, seed=cfg.seed, device=self.device,
+                                 par=ParallelContext(tp=self.tp, cp=self.cp))
         # Dropout on the residual stream: replicated over TP unless SP splits the sequence over it.
         self.dropout_stream = "tp-sharded" if self.tp.sp else "tp-replicated"
         self.shard_layout = ShardLayout(tp_rank=self.ps.tp.rank, tp=self.ps.tp.size, pp_rank=self.ps.pp.rank,
@@ -221,18 +224,25 @@ class Trainer:
     def _to_device(self, microbatch: dict) -> dict:
         return {k: v.to(self.device, non_blocking=True) for k, v in microbatch.items()}
 
+    def _local(self, microbatches: list[dict]) -> list[dict]:
+        """This rank's part of each microbatch: under context parallelism its zigzag chunks, with
+        their original positions in position_ids; otherwise the microbatch itself."""
+        if self.cp.size == 1:
+            return microbatches
+        return [zigzag_split(mb, self.cp.size, self.cp.rank) for mb in microbatches]
+
     def _loss_sum(self, microbatch: dict) -> torch.Tensor:
         mb = self._to_device(microbatch)
         with self.autocast, self.rng.fork(self.dropout_stream):
-            # Tokens are in order here, so the model takes its default positions and the fused causal
-            # kernel; explicit positions are for layouts that reorder tokens (context parallelism).
-            token_losses = self.model.token_losses(mb["input_ids"], mb["labels"])
+            # Without CP the tokens are in order: no position_ids, so the fused causal kernel applies.
+            token_losses = self.model.token_losses(mb["input_ids"], mb["labels"], mb.get("position_ids"))
         return (token_losses.float() * mb["loss_mask"]).sum()
 
     def train_step(self) -> dict[str, float]:
         """One optimizer step on global batch `self.step`; returns its loss, lr and grad norm."""
         self.model.train()
-        microbatches = self.data.train_microbatches(self.step)
+        microbatches = self._local(self.data.train_microbatches(self.step))
+        # Summed over DP x CP: the loss tokens of the global batch (SPECS "Loss normalisation").
         local_tokens = sum(mb["loss_mask"].sum() for mb in microbatches)
         num_tokens = allreduce_sum(torch.as_tensor(local_tokens, dtype=torch.float32), self.ps.dp_cp.group)
         loss_sum = forward_backward_no_pipelining(self._loss_sum, microbatches, num_tokens.to(self.device),
@@ -274,7 +284,7 @@ class Trainer:
         self.model.eval()
         loss_sum = torch.zeros((), dtype=torch.float32)
         tokens = torch.zeros((), dtype=torch.float32)
-        for mb in self.data.val_microbatches(self.cfg.trainer.eval_iters):
+        for mb in self._local(self.data.val_microbatches(self.cfg.trainer.eval_iters)):
             loss_sum += self._loss_sum(mb).cpu()
             tokens += mb["loss_mask"].sum()
         group = self.ps.dp_cp.group

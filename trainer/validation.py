@@ -143,7 +143,7 @@ def _validate_parallel(cfg: Config, world_size: int) -> None:
     _positive("parallel.timeout_s", p.timeout_s)
     topology(cfg, world_size)  # sizes tile the world on both grids; the order string is valid
     # Axes that land with their own issues must not run silently as if they were data parallel.
-    for name in ("cp", "pp", "ep", "etp"):
+    for name in ("pp", "ep", "etp"):
         value = getattr(p, name) or 1
         _require(value == 1, f"parallel.{name}", value, "this axis is not implemented in this build yet",
                  f"set parallel.{name}=1 (data parallelism over all ranks works)")
@@ -153,10 +153,40 @@ def _validate_parallel(cfg: Config, world_size: int) -> None:
              "sequence parallelism shards over tensor-parallel ranks", "set parallel.tp>1 or turn it off")
     if p.tp > 1:
         _validate_tensor_parallel(cfg)
+    if p.cp > 1:
+        _validate_context_parallel(cfg)
 
 
 def _divides(tp: int, field: str, value: int, what: str, fix: str) -> None:
     _require(value % tp == 0, field, value, f"{what} is not divisible by parallel.tp={tp}", fix)
+
+
+def _validate_context_parallel(cfg: Config) -> None:
+    """Zigzag chunks, attention-only token mixers, and the head split of the all-to-all variant."""
+    m, p, seq = cfg.model, cfg.parallel, cfg.data.seq_len
+    chunks = 2 * p.cp
+    _require(seq % chunks == 0, "data.seq_len", seq,
+             f"not a multiple of 2 * parallel.cp = {chunks} (the zigzag split cuts each sequence into 2*cp chunks)",
+             f"use a multiple of {chunks}")
+    if p.sequence_parallel:
+        _require((seq // p.cp) % p.tp == 0, "data.seq_len", seq,
+                 f"each CP rank's {seq // p.cp} tokens do not split over parallel.tp={p.tp} (sequence parallelism)",
+                 f"use a multiple of {2 * p.cp * p.tp}")
+    others = sorted(set(m.token_mixers) - {"attention"})
+    _require(not others, "model.token_mixers", list(m.token_mixers),
+             f"{', '.join(others)} with parallel.cp={p.cp}: context parallelism is implemented for attention only "
+             "(a recurrence would need its state passed between CP ranks)", "set parallel.cp=1 for these mixers")
+    _require(m.attention_dropout == 0.0, "model.attention_dropout", m.attention_dropout,
+             f"not supported with parallel.cp={p.cp} (the ring and all-to-all kernels have no dropout)",
+             "set model.attention_dropout=0")
+    if p.cp_comm == "a2a":
+        heads, kv = m.num_heads // p.tp, max(m.kv_heads // p.tp, 1)
+        _require(heads % p.cp == 0, "model.num_heads", m.num_heads,
+                 f"{heads} query heads per TP rank do not split over parallel.cp={p.cp} (parallel.cp_comm=a2a)",
+                 "choose heads / tp divisible by cp, or parallel.cp_comm=ring")
+        _require(kv % p.cp == 0 or p.cp % kv == 0, "model.num_kv_heads", m.kv_heads,
+                 f"{kv} K/V heads per TP rank and parallel.cp={p.cp}: one must divide the other (a2a)",
+                 "change model.num_kv_heads, or parallel.cp_comm=ring")
 
 
 def _validate_tensor_parallel(cfg: Config) -> None:

@@ -10,6 +10,7 @@ from torch import nn
 
 from models.config import ModelConfig
 from models.init import normal_init
+from models.layers.context_parallel import ring_attention, ulysses_attention
 from models.layers.rope import RotaryEmbedding, apply_rotary
 from models.layers.tensor_parallel import ColumnParallelLinear, divide_exactly
 from models.parallel_context import ParallelContext, resolve_context
@@ -52,11 +53,18 @@ class Attention(nn.Module):
     K/V heads are split too, or replicated when there are fewer than tp (see `kv_heads_per_rank`;
     their weights are then marked `tp_partial_grad` because each rank back-propagates through one
     head only). Nothing is communicated between the input collective and wo's reduction.
+
+    Context parallel (`par.cp`, size > 1): this rank holds the zigzag chunks of every sequence and
+    `position_ids` carries their original positions (RoPE and masks use them). The TP-local heads
+    then attend over the whole sequence by ring attention (K/V blocks travel the CP ring) or by
+    Ulysses all-to-alls (see models.layers.context_parallel); K/V travel unrepeated.
     """
 
     def __init__(self, cfg: ModelConfig, par: ParallelContext | None = None):
         super().__init__()
-        tp = resolve_context(par).tp
+        par = resolve_context(par)
+        tp = par.tp
+        self.cp = par.cp
         self.hidden_size = cfg.hidden_size
         self.num_heads = cfg.num_heads
         self.num_kv_heads = cfg.kv_heads
@@ -99,6 +107,9 @@ class Attention(nn.Module):
         q = apply_rotary(q, cos, sin)
         k = apply_rotary(k, cos, sin)
 
+        if self.cp.size > 1:
+            out = self._context_parallel_attention(q, k, v, position_ids)
+            return self.wo(out.transpose(1, 2).reshape(batch, seq_len, self.heads_per_rank * self.head_dim))
         groups = q.shape[1] // k.shape[1]
         k = repeat_kv_heads(k, groups)
         v = repeat_kv_heads(v, groups)
@@ -113,6 +124,15 @@ class Attention(nn.Module):
                 out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
         out = out.transpose(1, 2).reshape(batch, seq_len, self.heads_per_rank * self.head_dim)
         return self.wo(out)
+
+    def _context_parallel_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                    position_ids: torch.Tensor | None) -> torch.Tensor:
+        if position_ids is None:
+            raise ValueError("context-parallel attention needs position_ids (the original positions of this "
+                             "rank's zigzag tokens); the trainer passes them")
+        if self.cp.comm == "a2a":
+            return ulysses_attention(q, k, v, self.cp.group, position_ids, self.cp.stats)
+        return ring_attention(q, k, v, self.cp.group, self.cp.stats)
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token (3 x forward).

@@ -40,7 +40,7 @@ def train_and_capture(overrides: list[str], env: RuntimeEnv | None = None) -> di
     padded = {name: p.unpadded for name, p in trainer.model.named_parameters() if hasattr(p, "unpadded")}
     ps = trainer.ps
     return {"losses": [m["loss"] for m in metrics], "grad_norms": [m["grad_norm"] for m in metrics], "grads": grads, "shards": shards, "padded": padded,
-            "tp": (ps.tp.rank, ps.tp.size), "dp": (ps.dp.rank, ps.dp.size),
+            "tp": (ps.tp.rank, ps.tp.size), "dp": (ps.dp.rank, ps.dp.size), "cp": (ps.cp.rank, ps.cp.size),
             "comm": trainer.comm_stats.summary()}
 
 
@@ -84,24 +84,39 @@ def assert_grad_close(actual: torch.Tensor, expected: torch.Tensor, what: str, e
         torch.testing.assert_close(actual, expected, rtol=rel, atol=rel * scale, msg=lambda m: f"{what}: {m}")
 
 
-# (tp, sequence_parallel, dp, micro batch size, extra overrides)
+# (tp, sequence_parallel, cp, dp, micro batch size, extra overrides)
 LAYOUTS = [
-    (1, False, 2, 2, []),
-    (1, False, 2, 1, []),
-    (1, False, 4, 1, []),
-    (2, False, 1, 2, ODD_VOCAB),
-    (2, True, 1, 2, []),
-    (2, False, 2, 1, []),
-    (2, True, 2, 2, ODD_VOCAB),
-    (4, False, 1, 2, ODD_VOCAB),  # 2 KV heads < tp = 4: K/V replicated
-    (4, True, 1, 2, []),
-    (4, False, 2, 2, []),
-    (4, True, 2, 1, ODD_VOCAB),
+    (1, False, 1, 2, 2, []),
+    (1, False, 1, 2, 1, []),
+    (1, False, 1, 4, 1, []),
+    (2, False, 1, 1, 2, ODD_VOCAB),
+    (2, True, 1, 1, 2, []),
+    (2, False, 1, 2, 1, []),
+    (2, True, 1, 2, 2, ODD_VOCAB),
+    (4, False, 1, 1, 2, ODD_VOCAB),  # 2 KV heads < tp = 4: K/V replicated
+    (4, True, 1, 1, 2, []),
+    (4, False, 1, 2, 2, []),
+    (4, True, 1, 2, 1, ODD_VOCAB),
     # The other token mixers shard too: GLA heads, ParaRNN state channels (no comm in the recurrence).
-    (2, True, 1, 2, ["model.token_mixers=[gla,attention]"]),
-    (2, False, 2, 1, ["model.token_mixers=[pararnn_gru]", "model.pararnn.newton_iterations=6"]),
-    (2, True, 1, 2, ["model.token_mixers=[pararnn_lstm]", "model.pararnn.newton_iterations=6"]),
+    (2, True, 1, 1, 2, ["model.token_mixers=[gla,attention]"]),
+    (2, False, 1, 2, 1, ["model.token_mixers=[pararnn_gru]", "model.pararnn.newton_iterations=6"]),
+    (2, True, 1, 1, 2, ["model.token_mixers=[pararnn_lstm]", "model.pararnn.newton_iterations=6"]),
+    # Context parallelism: zigzag chunks, ring or all-to-all attention, loss over the global token count.
+    (1, False, 2, 1, 2, []),
+    (1, False, 4, 1, 2, []),
+    (1, False, 2, 1, 2, ["parallel.cp_comm=a2a"]),
+    (2, True, 2, 1, 2, ["parallel.cp_comm=ring"]),
+    (2, False, 2, 1, 1, ["parallel.cp_comm=a2a", "model.num_kv_heads=4"]),
+    (1, False, 2, 2, 1, ODD_VOCAB),
+    (2, True, 2, 2, 1, []),
 ]
+
+
+def layout_id(tp, sp, cp, dp, micro, extra) -> str:
+    parts = [f"tp{tp}" + ("-sp" if sp else ""), f"cp{cp}" if cp > 1 else "", f"dp{dp}", f"mb{micro}"]
+    parts += [o.split("=")[1].strip("[]").replace(",", "+") for o in extra if "mixers" in o or "vocab" in o
+              or "cp_comm" in o]
+    return "-".join(p for p in parts if p)
 
 
 @pytest.fixture(scope="module")
@@ -121,22 +136,21 @@ def references(tmp_path_factory):
     return get
 
 
-@pytest.mark.parametrize("tp,sp,dp,micro,extra", LAYOUTS,
-                         ids=[f"tp{t}{'-sp' if s else ''}-dp{d}-mb{m}" + "".join(
-                             "-" + o.split("=")[1].strip("[]").replace(",", "+") for o in e if "mixers" in o or "vocab" in o)
-                              for t, s, d, m, e in LAYOUTS])
-def test_layout_matches_one_process(tmp_path, rank_pools, references, tp, sp, dp, micro, extra):
-    base, reference = references(extra)
-    world = tp * dp
+@pytest.mark.parametrize("tp,sp,cp,dp,micro,extra", LAYOUTS, ids=[layout_id(*layout) for layout in LAYOUTS])
+def test_layout_matches_one_process(tmp_path, rank_pools, references, tp, sp, cp, dp, micro, extra):
+    base, reference = references([o for o in extra if not o.startswith("parallel.")])
+    world = tp * cp * dp
     overrides = base + [f"trainer.run_dir={tmp_path / 'layout'}", f"data.micro_batch_size={micro}",
-                        f"parallel.tp={tp}", f"parallel.sequence_parallel={str(sp).lower()}"]
+                        f"parallel.tp={tp}", f"parallel.cp={cp}", f"parallel.sequence_parallel={str(sp).lower()}",
+                        *[o for o in extra if o.startswith("parallel.")]]
     results = rank_pools.get(world).run(on_rank, overrides)
-    assert sorted(r["tp"] + r["dp"] for r in results) == sorted((t, tp, d, dp) for t in range(tp) for d in range(dp))
+    assert sorted(r["tp"] + r["cp"] + r["dp"] for r in results) == sorted(
+        (t, tp, c, cp, d, dp) for t in range(tp) for c in range(cp) for d in range(dp))
     for r in results:  # every rank reports the global loss
         assert r["losses"] == pytest.approx(reference["losses"], rel=1e-5)
     names = set(reference["grads"][0])
-    for d in range(dp):
-        replica = sorted((r for r in results if r["dp"][0] == d), key=lambda r: r["tp"][0])
+    for d, c in [(d, c) for d in range(dp) for c in range(cp)]:
+        replica = sorted((r for r in results if r["dp"][0] == d and r["cp"][0] == c), key=lambda r: r["tp"][0])
         assert set(replica[0]["grads"][0]) == names
         for step in range(STEPS):
             for name in names:
@@ -146,8 +160,8 @@ def test_layout_matches_one_process(tmp_path, rank_pools, references, tp, sp, dp
                 for name, shard in r["shards"].items():
                     if shard is None:
                         assert torch.equal(r["grads"][step][name], replica[0]["grads"][step][name]), name
-    for r in results:  # DP replicas hold bit-identical gradients, so they never drift apart
-        twin = next(o for o in results if o["tp"] == r["tp"] and o["dp"][0] == 0)
+    for r in results:  # DP x CP replicas hold bit-identical gradients, so they never drift apart
+        twin = next(o for o in results if o["tp"] == r["tp"] and o["dp"][0] == 0 and o["cp"][0] == 0)
         assert all(torch.equal(a[n], b[n]) for a, b in zip(r["grads"], twin["grads"]) for n in names)
     if tp > 1:  # the TP collectives were counted (their volume is checked in test_tp_layers)
         tp_ops = {key for key in results[0]["comm"] if key.startswith("comm/tp/")}

@@ -1,0 +1,84 @@
+"""A ring of point-to-point exchanges over one group (context parallelism), and the zigzag layout.
+
+`RingExchange(group, stats)` sends a tensor to the next rank of the group and receives the same
+shape from the previous one, asynchronously: `exchange(x)` launches both and returns a
+`PendingRecv` whose `wait()` gives the received tensor. Ring attention launches the exchange of
+the next K/V block before computing on the current one, so the transfer overlaps the compute.
+
+Byte accounting: each exchange counts the bytes this rank sends as op "send" on the group's
+name, e.g. ("send", "cp"), as the pipeline's p2p does (parallel_state/p2p.py `count_send`). A
+group of size 1 exchanges with itself: nothing is sent or counted and `wait()` returns the
+tensor given.
+
+The zigzag layout (pure): a sequence of length T is cut into 2*cp chunks and CP rank r holds
+chunks r and 2*cp-1-r, so each rank gets one early and one late chunk and causal attention work
+is the same on every rank.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from parallel_state.collectives import resolve_group
+from parallel_state.comm_stats import CommStats
+from parallel_state.groups import AxisGroup
+from parallel_state.p2p import count_send
+
+
+def zigzag_chunks(cp_size: int, cp_rank: int) -> tuple[int, int]:
+    """The two chunk indices (of 2*cp_size) that CP rank `cp_rank` holds: (r, 2*cp-1-r) (pure)."""
+    if cp_size < 1 or not 0 <= cp_rank < cp_size:
+        raise ValueError(f"cp_rank={cp_rank} must be in [0, cp_size={cp_size})")
+    return cp_rank, 2 * cp_size - 1 - cp_rank
+
+
+@dataclass
+class PendingRecv:
+    """A launched exchange: `wait()` completes the send and the receive and returns the received tensor."""
+
+    received: torch.Tensor
+    requests: list = field(default_factory=list)
+
+    def wait(self) -> torch.Tensor:
+        for request in self.requests:
+            request.wait()
+        self.requests = []
+        return self.received
+
+
+class RingExchange:
+    """Send to the next rank of a group and receive from the previous one (group order, wrapping).
+
+    `group` is an AxisGroup, or anything `parallel_state.collectives.resolve_group` accepts.
+    """
+
+    def __init__(self, group: Any, stats: CommStats | None = None):
+        comm = resolve_group(group)
+        self.size, self.rank, self.name, self.group = comm.size, comm.rank, comm.name, comm.group
+        self.stats = stats
+        if self.size > 1:
+            members = group.ranks if isinstance(group, AxisGroup) else None
+            self.next_peer = self._global_rank((self.rank + 1) % self.size, members)
+            self.prev_peer = self._global_rank((self.rank - 1) % self.size, members)
+
+    def _global_rank(self, group_rank: int, members: tuple[int, ...] | None) -> int:
+        if members is not None:
+            return members[group_rank]
+        return group_rank if self.group is None else dist.get_global_rank(self.group, group_rank)
+
+    def exchange(self, tensor: torch.Tensor, tag: int = 0) -> PendingRecv:
+        """Launch: send `tensor` to the next rank, receive a tensor like it from the previous one."""
+        if self.size == 1:
+            return PendingRecv(tensor)
+        tensor = tensor.contiguous()
+        received = torch.empty_like(tensor)
+        ops = [dist.P2POp(dist.isend, tensor, self.next_peer, self.group, tag),
+               dist.P2POp(dist.irecv, received, self.prev_peer, self.group, tag)]
+        count_send(self.stats, self.name, tensor.numel() * tensor.element_size())
+        # The send buffer stays referenced by its request until wait().
+        # Tags keep two rings in flight (K/V and dK/dV) apart on gloo; NCCL ignores tags, and there
+        # every rank posts the two rings' messages in the same order, so they match by order.
+        return PendingRecv(received, list(dist.batch_isend_irecv(ops)))

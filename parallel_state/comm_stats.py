@@ -6,6 +6,7 @@ Convention (ring algorithms, bytes SENT BY ONE RANK, n = group size, S = bytes o
     all_gather       (n - 1) / n * S       S = the gathered output (n shards)
     reduce_scatter   (n - 1) / n * S       S = the input before scattering (n shards)
     all_to_all       bytes of the input addressed to OTHER ranks (exact for uneven splits)
+    send             bytes of a point-to-point send (pipeline activations, the CP ring)
 
 A group of size 1 sends nothing (the collectives skip the call). These are the textbook
 bandwidth terms (Megatron, NCCL tests' "bus bandwidth"), not what a tree or NVLS algorithm
@@ -19,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 # The collectives counted and what S means for each (see the module docstring).
-COMM_OPS = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all")
+COMM_OPS = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "send")
 
 
 def ring_bytes_sent(op: str, full_bytes: int, group_size: int) -> float:
@@ -33,7 +34,7 @@ def ring_bytes_sent(op: str, full_bytes: int, group_size: int) -> float:
         return 2.0 * (n - 1) / n * full_bytes
     if op in ("all_gather", "reduce_scatter"):
         return (n - 1) / n * full_bytes
-    raise ValueError("all_to_all volume depends on the splits: count the bytes sent to other ranks directly")
+    raise ValueError(f"{op} volume is not a function of one tensor size: count the bytes sent to other ranks directly")
 
 
 @dataclass

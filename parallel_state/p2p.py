@@ -26,16 +26,9 @@ SEND_OP = "send"  # CommStats op label of point-to-point sends
 
 
 def count_send(stats: CommStats | None, group_name: str, nbytes: float) -> None:
-    """Add one send of `nbytes` on `group_name` to `stats`.
-
-    CommStats.record validates against its list of collectives, which has no p2p entry yet; the
-    entries are added the same way record would (same keys, same summary() output) until it does.
-    """
-    if stats is None:
-        return
-    key = (SEND_OP, group_name)
-    stats.bytes_sent[key] = stats.bytes_sent.get(key, 0.0) + float(nbytes)
-    stats.calls[key] = stats.calls.get(key, 0) + 1
+    """Add one send of `nbytes` on `group_name` to `stats` (None: not counted)."""
+    if stats is not None:
+        stats.record(SEND_OP, group_name, nbytes)
 
 
 def batch_send_recv(group: AxisGroup, sends: Sequence[tuple[torch.Tensor, int]] = (),

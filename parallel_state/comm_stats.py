@@ -34,7 +34,7 @@ def ring_bytes_sent(op: str, full_bytes: int, group_size: int) -> float:
         return 2.0 * (n - 1) / n * full_bytes
     if op in ("all_gather", "reduce_scatter"):
         return (n - 1) / n * full_bytes
-    raise ValueError(f"{op} volume is not a function of one tensor size: count the bytes sent to other ranks directly")
+    raise ValueError(f"{op} volume depends on the splits or peers, not one tensor size: count the bytes sent directly")
 
 
 @dataclass

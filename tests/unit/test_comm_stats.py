@@ -45,7 +45,7 @@ def test_stats_accumulate_per_op_and_group_and_reset():
         stats.record("gossip", "tp", 1)
     stats.reset()
     assert stats.total() == 0 and not stats.calls and stats.summary() == {"comm/total_bytes": 0}
-    assert set(COMM_OPS) == {"all_reduce", "all_gather", "reduce_scatter", "all_to_all"}
+    assert set(COMM_OPS) == {"all_reduce", "all_gather", "reduce_scatter", "all_to_all", "send"}
 
 
 def test_collectives_on_one_process_are_identities_and_send_nothing():

@@ -57,7 +57,7 @@ def _rank_step(vpp: int, num_mb: int, hidden: int, steps: int) -> list[float]:
             # A chunk is the fixed cost unit (2 layers) whatever V is, as in the simulator's costs.
             layers = [torch.nn.Linear(hidden, hidden) for _ in range(layers_per_stage)]
 
-            def run(x, layers=layers):
+            def run(x, mb, layers=layers):
                 h = x["x"] if isinstance(x, dict) else x
                 for layer in layers:
                     h = torch.tanh(layer(h))

@@ -163,8 +163,10 @@ def forward_backward_pipelining(orders: Sequence[Sequence[Action]],
 
     - `orders`: every pp rank's order (trainer.schedules.pipeline_orders); the others' tell this
       rank in which order its peers send.
-    - `chunks[c]`: this rank's chunk c (virtual stage c*P + r). The one on virtual stage 0 takes a
-      microbatch (anything, e.g. a dict of tensors); every other takes an activation of
+    - `chunks[c]`: this rank's chunk c (virtual stage c*P + r), called as chunk(input, microbatch):
+      the input is the microbatch itself on virtual stage 0 (anything, e.g. a dict of tensors), else
+      the received activation; the microbatch gives later stages what they need besides the
+      activation (e.g. the position ids of context parallelism); every other takes an activation of
       `activation_shape` / `dtype` and every chunk but the last virtual stage's must return one.
     - `microbatches`: M entries on every rank; only the first and last virtual stage read them.
     - `loss_sum_fn(output, microbatch)`: on the last virtual stage, the microbatch's token-loss sum.
@@ -228,7 +230,7 @@ def forward_backward_pipelining(orders: Sequence[Sequence[Action]],
                 if not forward_only:
                     x.requires_grad_(True)
             with torch.no_grad() if forward_only else nullcontext():
-                out = chunks[chunk](x)
+                out = chunks[chunk](x, microbatches[mb])
                 if s == last_stage:
                     out = loss_sum_fn(out, microbatches[mb])
                     total = total + out.detach().float()

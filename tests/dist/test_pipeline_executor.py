@@ -41,8 +41,8 @@ class ToyModel(torch.nn.Module):
         return h + y if i % 2 == 0 else y
 
     def chunk_fn(self, layer_ids: list[int], first: bool, last: bool):
-        def run(x):
-            h = self.embed[x["tokens"]] if first else x
+        def run(x, mb):
+            h = self.embed[mb["tokens"]] if first else x
             for i in layer_ids:
                 h = self.layer(i, h)
             return h @ self.head.T if last else h
@@ -102,7 +102,7 @@ def reference(num_mb: int):
     full = model.chunk_fn(list(range(LAYERS)), True, True)
     total = 0.0
     for mb in microbatches:
-        loss = loss_sum(full(mb), mb)
+        loss = loss_sum(full(mb, mb), mb)
         (loss / num_tokens).backward()
         total += float(loss.detach())
     return total, grads_of(model, list(range(LAYERS)), True, True)
@@ -186,12 +186,12 @@ def test_sent_output_storage_is_released():
     linear = torch.nn.Linear(4, 4)
     outputs, seen = [], []
 
-    def first(mb):
+    def first(mb, _):
         out = mb["x"] + torch.tanh(linear(mb["x"]))  # an add does not keep its own result
         outputs.append(out)
         return out
 
-    def second(x):
+    def second(x, _):
         seen.append(outputs[-1].numel())
         return torch.tanh(linear(x))
 

@@ -118,7 +118,10 @@ class DecoderModel(nn.Module):
         """
         if self.output is None:
             raise ValueError("token_losses needs the LM head; this model was built with has_head=False")
-        logits = self(input_ids, position_ids)
+        return self.losses_from_logits(self(input_ids, position_ids), labels)
+
+    def losses_from_logits(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Per-token cross entropy [B, T] of this model's logits (a last pipeline stage's output)."""
         return vocab_parallel_cross_entropy(logits, labels, self.tp.group, self.cfg.vocab_size, self.tp.stats,
                                             ignore_index=IGNORE_INDEX)
 

@@ -16,6 +16,8 @@ class ParallelConfig:
     cp: int = 1  # context-parallel size (sequence split over cp ranks, zigzag)
     pp: int = 1  # pipeline-parallel size (layers split over pp stages)
     vpp: int = 1  # virtual pipeline chunks per stage (interleaved 1F1B when > 1)
+    # Layers of each virtual stage (pp * vpp counts in virtual-stage order); null splits evenly.
+    pipeline_layers: list[int] | None = None
     ep: int = 1  # expert-parallel size (experts split over ep ranks)
     etp: int | None = None  # expert tensor-parallel size; null means etp = tp
     dp: int | None = None  # data-parallel size; null infers world / (tp * cp * pp)

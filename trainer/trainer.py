@@ -18,7 +18,7 @@ import torch
 
 import parallel_state
 from kernels.fast_paths import detect_fast_paths
-from models import build_model
+from models import DecoderModel, build_model
 from models.layers.tensor_parallel import TPContext, allreduce_sequence_parallel_grads, is_tp_duplicate
 from models.parallel_context import CPContext, ParallelContext
 from optim import LRScheduler, build_optimizer, clip_grad_norm_
@@ -41,7 +41,9 @@ from trainer.grad_reducer import BucketedGradReducer
 from trainer.grad_sync import allreduce_sum
 from trainer.metrics import build_sinks, console_line, drop_metrics_after
 from trainer.mfu import peak_tflops
-from trainer.schedules import forward_backward_no_pipelining
+from trainer.pipeline_executor import forward_backward_pipelining
+from trainer.pipeline_model import PipelineChunks
+from trainer.schedules import forward_backward_no_pipelining, pipeline_orders
 from trainer.validation import ConfigError, validate
 
 log = logging.getLogger("foldtron")
@@ -125,8 +127,17 @@ class Trainer:
         self.comm_stats = CommStats()
         self.tp = TPContext(self.ps.tp, cfg.parallel.sequence_parallel, self.comm_stats, self.rng)
         self.cp = CPContext(self.ps.cp, cfg.parallel.cp_comm, self.comm_stats)
-        self.model = build_model(cfg.model, seed=cfg.seed, device=self.device,
-                                 par=ParallelContext(tp=self.tp, cp=self.cp))
+        par = ParallelContext(tp=self.tp, cp=self.cp)
+        self.pipelined = self.ps.pp.size > 1
+        if self.pipelined:
+            self.model = PipelineChunks(cfg.model, cfg.seed, self.device, par, self.ps, cfg.parallel.vpp,
+                                        cfg.parallel.pipeline_layers)
+            self.pp_orders = pipeline_orders(self.ps.pp.size, cfg.parallel.vpp, self.data.num_microbatches)
+        else:
+            self.model = build_model(cfg.model, seed=cfg.seed, device=self.device, par=par)
+        # The whole model on meta (no memory): parameter counts and FLOPs describe it, not this shard.
+        with torch.device("meta"):
+            self.full_model = DecoderModel(cfg.model, par=par)
         # Dropout on the residual stream: replicated over TP unless SP splits the sequence over it.
         self.dropout_stream = "tp-sharded" if self.tp.sp else "tp-replicated"
         self.shard_layout = ShardLayout(tp_rank=self.ps.tp.rank, tp=self.ps.tp.size, pp_rank=self.ps.pp.rank,
@@ -145,13 +156,14 @@ class Trainer:
         self.resume()
 
         self.tokens_per_step = cfg.data.global_batch_size * cfg.data.seq_len
-        self.flops_per_token = self.model.flops_per_token(cfg.data.seq_len)
+        self.flops_per_token = self.full_model.flops_per_token(cfg.data.seq_len)
         self.peak_tflops, peak_source = peak_tflops(self.device, t.precision, t.peak_tflops)
         self.sinks = build_sinks(cfg.logger, self.run_dir, dataclasses.asdict(cfg)) if self.env.is_writer else []
         log.info("foldtron: run_dir=%s device=%s precision=%s", self.run_dir, self.device, t.precision)
         log.info("layout: %s", self.ps.topology)
         log.info("model: %.2fM parameters (%.2fM without embeddings), %.1f MFLOPs/token (train), vocab %d",
-                 self.model.num_parameters() / 1e6, self.model.num_parameters(exclude_embeddings=True) / 1e6,
+                 self.full_model.num_parameters() / 1e6,
+                 self.full_model.num_parameters(exclude_embeddings=True) / 1e6,
                  self.flops_per_token / 1e6, cfg.model.vocab_size)
         log.info("batch: %d sequences x %d tokens = %d tokens/step, %d microbatches of %d per rank, dp=%d",
                  cfg.data.global_batch_size, cfg.data.seq_len, self.tokens_per_step,
@@ -245,15 +257,20 @@ class Trainer:
         # Summed over DP x CP: the loss tokens of the global batch (SPECS "Loss normalisation").
         local_tokens = sum(mb["loss_mask"].sum() for mb in microbatches)
         num_tokens = allreduce_sum(torch.as_tensor(local_tokens, dtype=torch.float32), self.ps.dp_cp.group)
-        loss_sum = forward_backward_no_pipelining(self._loss_sum, microbatches, num_tokens.to(self.device),
-                                                  no_sync=self.grad_reducer.no_sync)
+        if self.pipelined:
+            loss_sum = self._pipeline(microbatches, num_tokens.to(self.device))
+        else:
+            loss_sum = forward_backward_no_pipelining(self._loss_sum, microbatches, num_tokens.to(self.device),
+                                                      no_sync=self.grad_reducer.no_sync)
         self.grad_reducer.finish()
+        if self.pipelined:
+            self.model.sync_tied_embedding_grads(self.ps, self.comm_stats)
         # TP-replicated params that saw only part of the work (norm gains under SP, replicated GQA K/V).
         allreduce_sequence_parallel_grads(self.model.parameters(), self.ps.tp, self.comm_stats)
         grad_norm = clip_grad_norm_(self.model.parameters(), self.cfg.optim.clip_grad,
                                     norm_reduce_fn=lambda sq: allreduce_sum(sq, self.ps.mp.group),
-                                    counted=lambda p: not is_tp_duplicate(p, self.ps.tp.rank))
-        loss = (allreduce_sum(loss_sum.cpu(), self.ps.dp_cp.group) / num_tokens).item()
+                                    counted=self._counted_in_norm)
+        loss = (self._global_sum(loss_sum) / num_tokens).item()
         grad_norm = float(grad_norm)
         lr = self.scheduler.apply(self.step)
         if math.isfinite(loss) and math.isfinite(grad_norm):
@@ -264,6 +281,33 @@ class Trainer:
         self.grad_reducer.zero_grad()  # keeps .grad views into the buckets (never set_to_none)
         self.step += 1
         return {"loss": loss, "lr": lr, "grad_norm": grad_norm}
+
+    def _counted_in_norm(self, param: torch.Tensor) -> bool:
+        """Each parameter once in the global grad norm: TP replicas on TP rank 0, a tied head copy never."""
+        return not is_tp_duplicate(param, self.ps.tp.rank) and not getattr(param, "tied_copy", False)
+
+    def _global_sum(self, loss_sum: torch.Tensor) -> torch.Tensor:
+        """A loss sum over the whole global batch: the last pipeline stage has it, DP x CP split it."""
+        loss_sum = loss_sum.detach().float().cpu()
+        if self.pipelined:
+            loss_sum = allreduce_sum(loss_sum, self.ps.pp.group)
+        return allreduce_sum(loss_sum, self.ps.dp_cp.group)
+
+    def _pipeline(self, microbatches: list[dict], num_tokens: torch.Tensor, forward_only: bool = False) -> torch.Tensor:
+        """Forward (and backward) of the microbatches through the pipeline; this rank's loss sum."""
+        head = self.model.head_chunk
+        cfg = self.cfg
+
+        def loss_sum_fn(logits: torch.Tensor, mb: dict) -> torch.Tensor:
+            return (head.losses_from_logits(logits, mb["labels"]).float() * mb["loss_mask"]).sum()
+
+        seq_per_rank = cfg.data.seq_len // self.cp.size // (self.tp.size if self.tp.sp else 1)
+        shape = (cfg.data.micro_batch_size, seq_per_rank, cfg.model.hidden_size)
+        with self.autocast, self.rng.fork(self.dropout_stream):
+            return forward_backward_pipelining(
+                self.pp_orders, self.model.stage_fns(), [self._to_device(mb) for mb in microbatches], loss_sum_fn,
+                num_tokens, self.ps.pp, cfg.parallel.vpp, shape, torch.float32, self.device, stats=self.comm_stats,
+                forward_only=forward_only, no_sync=self.grad_reducer.no_sync)
 
     def _handle_non_finite(self, loss: float, grad_norm: float) -> None:
         t = self.cfg.trainer
@@ -284,11 +328,18 @@ class Trainer:
         self.model.eval()
         loss_sum = torch.zeros((), dtype=torch.float32)
         tokens = torch.zeros((), dtype=torch.float32)
-        for mb in self._local(self.data.val_microbatches(self.cfg.trainer.eval_iters)):
-            loss_sum += self._loss_sum(mb).cpu()
+        microbatches = self._local(self.data.val_microbatches(self.cfg.trainer.eval_iters))
+        if self.pipelined:  # in groups of a training step's microbatches: the orders are built for that many
+            per_step = self.data.num_microbatches
+            for start in range(0, len(microbatches), per_step):
+                loss_sum += self._pipeline(microbatches[start:start + per_step], torch.ones(()),
+                                           forward_only=True).cpu()
+        else:
+            for mb in microbatches:
+                loss_sum += self._loss_sum(mb).cpu()
+        for mb in microbatches:
             tokens += mb["loss_mask"].sum()
-        group = self.ps.dp_cp.group
-        return (allreduce_sum(loss_sum, group) / allreduce_sum(tokens, group)).item()
+        return (self._global_sum(loss_sum) / allreduce_sum(tokens, self.ps.dp_cp.group)).item()
 
     # ---- loop --------------------------------------------------------------------------------
 

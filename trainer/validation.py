@@ -19,6 +19,7 @@ from trainer.checkpoint import list_checkpoints
 from trainer.config import Config
 from trainer.data.config import SOURCES as DATA_SOURCES
 from trainer.data.corpus import resolve_paths
+from trainer.schedules import check_interleaved
 
 PRECISIONS = ("fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
@@ -143,7 +144,7 @@ def _validate_parallel(cfg: Config, world_size: int) -> None:
     _positive("parallel.timeout_s", p.timeout_s)
     topology(cfg, world_size)  # sizes tile the world on both grids; the order string is valid
     # Axes that land with their own issues must not run silently as if they were data parallel.
-    for name in ("pp", "ep", "etp"):
+    for name in ("ep", "etp"):
         value = getattr(p, name) or 1
         _require(value == 1, f"parallel.{name}", value, "this axis is not implemented in this build yet",
                  f"set parallel.{name}=1 (data parallelism over all ranks works)")
@@ -155,10 +156,40 @@ def _validate_parallel(cfg: Config, world_size: int) -> None:
         _validate_tensor_parallel(cfg)
     if p.cp > 1:
         _validate_context_parallel(cfg)
+    if p.pp > 1:
+        _validate_pipeline(cfg, world_size)
 
 
 def _divides(tp: int, field: str, value: int, what: str, fix: str) -> None:
     _require(value % tp == 0, field, value, f"{what} is not divisible by parallel.tp={tp}", fix)
+
+
+def _validate_pipeline(cfg: Config, world_size: int) -> None:
+    """The layer split over virtual stages and the microbatch rules of the interleaved schedule."""
+    m, p = cfg.model, cfg.parallel
+    stages = p.pp * p.vpp
+    if p.pipeline_layers is None:
+        _require(m.num_layers % stages == 0, "model.num_layers", m.num_layers,
+                 f"does not split evenly over parallel.pp * parallel.vpp = {stages} virtual stages",
+                 f"use a multiple of {stages} layers, or list the layers of each virtual stage in "
+                 "parallel.pipeline_layers")
+    else:
+        counts = list(p.pipeline_layers)
+        _require(len(counts) == stages and sum(counts) == m.num_layers and min(counts) >= 0,
+                 "parallel.pipeline_layers", counts,
+                 f"needs pp * vpp = {stages} non-negative counts summing to model.num_layers={m.num_layers}",
+                 f"list {stages} layer counts in virtual-stage order (stage c*pp + r is chunk c of pp rank r)")
+    if p.vpp > 1:
+        dp = topology(cfg, world_size).dp
+        microbatches = cfg.data.global_batch_size // (cfg.data.micro_batch_size * dp)
+        try:
+            check_interleaved(p.pp, p.vpp, microbatches)
+        except ValueError as e:
+            raise ConfigError("data.global_batch_size", cfg.data.global_batch_size,
+                              f"gives {microbatches} microbatches per pipeline, which the interleaved schedule "
+                              f"cannot run: {e}",
+                              f"use a number of microbatches (global / (micro * dp)) that is a multiple of "
+                              f"parallel.pp={p.pp}") from e
 
 
 def _validate_context_parallel(cfg: Config) -> None:

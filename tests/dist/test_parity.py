@@ -8,6 +8,8 @@ context, expert) add their layouts to LAYOUTS.
 """
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -24,23 +26,31 @@ STEPS = 3
 ODD_VOCAB = ["model.vocab_size=4099"]
 
 
+def global_name(name: str) -> str:
+    """The one-process name of a parameter: pipeline chunks ("chunks.1.layers.5...") hold global
+    layer indices, so dropping the chunk prefix gives it."""
+    return re.sub(r"^chunks\.\d+\.", "", name)
+
+
 def train_and_capture(overrides: list[str], env: RuntimeEnv | None = None) -> dict:
     """Run STEPS steps; return each step's loss and the named gradients handed to the optimizer."""
     trainer = Trainer(compose(overrides), env=env)
     grads: list[dict[str, torch.Tensor]] = []
     optimizer_step = trainer.optimizer.step
+    params = {global_name(name): p for name, p in trainer.model.named_parameters()}
 
     def capturing_step(*args, **kwargs):
-        grads.append({name: p.grad.clone() for name, p in trainer.model.named_parameters()})
+        grads.append({name: p.grad.clone() for name, p in params.items()})
         return optimizer_step(*args, **kwargs)
 
     trainer.optimizer.step = capturing_step
     metrics = [trainer.train_step() for _ in range(STEPS)]
-    shards = {name: getattr(p, "shard", None) for name, p in trainer.model.named_parameters()}
-    padded = {name: p.unpadded for name, p in trainer.model.named_parameters() if hasattr(p, "unpadded")}
+    shards = {name: getattr(p, "shard", None) for name, p in params.items()}
+    padded = {name: p.unpadded for name, p in params.items() if hasattr(p, "unpadded")}
     ps = trainer.ps
     return {"losses": [m["loss"] for m in metrics], "grad_norms": [m["grad_norm"] for m in metrics], "grads": grads, "shards": shards, "padded": padded,
             "tp": (ps.tp.rank, ps.tp.size), "dp": (ps.dp.rank, ps.dp.size), "cp": (ps.cp.rank, ps.cp.size),
+            "pp": (ps.pp.rank, ps.pp.size),
             "comm": trainer.comm_stats.summary()}
 
 
@@ -48,6 +58,21 @@ def on_rank(overrides: list[str]) -> dict:
     world = dist.get_world_size()
     env = RuntimeEnv(rank=dist.get_rank(), world_size=world, local_rank=dist.get_rank(), local_world_size=world)
     return train_and_capture(overrides, env)
+
+
+def merge_stages(stages: list[dict]) -> dict:
+    """One TP rank's view of the whole model: the pipeline ranks' parameters together.
+
+    A tied head copy on the last stage ("output.weight" when the reference has only the embedding)
+    must hold exactly the embedding's gradient; it is checked and dropped here.
+    """
+    merged = {"grads": [{} for _ in range(STEPS)], "shards": {}, "padded": {}}
+    for stage in stages:
+        merged["shards"].update(stage["shards"])
+        merged["padded"].update(stage["padded"])
+        for step in range(STEPS):
+            merged["grads"][step].update(stage["grads"][step])
+    return merged
 
 
 def gathered(tp_group: list[dict], step: int, name: str) -> torch.Tensor:
@@ -84,7 +109,7 @@ def assert_grad_close(actual: torch.Tensor, expected: torch.Tensor, what: str, e
         torch.testing.assert_close(actual, expected, rtol=rel, atol=rel * scale, msg=lambda m: f"{what}: {m}")
 
 
-# (tp, sequence_parallel, cp, dp, micro batch size, extra overrides)
+# (tp, sequence_parallel, cp, dp, micro batch size, extra overrides); pp and vpp go in the overrides.
 LAYOUTS = [
     (1, False, 1, 2, 2, []),
     (1, False, 1, 2, 1, []),
@@ -109,6 +134,15 @@ LAYOUTS = [
     (2, False, 2, 1, 1, ["parallel.cp_comm=a2a", "model.num_kv_heads=4"]),
     (1, False, 2, 2, 1, ODD_VOCAB),
     (2, True, 2, 2, 1, []),
+    # Pipelines (the tiny model has 4 layers here): 1F1B and interleaved, with TP and DP, tied embeddings.
+    (1, False, 1, 1, 1, ["parallel.pp=2", "model.num_layers=4"]),
+    (1, False, 1, 1, 1, ["parallel.pp=4", "model.num_layers=4"]),
+    (1, False, 1, 1, 1, ["parallel.pp=2", "parallel.vpp=2", "model.num_layers=4"]),
+    (2, True, 1, 1, 1, ["parallel.pp=2", "parallel.vpp=2", "model.num_layers=4"]),
+    (1, False, 1, 2, 1, ["parallel.pp=2", "parallel.vpp=2", "model.num_layers=4", "model.tie_embeddings=true"]),
+    (2, True, 1, 2, 1, ["parallel.pp=2", "model.num_layers=4", "model.tie_embeddings=true"]),
+    (1, False, 2, 1, 1, ["parallel.pp=2", "model.num_layers=4"]),
+    (1, False, 1, 1, 1, ["parallel.pp=2", "model.num_layers=4", "parallel.pipeline_layers=[1,3]"]),
 ]
 
 
@@ -116,6 +150,8 @@ def layout_id(tp, sp, cp, dp, micro, extra) -> str:
     parts = [f"tp{tp}" + ("-sp" if sp else ""), f"cp{cp}" if cp > 1 else "", f"dp{dp}", f"mb{micro}"]
     parts += [o.split("=")[1].strip("[]").replace(",", "+") for o in extra if "mixers" in o or "vocab" in o
               or "cp_comm" in o]
+    parts += [o.split("=")[0].split(".")[1] + o.split("=")[1].replace(",", "+").strip("[]") for o in extra
+              if o.startswith(("parallel.pp", "parallel.vpp", "parallel.pipeline_layers", "model.tie"))]
     return "-".join(p for p in parts if p)
 
 
@@ -139,18 +175,25 @@ def references(tmp_path_factory):
 @pytest.mark.parametrize("tp,sp,cp,dp,micro,extra", LAYOUTS, ids=[layout_id(*layout) for layout in LAYOUTS])
 def test_layout_matches_one_process(tmp_path, rank_pools, references, tp, sp, cp, dp, micro, extra):
     base, reference = references([o for o in extra if not o.startswith("parallel.")])
-    world = tp * cp * dp
+    pp = next((int(o.split("=")[1]) for o in extra if o.startswith("parallel.pp=")), 1)
+    world = tp * cp * dp * pp
     overrides = base + [f"trainer.run_dir={tmp_path / 'layout'}", f"data.micro_batch_size={micro}",
                         f"parallel.tp={tp}", f"parallel.cp={cp}", f"parallel.sequence_parallel={str(sp).lower()}",
                         *[o for o in extra if o.startswith("parallel.")]]
     results = rank_pools.get(world).run(on_rank, overrides)
-    assert sorted(r["tp"] + r["cp"] + r["dp"] for r in results) == sorted(
-        (t, tp, c, cp, d, dp) for t in range(tp) for c in range(cp) for d in range(dp))
+    assert sorted(r["tp"] + r["cp"] + r["dp"] + r["pp"] for r in results) == sorted(
+        (t, tp, c, cp, d, dp, q, pp) for t in range(tp) for c in range(cp) for d in range(dp) for q in range(pp))
     for r in results:  # every rank reports the global loss
         assert r["losses"] == pytest.approx(reference["losses"], rel=1e-5)
     names = set(reference["grads"][0])
     for d, c in [(d, c) for d in range(dp) for c in range(cp)]:
-        replica = sorted((r for r in results if r["dp"][0] == d and r["cp"][0] == c), key=lambda r: r["tp"][0])
+        mine = [r for r in results if r["dp"][0] == d and r["cp"][0] == c]
+        replica = [merge_stages([r for r in mine if r["tp"][0] == t]) for t in range(tp)]
+        if "output.weight" in replica[0]["grads"][0] and "output.weight" not in names:  # tied over stages
+            for r in replica:
+                assert all(torch.equal(g["output.weight"], g["embedding.weight"]) for g in r["grads"])
+                for g in r["grads"]:
+                    del g["output.weight"]
         assert set(replica[0]["grads"][0]) == names
         for step in range(STEPS):
             for name in names:
@@ -161,8 +204,9 @@ def test_layout_matches_one_process(tmp_path, rank_pools, references, tp, sp, cp
                     if shard is None:
                         assert torch.equal(r["grads"][step][name], replica[0]["grads"][step][name]), name
     for r in results:  # DP x CP replicas hold bit-identical gradients, so they never drift apart
-        twin = next(o for o in results if o["tp"] == r["tp"] and o["dp"][0] == 0 and o["cp"][0] == 0)
-        assert all(torch.equal(a[n], b[n]) for a, b in zip(r["grads"], twin["grads"]) for n in names)
+        twin = next(o for o in results if o["tp"] == r["tp"] and o["pp"] == r["pp"] and o["dp"][0] == 0
+                    and o["cp"][0] == 0)
+        assert all(torch.equal(a[n], b[n]) for a, b in zip(r["grads"], twin["grads"]) for n in a)
     if tp > 1:  # the TP collectives were counted (their volume is checked in test_tp_layers)
         tp_ops = {key for key in results[0]["comm"] if key.startswith("comm/tp/")}
         assert ("comm/tp/all_gather_bytes" in tp_ops) == sp and "comm/tp/all_reduce_bytes" in tp_ops, tp_ops

@@ -2,9 +2,9 @@
 VENV    := .venv
 PYTHON  := $(VENV)/bin/python
 STAMP   := $(VENV)/.foldtron-installed
-NPROC   ?= 4
-# The parallel layout of `make train` (dp is inferred: 4 ranks / tp 2 = dp 2). With NPROC=1 use LAYOUT=.
-LAYOUT  ?= parallel.tp=2 parallel.sequence_parallel=true
+NPROC   ?= 8
+# The parallel layout of `make train` (dp is inferred: 8 ranks / (tp 2 x pp 2) = dp 2). With NPROC=1 use LAYOUT=.
+LAYOUT  ?= parallel.tp=2 parallel.sequence_parallel=true parallel.pp=2 data.micro_batch_size=3
 ARGS    ?=
 PYTEST_ARGS ?=
 

@@ -42,15 +42,18 @@ def resume_with(overrides: list[str]) -> str:
     return ""
 
 
-def test_tp_dp_checkpoint_resumes_bit_exactly(tmp_path, rank_pools):
-    base = tiny_overrides(tmp_path, steps=8) + ["model.dropout=0.1", "trainer.save_interval=4",
-                                                "parallel.tp=2", "parallel.sequence_parallel=true"]
+@pytest.mark.parametrize("layout,files", [
+    (["parallel.tp=2", "parallel.sequence_parallel=true"], ["state_tp00_pp00.pt", "state_tp01_pp00.pt"]),
+    (["parallel.tp=2", "parallel.pp=2", "model.tie_embeddings=true"],
+     ["state_tp00_pp00.pt", "state_tp00_pp01.pt", "state_tp01_pp00.pt", "state_tp01_pp01.pt"]),
+], ids=["tp2-sp-dp2", "tp2-pp2-tied"])
+def test_sharded_checkpoint_resumes_bit_exactly(tmp_path, rank_pools, layout, files):
+    base = tiny_overrides(tmp_path, steps=8) + ["model.dropout=0.1", "trainer.save_interval=4", *layout]
     pool = rank_pools.get(4)
     straight = pool.run(train_losses, base + [f"trainer.run_dir={tmp_path / 'straight'}"])
     split_dir = tmp_path / "split"
     first = pool.run(train_losses, base + [f"trainer.run_dir={split_dir}"], 4)
-    assert sorted(os.listdir(split_dir / "checkpoints" / "step_000004")) == [
-        "meta.json", "state_tp00_pp00.pt", "state_tp01_pp00.pt"]
+    assert sorted(os.listdir(split_dir / "checkpoints" / "step_000004")) == ["meta.json", *files]
     second = pool.run(train_losses, base + [f"trainer.run_dir={split_dir}", "trainer.resume=auto"])
     for rank in range(4):
         assert first[rank] + second[rank] == straight[rank]  # exact, dropout streams included
@@ -58,7 +61,7 @@ def test_tp_dp_checkpoint_resumes_bit_exactly(tmp_path, rank_pools):
     # Another TP degree cannot load these shards: a clear error, nothing overwritten.
     errors = rank_pools.get(2).run(resume_with, tiny_overrides(tmp_path, steps=8) + [
         f"trainer.run_dir={split_dir}", "trainer.resume=auto"])
-    assert all(e.startswith("trainer.resume=") and "saved with parallel.tp=2" in e and "this run has tp=1" in e
+    assert all(e.startswith("trainer.resume=") and "saved with parallel.tp=2" in e and "this run has tp=1 pp=1" in e
                and "Fix:" in e for e in errors), errors
     assert sorted(os.listdir(split_dir / "checkpoints")) == ["step_000004", "step_000008"]
 

@@ -95,24 +95,38 @@ def test_two_data_parallel_ranks_match_one_rank(tmp_path):
     assert sum("| loss " in line for line in proc.stdout.splitlines()) == 8  # rank 0 logs, once
 
 
-def test_quickstart_on_tp2_dp2_matches_one_rank(tmp_path):
-    """`make train`'s layout (4 ranks: tp2 with sequence parallelism x dp2) reproduces the 1-rank
-    loss curve of the quickstart for 10 steps, and writes one checkpoint shard per TP rank."""
-    common = ["+experiment=quickstart", "trainer.max_steps=10", "trainer.log_interval=1", "trainer.eval_interval=0",
-              "trainer.eval_at_end=false", "trainer.save_interval=0", "optim.schedule.warmup_steps=2"]
-    one, four = tmp_path / "one", tmp_path / "four"
-    _torchrun(1, common + [f"trainer.run_dir={one}"])
-    proc = _torchrun(4, common + [f"trainer.run_dir={four}", "parallel.tp=2", "parallel.sequence_parallel=true"],
-                     timeout=400)
-    a = [r["loss"] for r in _metrics(one) if "loss" in r]
-    b = [r["loss"] for r in _metrics(four) if "loss" in r]
-    assert len(a) == len(b) == 10
-    assert b == pytest.approx(a, rel=1e-5)
+QUICKSTART_10 = ["+experiment=quickstart", "trainer.max_steps=10", "trainer.log_interval=1",
+                 "trainer.eval_interval=0", "trainer.eval_at_end=false", "trainer.save_interval=0",
+                 "optim.schedule.warmup_steps=2"]
+
+
+@pytest.fixture(scope="module")
+def quickstart_one_rank(tmp_path_factory) -> list[float]:
+    """The 1-rank loss curve of the quickstart's first 10 steps (the reference of the layouts below)."""
+    run_dir = tmp_path_factory.mktemp("quickstart") / "one"
+    _torchrun(1, QUICKSTART_10 + [f"trainer.run_dir={run_dir}"])
+    return [r["loss"] for r in _metrics(run_dir) if "loss" in r]
+
+
+@pytest.mark.parametrize("nproc,layout,shards", [
+    (4, ["parallel.tp=2", "parallel.sequence_parallel=true"], ["state_tp00_pp00.pt", "state_tp01_pp00.pt"]),
+    (8, ["parallel.tp=2", "parallel.sequence_parallel=true", "parallel.pp=2", "data.micro_batch_size=3"],
+     ["state_tp00_pp00.pt", "state_tp00_pp01.pt", "state_tp01_pp00.pt", "state_tp01_pp01.pt"]),
+], ids=["tp2-sp-dp2", "tp2-sp-pp2-dp2"])
+def test_quickstart_layout_matches_one_rank(tmp_path, quickstart_one_rank, nproc, layout, shards):
+    """`make train`'s layouts reproduce the 1-rank loss curve of the quickstart for 10 steps and
+    write one checkpoint shard per model shard (TP x PP)."""
+    run_dir = tmp_path / "layout"
+    proc = _torchrun(nproc, QUICKSTART_10 + [f"trainer.run_dir={run_dir}", *layout], timeout=500)
+    losses = [r["loss"] for r in _metrics(run_dir) if "loss" in r]
+    assert len(losses) == len(quickstart_one_rank) == 10
+    assert losses == pytest.approx(quickstart_one_rank, rel=1e-5)
     assert "tp=2" in proc.stdout and "dp=2" in proc.stdout
-    rows = _metrics(four)
+    rows = _metrics(run_dir)
     assert rows[-1]["comm/tp/all_gather_bytes"] > 0 and rows[-1]["comm/tp/reduce_scatter_bytes"] > 0
-    shards = sorted(os.listdir(four / "checkpoints" / "step_000010"))
-    assert shards == ["meta.json", "state_tp00_pp00.pt", "state_tp01_pp00.pt"]
+    if "parallel.pp=2" in layout:
+        assert rows[-1]["comm/pp/send_bytes"] > 0
+    assert sorted(os.listdir(run_dir / "checkpoints" / "step_000010")) == ["meta.json", *shards]
 
 
 def test_bad_override_fails_fast_with_the_field(tmp_path):

@@ -1,0 +1,9 @@
+"""Mixture of experts: router, token dispatchers (all-to-all, all-gather), grouped experts, the MoE layer.
+
+`moe` imports only `parallel_state` (and torch); `models` builds `MoELayer` as a channel mixer.
+"""
+from moe.config import MoEConfig
+from moe.context import AuxLossScale, InitSpec, MoEContext
+from moe.layer import MoELayer
+
+__all__ = ["AuxLossScale", "InitSpec", "MoEConfig", "MoEContext", "MoELayer"]

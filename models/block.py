@@ -9,6 +9,7 @@ from models.config import ModelConfig
 from models.layers.attention import Attention
 from models.layers.gla import GatedLinearAttention
 from models.layers.mlp import SwiGLUMLP
+from models.layers.moe import MoEMixer
 from models.layers.norm import RMSNorm
 from models.layers.pararnn import ParaGRUMixer, ParaLSTMMixer
 from models.parallel_context import ParallelContext, resolve_context
@@ -21,7 +22,7 @@ TOKEN_MIXER_CLASSES = {
     "pararnn_gru": ParaGRUMixer,
     "pararnn_lstm": ParaLSTMMixer,
 }
-CHANNEL_MIXER_CLASSES = {"mlp": SwiGLUMLP}
+CHANNEL_MIXER_CLASSES = {"mlp": SwiGLUMLP, "moe": MoEMixer}
 
 
 def _mixer_class(kind: str, field_name: str, classes: dict) -> type:

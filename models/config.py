@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass, field
 
 from kernels.dispatch import KernelsConfig
+from moe.config import MoEConfig
 
 
 @dataclass
@@ -88,7 +89,8 @@ class ModelConfig:
     attention_dropout: float = 0.0
     # Token mixer names, cycled over layers (e.g. [gla, gla, gla, attention] for a 3:1 hybrid).
     token_mixers: list[str] = field(default_factory=lambda: ["attention"])
-    # Channel mixer names, cycled over layers.
+    # Channel mixer names, cycled over layers. "moe" layers follow model.moe's placement
+    # (first_k_dense_layers, moe_layer_freq): a layer the placement skips keeps a dense "mlp".
     channel_mixers: list[str] = field(default_factory=lambda: ["mlp"])
     # Residual pattern of every block.
     residual: str = "standard"
@@ -96,6 +98,8 @@ class ModelConfig:
     gla: GLAConfig = field(default_factory=GLAConfig)
     # Settings of the ParaRNN token mixers (used only by pararnn_gru / pararnn_lstm layers).
     pararnn: ParaRNNConfig = field(default_factory=ParaRNNConfig)
+    # Router, experts and dispatcher of the "moe" channel mixer.
+    moe: MoEConfig = field(default_factory=MoEConfig)
     # Which implementation fused ops (GLA chunk, ParaRNN scan) use: auto = Triton on CUDA, torch elsewhere.
     kernels: KernelsConfig = field(default_factory=KernelsConfig)
 

@@ -13,7 +13,7 @@ from models.config import ModelConfig
 
 # Names implemented now; the trainer's config validation rejects anything else before building.
 TOKEN_MIXERS = ("attention", "gla", "pararnn_gru", "pararnn_lstm")
-CHANNEL_MIXERS = ("mlp",)
+CHANNEL_MIXERS = ("mlp", "moe")
 RESIDUALS = ("standard",)
 
 
@@ -27,7 +27,8 @@ class LayerSpec:
 
 
 def layer_specs(cfg: ModelConfig) -> list[LayerSpec]:
-    """Spec of every global layer: layer i cycles through token_mixers and channel_mixers.
+    """Spec of every global layer: layer i cycles through token_mixers and channel_mixers; a "moe"
+    slot that model.moe's placement (first_k_dense_layers, moe_layer_freq) skips is a dense "mlp".
 
     Names are not checked against what is implemented (see `check_implemented`), so the pattern of
     a planned hybrid stack can be computed before its mixers exist.
@@ -38,11 +39,15 @@ def layer_specs(cfg: ModelConfig) -> list[LayerSpec]:
     return [
         LayerSpec(
             token_mixer=cfg.token_mixers[i % len(cfg.token_mixers)],
-            channel_mixer=cfg.channel_mixers[i % len(cfg.channel_mixers)],
+            channel_mixer=_placed(cfg, i, cfg.channel_mixers[i % len(cfg.channel_mixers)]),
             residual=cfg.residual,
         )
         for i in range(cfg.num_layers)
     ]
+
+
+def _placed(cfg: ModelConfig, layer: int, channel_mixer: str) -> str:
+    return "mlp" if channel_mixer == "moe" and not cfg.moe.is_moe_layer(layer) else channel_mixer
 
 
 def check_implemented(cfg: ModelConfig) -> None:

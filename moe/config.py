@@ -17,6 +17,15 @@ GROUPED_GEMM_MODES = ("auto", "grouped_mm", "loop")
 PREFIX = "model.moe"
 
 
+class MoEConfigError(ValueError):
+    """A bad model.moe value: the field, the value, the problem and the fix (the trainer's config
+    validation reports it like its own errors)."""
+
+    def __init__(self, field: str, value, problem: str, fix: str):
+        self.field, self.value, self.problem, self.fix = field, value, problem, fix
+        super().__init__(f"{field}={value!r}: {problem}. Fix: {fix}")
+
+
 @dataclass
 class MoEConfig:
     """Router, dispatcher, experts and placement of the MoE layers of a decoder."""
@@ -89,7 +98,7 @@ class MoEConfig:
     def validate(self, ep: int = 1, etp: int = 1) -> None:
         """Raise ValueError naming the first inconsistent field, its value and a fix."""
         def fail(field: str, value, problem: str, fix: str) -> None:
-            raise ValueError(f"{PREFIX}.{field}={value!r}: {problem}. Fix: {fix}")
+            raise MoEConfigError(f"{PREFIX}.{field}", value, problem, fix)
 
         for name, allowed in (("score_function", SCORE_FUNCTIONS), ("drop_policy", DROP_POLICIES),
                               ("dispatcher", DISPATCHERS), ("router", ROUTERS),

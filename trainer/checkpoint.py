@@ -48,8 +48,22 @@ class ShardLayout:
     pp_rank: int = 0
     pp: int = 1
     writes: bool = True
+    # MoE with experts spread over EP/ETP: every rank writes its own file (experts differ along
+    # axes the dense shards do not); `world` ranks, this one `rank`. None: one file per (tp, pp).
+    world: int | None = None
+    rank: int = 0
+
+    @staticmethod
+    def of(ps: Any, experts_spread: bool = False) -> ShardLayout:
+        """This rank's layout from its ParallelState; `experts_spread` for a model with MoE layers."""
+        per_rank = experts_spread and ps.ep.size * ps.etp.size > 1
+        return ShardLayout(tp_rank=ps.tp.rank, tp=ps.tp.size, pp_rank=ps.pp.rank, pp=ps.pp.size,
+                           writes=per_rank or ps.dp_cp.rank == 0, world=ps.world_size if per_rank else None,
+                           rank=ps.rank)
 
     def file_name(self, tp_rank: int | None = None, pp_rank: int | None = None) -> str:
+        if self.world is not None:
+            return f"state_rank{self.rank:05d}.pt"
         if self.tp * self.pp == 1:
             return STATE_FILE
         tp_rank = self.tp_rank if tp_rank is None else tp_rank
@@ -57,6 +71,8 @@ class ShardLayout:
         return f"state_tp{tp_rank:02d}_pp{pp_rank:02d}.pt"
 
     def all_file_names(self) -> list[str]:
+        if self.world is not None:
+            return [f"state_rank{r:05d}.pt" for r in range(self.world)]
         return [self.file_name(t, p) for p in range(self.pp) for t in range(self.tp)]
 
 
@@ -94,7 +110,7 @@ def save_checkpoint(run_dir: str, step: int, state: dict[str, Any], keep_last: i
     barrier()
     if is_writer:
         _commit(root, tmp, final, {"step": step, "format": "foldtron-shards-v1", "tp": layout.tp,
-                                   "pp": layout.pp, "shards": layout.all_file_names()})
+                                   "pp": layout.pp, "world": layout.world, "shards": layout.all_file_names()})
         if keep_last > 0:
             for stale in list_checkpoints(run_dir)[:-keep_last]:
                 shutil.rmtree(stale[1], ignore_errors=True)
@@ -146,11 +162,14 @@ def load_checkpoint(path: str, layout: ShardLayout = SINGLE_SHARD) -> LoadedChec
             meta = json.load(f)
     except Exception as e:
         raise ValueError(f"checkpoint {path} is unreadable: {type(e).__name__}: {e}") from e
-    saved = (int(meta.get("tp", 1)), int(meta.get("pp", 1)))
-    if saved != (layout.tp, layout.pp):
+    saved = (int(meta.get("tp", 1)), int(meta.get("pp", 1)), meta.get("world"))
+    if saved != (layout.tp, layout.pp, layout.world):
+        per_rank = f" and one file per rank of {saved[2]}" if saved[2] is not None else ""
         raise CheckpointLayoutError(
-            f"checkpoint {path} was saved with parallel.tp={saved[0]} parallel.pp={saved[1]}, but this run has "
-            f"tp={layout.tp} pp={layout.pp} (resharding on load is not implemented yet)")
+            f"checkpoint {path} was saved with parallel.tp={saved[0]} parallel.pp={saved[1]}{per_rank}, but this "
+            f"run has tp={layout.tp} pp={layout.pp}"
+            + (f" on {layout.world} ranks with experts spread" if layout.world is not None else "")
+            + " (resharding on load is not implemented yet)")
     missing = [name for name in meta.get("shards", [STATE_FILE]) if not os.path.isfile(os.path.join(path, name))]
     if missing:
         raise ValueError(f"checkpoint {path} is incomplete (missing {', '.join(missing)})")

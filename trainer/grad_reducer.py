@@ -20,7 +20,8 @@ Contracts:
   raises with that fix.
 - A parameter passed twice (tied embedding and head) is one parameter; requires_grad=False
   parameters are skipped; expert parameters (`param.expert = True`) are left out: their replicas
-  are the EDP group, so they need a second reducer built over `ps.edp` (`excluded` lists them).
+  are the EDP group, so they get a second reducer (`experts=True`) built over `ps.edp`;
+  `GradReducers` drives both.
 """
 from __future__ import annotations
 
@@ -102,7 +103,8 @@ class BucketedGradReducer:
     """
 
     def __init__(self, params: Iterable[torch.nn.Parameter], group: AxisGroup | None,
-                 bucket_size_mb: float = 25.0, stats: CommStats | None = None, overlap: bool = True):
+                 bucket_size_mb: float = 25.0, stats: CommStats | None = None, overlap: bool = True,
+                 experts: bool = False):
         if bucket_size_mb <= 0:
             raise ValueError(f"bucket_size_mb={bucket_size_mb} must be > 0; the DDP default is 25")
         self.group = group
@@ -119,8 +121,9 @@ class BucketedGradReducer:
         for p in params:
             unique.setdefault(id(p), p)
         trainable = [p for p in unique.values() if p.requires_grad]
-        self.excluded = [p for p in trainable if getattr(p, "expert", False)]
-        self.params = [p for p in trainable if not getattr(p, "expert", False)]
+        # `experts` selects the expert parameters instead (their reducer runs over ps.edp).
+        self.excluded = [p for p in trainable if getattr(p, "expert", False) != experts]
+        self.params = [p for p in trainable if getattr(p, "expert", False) == experts]
 
         backward_order = self.params[::-1]
         element_bytes = max((p.element_size() for p in backward_order), default=4)
@@ -223,3 +226,26 @@ class BucketedGradReducer:
         bucket.launched = True
         self.launch_order.append(bucket.index)
         self._next_launch = max(self._next_launch, bucket.index + 1)
+
+
+class GradReducers:
+    """The dense reducer (over DP x CP) and, for MoE models, the expert reducer (over EDP), driven
+    together: one `no_sync()`, `finish()` and `zero_grad()` for the trainer."""
+
+    def __init__(self, reducers: Sequence[BucketedGradReducer]):
+        self.reducers = [r for r in reducers if r.params]
+
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
+        with contextlib.ExitStack() as stack:
+            for reducer in self.reducers:
+                stack.enter_context(reducer.no_sync())
+            yield
+
+    def finish(self) -> None:
+        for reducer in self.reducers:
+            reducer.finish()
+
+    def zero_grad(self) -> None:
+        for reducer in self.reducers:
+            reducer.zero_grad()

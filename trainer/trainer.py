@@ -21,6 +21,8 @@ from kernels.fast_paths import detect_fast_paths
 from models import DecoderModel, build_model
 from models.layers.tensor_parallel import TPContext, allreduce_sequence_parallel_grads, is_tp_duplicate
 from models.parallel_context import CPContext, ParallelContext
+from moe.context import AuxLossScale, MoEContext
+from moe.layer import MoELayer, update_aux_free_biases
 from optim import LRScheduler, build_optimizer, clip_grad_norm_
 from parallel_state import RNGStreams
 from parallel_state.comm_stats import CommStats
@@ -37,7 +39,7 @@ from trainer.config import Config, to_yaml
 from trainer.data import DataPipeline, load_tokenizer, prepare
 from trainer.data.context_split import zigzag_split
 from trainer.distributed import RuntimeEnv
-from trainer.grad_reducer import BucketedGradReducer
+from trainer.grad_reducer import BucketedGradReducer, GradReducers
 from trainer.grad_sync import allreduce_sum
 from trainer.metrics import build_sinks, console_line, drop_metrics_after
 from trainer.mfu import peak_tflops
@@ -127,7 +129,10 @@ class Trainer:
         self.comm_stats = CommStats()
         self.tp = TPContext(self.ps.tp, cfg.parallel.sequence_parallel, self.comm_stats, self.rng)
         self.cp = CPContext(self.ps.cp, cfg.parallel.cp_comm, self.comm_stats)
-        par = ParallelContext(tp=self.tp, cp=self.cp)
+        # MoE aux losses receive the loss contract's factor (1 / global loss tokens), set per step.
+        self.aux_loss_scale = AuxLossScale()
+        moe = MoEContext.from_parallel_state(self.ps, self.tp.sp, self.comm_stats, self.aux_loss_scale)
+        par = ParallelContext(tp=self.tp, cp=self.cp, moe=moe)
         self.pipelined = self.ps.pp.size > 1
         if self.pipelined:
             self.model = PipelineChunks(cfg.model, cfg.seed, self.device, par, self.ps, cfg.parallel.vpp,
@@ -140,12 +145,16 @@ class Trainer:
             self.full_model = DecoderModel(cfg.model, par=par)
         # Dropout on the residual stream: replicated over TP unless SP splits the sequence over it.
         self.dropout_stream = "tp-sharded" if self.tp.sp else "tp-replicated"
-        self.shard_layout = ShardLayout(tp_rank=self.ps.tp.rank, tp=self.ps.tp.size, pp_rank=self.ps.pp.rank,
-                                        pp=self.ps.pp.size, writes=self.ps.dp_cp.rank == 0)
-        # Gradients live in flat buckets reduced over DP x CP from backward hooks (before the
-        # optimizer exists, so its state follows the parameters, not the buffers).
-        self.grad_reducer = BucketedGradReducer(self.model.parameters(), self.ps.dp_cp,
-                                                bucket_size_mb=cfg.parallel.dp_bucket_mb, stats=self.comm_stats)
+        self.moe_layers = [m for m in self.model.modules() if isinstance(m, MoELayer)]
+        self.cfg_has_moe = "moe" in cfg.model.channel_mixers
+        self.shard_layout = ShardLayout.of(self.ps, experts_spread=bool(self.moe_layers))
+        # Gradients live in flat buckets reduced from backward hooks (before the optimizer exists, so
+        # its state follows the parameters, not the buffers): dense ones over DP x CP, expert ones
+        # over EDP (their replicas in the expert grid).
+        self.grad_reducer = GradReducers([
+            BucketedGradReducer(self.model.parameters(), group, bucket_size_mb=cfg.parallel.dp_bucket_mb,
+                                stats=self.comm_stats, experts=experts)
+            for group, experts in ((self.ps.dp_cp, False), (self.ps.edp, True))])
         self.optimizer = build_optimizer(self.model.named_parameters(), cfg.optim)
         self.scheduler = LRScheduler(self.optimizer, cfg.optim.lr, cfg.optim.schedule, t.max_steps)
         self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16)
@@ -257,6 +266,7 @@ class Trainer:
         # Summed over DP x CP: the loss tokens of the global batch (SPECS "Loss normalisation").
         local_tokens = sum(mb["loss_mask"].sum() for mb in microbatches)
         num_tokens = allreduce_sum(torch.as_tensor(local_tokens, dtype=torch.float32), self.ps.dp_cp.group)
+        self.aux_loss_scale.value = 1.0 / max(float(num_tokens), 1.0)
         if self.pipelined:
             loss_sum = self._pipeline(microbatches, num_tokens.to(self.device))
         else:
@@ -267,9 +277,9 @@ class Trainer:
             self.model.sync_tied_embedding_grads(self.ps, self.comm_stats)
         # TP-replicated params that saw only part of the work (norm gains under SP, replicated GQA K/V).
         allreduce_sequence_parallel_grads(self.model.parameters(), self.ps.tp, self.comm_stats)
+        # Each rank counts what it owns uniquely (see _counted_in_norm); the sum over all ranks is global.
         grad_norm = clip_grad_norm_(self.model.parameters(), self.cfg.optim.clip_grad,
-                                    norm_reduce_fn=lambda sq: allreduce_sum(sq, self.ps.mp.group),
-                                    counted=self._counted_in_norm)
+                                    norm_reduce_fn=allreduce_sum, counted=self._counted_in_norm)
         loss = (self._global_sum(loss_sum) / num_tokens).item()
         grad_norm = float(grad_norm)
         lr = self.scheduler.apply(self.step)
@@ -280,11 +290,35 @@ class Trainer:
             self._handle_non_finite(loss, grad_norm)
         self.grad_reducer.zero_grad()  # keeps .grad views into the buckets (never set_to_none)
         self.step += 1
-        return {"loss": loss, "lr": lr, "grad_norm": grad_norm}
+        return {"loss": loss, "lr": lr, "grad_norm": grad_norm, **self._moe_step()}
+
+    def _moe_step(self) -> dict[str, float]:
+        """Once per global batch: the aux-loss-free bias step and the MoE metrics (every rank joins
+        the all-reduces, with zeros where it holds no MoE layer)."""
+        if not self.cfg_has_moe:
+            return {}
+        imbalance = update_aux_free_biases(self.moe_layers, self.ps.tp_dp_cp, self.comm_stats)
+        keys = ("load_balancing", "seq_load_balancing", "z_loss")
+        local = [sum(float(layer.last_aux_sums.get(k, 0.0)) for layer in self.moe_layers) for k in keys]
+        local += [float(sum(layer.last_num_tokens for layer in self.moe_layers)), sum(imbalance),
+                  float(len(imbalance))]
+        totals = allreduce_sum(torch.tensor(local, dtype=torch.float64)).tolist()
+        tokens, imbalance_sum, layers = totals[3], totals[4], totals[5]
+        # The layers' per-rank sums over the TP x DP x CP ranks of a stage are counted by each of them.
+        layers /= self.ps.tp_dp_cp.size
+        imbalance_sum /= self.ps.tp_dp_cp.size
+        metrics = {f"moe/{k}": v / max(tokens, 1.0) for k, v in zip(keys, totals[:3])}
+        metrics["moe/load_imbalance"] = imbalance_sum / max(layers, 1.0)
+        return metrics
 
     def _counted_in_norm(self, param: torch.Tensor) -> bool:
-        """Each parameter once in the global grad norm: TP replicas on TP rank 0, a tied head copy never."""
-        return not is_tp_duplicate(param, self.ps.tp.rank) and not getattr(param, "tied_copy", False)
+        """Each parameter once in the global grad norm (summed over all ranks): dense ones on the first
+        DP x CP replica, TP replicas on TP rank 0, a tied head copy never; expert ones on the first
+        EDP replica, ETP replicas on ETP rank 0."""
+        if getattr(param, "expert", False):
+            return self.ps.edp.rank == 0 and (getattr(param, "shard", None) is not None or self.ps.etp.rank == 0)
+        return (self.ps.dp_cp.rank == 0 and not is_tp_duplicate(param, self.ps.tp.rank)
+                and not getattr(param, "tied_copy", False))
 
     def _global_sum(self, loss_sum: torch.Tensor) -> torch.Tensor:
         """A loss sum over the whole global batch: the last pipeline stage has it, DP x CP split it."""
@@ -392,6 +426,8 @@ class Trainer:
             "tokens": float(self.step * self.tokens_per_step),
             # Bytes this rank sent per step, by group and collective (see parallel_state.comm_stats).
             **{key: value / len(window) for key, value in self._drain_comm_stats().items()},
+            # MoE: aux losses per routed token and load imbalance (max / mean tokens per expert).
+            **{key: sum(m[key] for m in window) / len(window) for key in window[-1] if key.startswith("moe/")},
         }
 
     def _drain_comm_stats(self) -> dict[str, float]:

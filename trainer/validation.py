@@ -13,6 +13,7 @@ from kernels.dispatch import BACKENDS as KERNEL_BACKENDS
 from kernels.dispatch import ON_MISSING as KERNEL_ON_MISSING
 from models.layers.gla import GLA_MODES
 from models.spec import CHANNEL_MIXERS, RESIDUALS, TOKEN_MIXERS
+from moe.config import MoEConfigError
 from optim.config import OPTIMIZER_NAMES, SCHEDULE_NAMES, WSD_DECAY_SHAPES
 from parallel_state.topology import Topology, TopologyError
 from trainer.checkpoint import list_checkpoints
@@ -143,11 +144,6 @@ def _validate_parallel(cfg: Config, world_size: int) -> None:
     _choice("parallel.cp_comm", p.cp_comm, CP_COMMS)
     _positive("parallel.timeout_s", p.timeout_s)
     topology(cfg, world_size)  # sizes tile the world on both grids; the order string is valid
-    # Axes that land with their own issues must not run silently as if they were data parallel.
-    for name in ("ep", "etp"):
-        value = getattr(p, name) or 1
-        _require(value == 1, f"parallel.{name}", value, "this axis is not implemented in this build yet",
-                 f"set parallel.{name}=1 (data parallelism over all ranks works)")
     _require(p.vpp == 1 or p.pp > 1, "parallel.vpp", p.vpp, "virtual stages need pipeline parallelism",
              "set parallel.vpp=1 or parallel.pp>1")
     _require(not p.sequence_parallel or p.tp > 1, "parallel.sequence_parallel", p.sequence_parallel,
@@ -158,6 +154,24 @@ def _validate_parallel(cfg: Config, world_size: int) -> None:
         _validate_context_parallel(cfg)
     if p.pp > 1:
         _validate_pipeline(cfg, world_size)
+    if "moe" in cfg.model.channel_mixers:
+        _validate_moe(cfg, world_size)
+
+
+def _validate_moe(cfg: Config, world_size: int) -> None:
+    """model.moe's own rules (with the expert grid's ep, etp) and the token split without SP."""
+    topo = topology(cfg, world_size)
+    try:
+        cfg.model.moe.validate(ep=topo.ep, etp=topo.etp)
+    except MoEConfigError as e:
+        raise ConfigError(e.field, e.value, e.problem, e.fix) from e
+    p, d = cfg.parallel, cfg.data
+    if p.tp > 1 and not p.sequence_parallel:
+        tokens = d.micro_batch_size * d.seq_len // p.cp
+        _require(tokens % p.tp == 0, "data.micro_batch_size", d.micro_batch_size,
+                 f"a microbatch's {tokens} tokens per CP rank do not split over parallel.tp={p.tp} (without "
+                 "sequence parallelism each TP rank routes 1/tp of them)",
+                 "use parallel.sequence_parallel=true, or a micro batch size whose tokens divide by tp")
 
 
 def _divides(tp: int, field: str, value: int, what: str, fix: str) -> None:

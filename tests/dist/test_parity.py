@@ -2,7 +2,7 @@
 
 The real Trainer runs three steps from the same seed and data on one process and on the layout
 under test. Per step, the losses match, and the gradients each rank hands to the optimizer (after
-the DP and TP reductions and the global-norm clipping), gathered over TP into full tensors, match
+the DP, TP, PP and EP reductions and the global-norm clipping), assembled from every rank's slices, match
 the one-process gradients, fp32, relative tolerance 1e-5 (see assert_grad_close). Later parallel features (pipeline,
 context, expert) add their layouts to LAYOUTS.
 """
@@ -22,6 +22,10 @@ from trainer.trainer import Trainer
 pytestmark = pytest.mark.xdist_group("rank_pool")
 
 STEPS = 3
+# Per-tensor bound after step 1. Adam's first updates are ~lr * sign(g), so rounding-level gradient
+# differences move entries whose gradient is near zero by up to lr; a rarely routed expert sees that
+# most. Measured over the whole matrix: step 1 <= 5e-7, steps 2-3 <= 2.4e-5. A real bug is off by O(1).
+LATER_STEPS_REL = 1e-4
 # A vocabulary no tp divides, so the padded vocabulary shards and the loss masking are exercised.
 ODD_VOCAB = ["model.vocab_size=4099"]
 
@@ -60,32 +64,31 @@ def on_rank(overrides: list[str]) -> dict:
     return train_and_capture(overrides, env)
 
 
-def merge_stages(stages: list[dict]) -> dict:
-    """One TP rank's view of the whole model: the pipeline ranks' parameters together.
+def assembled(results: list[dict], step: int, name: str) -> torch.Tensor:
+    """The full gradient of `name` from every rank that holds a piece of it (padding rows dropped).
 
-    A tied head copy on the last stage ("output.weight" when the reference has only the embedding)
-    must hold exactly the embedding's gradient; it is checked and dropped here.
+    Whatever the layout (TP or ETP shards, pipeline stages, experts on EP ranks), a parameter is
+    either replicated or split into `count` slices: every replica of a slice must hold a
+    bit-identical gradient (DP x CP, EDP and TP replicas never drift), and the slices concatenate.
     """
-    merged = {"grads": [{} for _ in range(STEPS)], "shards": {}, "padded": {}}
-    for stage in stages:
-        merged["shards"].update(stage["shards"])
-        merged["padded"].update(stage["padded"])
-        for step in range(STEPS):
-            merged["grads"][step].update(stage["grads"][step])
-    return merged
-
-
-def gathered(tp_group: list[dict], step: int, name: str) -> torch.Tensor:
-    """The full gradient of `name` from the TP ranks of one replica (padding rows dropped)."""
-    shard = tp_group[0]["shards"][name]
-    if shard is None:
-        full = tp_group[0]["grads"][step][name]
-    else:
-        dim = shard[0]
-        assert [r["shards"][name] for r in tp_group] == [(dim, i, len(tp_group)) for i in range(len(tp_group))]
-        full = torch.cat([r["grads"][step][name] for r in tp_group], dim)
-    if name in tp_group[0]["padded"]:
-        dim, size = tp_group[0]["padded"][name]
+    holders = [r for r in results if name in r["grads"][step]]
+    assert holders, f"no rank holds {name}"
+    layout = {r["shards"][name] and r["shards"][name][::2] for r in holders}
+    assert len(layout) == 1, f"{name}: ranks disagree on its sharding {layout}"
+    pieces: dict[int, torch.Tensor] = {}
+    for r in holders:
+        shard, grad = r["shards"][name], r["grads"][step][name]
+        index = 0 if shard is None else shard[1]
+        if index in pieces:
+            assert torch.equal(pieces[index], grad), f"replicas of {name} (slice {index}) differ"
+        else:
+            pieces[index] = grad
+    shard = holders[0]["shards"][name]
+    count = 1 if shard is None else shard[2]
+    assert sorted(pieces) == list(range(count)), f"{name}: slices {sorted(pieces)} of {count}"
+    full = pieces[0] if count == 1 else torch.cat([pieces[i] for i in range(count)], shard[0])
+    if name in holders[0]["padded"]:
+        dim, size = holders[0]["padded"][name]
         assert (full.narrow(dim, size, full.shape[dim] - size) == 0).all(), f"padding of {name} got gradient"
         full = full.narrow(dim, 0, size)
     return full
@@ -108,6 +111,11 @@ def assert_grad_close(actual: torch.Tensor, expected: torch.Tensor, what: str, e
         scale = expected.abs().max().item()
         torch.testing.assert_close(actual, expected, rtol=rel, atol=rel * scale, msg=lambda m: f"{what}: {m}")
 
+
+# A tiny MoE: 4 experts, top-2, every balance loss on, a shared expert.
+MOE = ["model.channel_mixers=[moe]", "model.moe.num_experts=4", "model.moe.ffn_hidden_size=32",
+       "model.moe.aux_loss_coeff=0.01", "model.moe.seq_aux_loss_coeff=0.01", "model.moe.z_loss_coeff=0.001",
+       "model.moe.num_shared_experts=1"]
 
 # (tp, sequence_parallel, cp, dp, micro batch size, extra overrides); pp and vpp go in the overrides.
 LAYOUTS = [
@@ -143,13 +151,23 @@ LAYOUTS = [
     (2, True, 1, 2, 1, ["parallel.pp=2", "model.num_layers=4", "model.tie_embeddings=true"]),
     (1, False, 2, 1, 1, ["parallel.pp=2", "model.num_layers=4"]),
     (1, False, 1, 1, 1, ["parallel.pp=2", "model.num_layers=4", "parallel.pipeline_layers=[1,3]"]),
+    # MoE with parallel folding (dropless, aux losses on): the expert grid (etp, ep, edp) over the same ranks.
+    (2, False, 1, 1, 2, [*MOE, "parallel.ep=2", "parallel.etp=1"]),
+    (2, True, 1, 1, 2, [*MOE, "parallel.ep=2", "parallel.etp=1"]),
+    (1, False, 1, 4, 1, [*MOE, "data.micro_batch_size=1", "parallel.ep=4"]),
+    (2, True, 1, 2, 2, [*MOE, "parallel.ep=4", "parallel.etp=1"]),
+    (2, False, 1, 2, 2, [*MOE, "parallel.ep=2", "parallel.etp=2"]),
+    (2, True, 1, 2, 2, [*MOE, "model.moe.dispatcher=allgather", "parallel.ep=4", "parallel.etp=1"]),
+    (1, False, 1, 2, 2, [*MOE, "parallel.pp=2", "model.num_layers=4", "parallel.ep=2"]),
+    (1, False, 2, 1, 2, [*MOE, "parallel.ep=2"]),
 ]
 
 
 def layout_id(tp, sp, cp, dp, micro, extra) -> str:
     parts = [f"tp{tp}" + ("-sp" if sp else ""), f"cp{cp}" if cp > 1 else "", f"dp{dp}", f"mb{micro}"]
     parts += [o.split("=")[1].strip("[]").replace(",", "+") for o in extra if "mixers" in o or "vocab" in o
-              or "cp_comm" in o]
+              or "cp_comm" in o or "dispatcher" in o]
+    parts += [o.replace("parallel.", "").replace("=", "") for o in extra if o.startswith(("parallel.ep", "parallel.etp"))]
     parts += [o.split("=")[0].split(".")[1] + o.split("=")[1].replace(",", "+").strip("[]") for o in extra
               if o.startswith(("parallel.pp", "parallel.vpp", "parallel.pipeline_layers", "model.tie"))]
     return "-".join(p for p in parts if p)
@@ -186,27 +204,19 @@ def test_layout_matches_one_process(tmp_path, rank_pools, references, tp, sp, cp
     for r in results:  # every rank reports the global loss
         assert r["losses"] == pytest.approx(reference["losses"], rel=1e-5)
     names = set(reference["grads"][0])
-    for d, c in [(d, c) for d in range(dp) for c in range(cp)]:
-        mine = [r for r in results if r["dp"][0] == d and r["cp"][0] == c]
-        replica = [merge_stages([r for r in mine if r["tp"][0] == t]) for t in range(tp)]
-        if "output.weight" in replica[0]["grads"][0] and "output.weight" not in names:  # tied over stages
-            for r in replica:
-                assert all(torch.equal(g["output.weight"], g["embedding.weight"]) for g in r["grads"])
-                for g in r["grads"]:
-                    del g["output.weight"]
-        assert set(replica[0]["grads"][0]) == names
+    held = set().union(*(r["grads"][0] for r in results))
+    if "output.weight" in held and "output.weight" not in names:  # embeddings tied over pipeline stages
         for step in range(STEPS):
-            for name in names:
-                assert_grad_close(gathered(replica, step, name), reference["grads"][step][name],
-                                  f"step {step + 1}, grad of {name}", elementwise=step == 0)
-            for r in replica[1:]:  # TP-replicated params hold identical gradients on every TP rank
-                for name, shard in r["shards"].items():
-                    if shard is None:
-                        assert torch.equal(r["grads"][step][name], replica[0]["grads"][step][name]), name
-    for r in results:  # DP x CP replicas hold bit-identical gradients, so they never drift apart
-        twin = next(o for o in results if o["tp"] == r["tp"] and o["pp"] == r["pp"] and o["dp"][0] == 0
-                    and o["cp"][0] == 0)
-        assert all(torch.equal(a[n], b[n]) for a, b in zip(r["grads"], twin["grads"]) for n in a)
+            assert torch.equal(assembled(results, step, "output.weight"), assembled(results, step, "embedding.weight"))
+        held.discard("output.weight")
+    assert held == names
+    for step in range(STEPS):
+        for name in names:
+            # Step 1 starts from the same weights: fp32 rounding of the reductions only (1e-5, element
+            # by element). Later steps start from weights one Adam update apart (see assert_grad_close).
+            assert_grad_close(assembled(results, step, name), reference["grads"][step][name],
+                              f"step {step + 1}, grad of {name}", elementwise=step == 0,
+                              rel=1e-5 if step == 0 else LATER_STEPS_REL)
     if tp > 1:  # the TP collectives were counted (their volume is checked in test_tp_layers)
         tp_ops = {key for key in results[0]["comm"] if key.startswith("comm/tp/")}
-        assert ("comm/tp/all_gather_bytes" in tp_ops) == sp and "comm/tp/all_reduce_bytes" in tp_ops, tp_ops
+        assert "comm/tp/all_reduce_bytes" in tp_ops and (not sp or "comm/tp/all_gather_bytes" in tp_ops), tp_ops

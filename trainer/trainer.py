@@ -301,14 +301,16 @@ class Trainer:
         keys = ("load_balancing", "seq_load_balancing", "z_loss")
         local = [sum(float(layer.last_aux_sums.get(k, 0.0)) for layer in self.moe_layers) for k in keys]
         local += [float(sum(layer.last_num_tokens for layer in self.moe_layers)), sum(imbalance),
-                  float(len(imbalance))]
+                  float(len(imbalance)), float(sum(layer.last_dropped_slots for layer in self.moe_layers))]
         totals = allreduce_sum(torch.tensor(local, dtype=torch.float64)).tolist()
-        tokens, imbalance_sum, layers = totals[3], totals[4], totals[5]
+        tokens, imbalance_sum, layers, dropped = totals[3], totals[4], totals[5], totals[6]
         # The layers' per-rank sums over the TP x DP x CP ranks of a stage are counted by each of them.
         layers /= self.ps.tp_dp_cp.size
         imbalance_sum /= self.ps.tp_dp_cp.size
         metrics = {f"moe/{k}": v / max(tokens, 1.0) for k, v in zip(keys, totals[:3])}
         metrics["moe/load_imbalance"] = imbalance_sum / max(layers, 1.0)
+        # Capacity mode: the share of routed token-slots dropped (last microbatch, all MoE layers).
+        metrics["moe/dropped_fraction"] = dropped / max(tokens * self.cfg.model.moe.experts_per_token(), 1.0)
         return metrics
 
     def _counted_in_norm(self, param: torch.Tensor) -> bool:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -136,3 +137,28 @@ def test_bad_override_fails_fast_with_the_field(tmp_path):
     assert proc.returncode == 2
     assert "model.num_kv_heads=3" in proc.stderr and "Fix:" in proc.stderr
     assert not (tmp_path / "never").exists()
+
+
+def test_moe_quickstart_folded_on_8_ranks_matches_one_process(tmp_path):
+    """moe_quickstart on 8 ranks (attention tp2 x dp4, experts ep4 x edp2) gives the one-process
+    losses; its metrics carry the aux losses and the load imbalance; capacity mode stays finite."""
+    common = ["+experiment=moe_quickstart", "trainer.max_steps=6", "trainer.log_interval=1",
+              "trainer.eval_interval=0", "trainer.eval_at_end=false", "optim.schedule.warmup_steps=2"]
+    folded, single, capacity = tmp_path / "folded", tmp_path / "single", tmp_path / "capacity"
+    _torchrun(8, common + [f"trainer.run_dir={folded}"], timeout=400)
+    _torchrun(1, common + [f"trainer.run_dir={single}", "parallel.tp=1", "parallel.ep=1"])
+    a = [r["loss"] for r in _metrics(folded) if "loss" in r]
+    b = [r["loss"] for r in _metrics(single) if "loss" in r]
+    assert len(a) == len(b) == 6
+    assert a == pytest.approx(b, rel=1e-5)
+    last = _metrics(folded)[-1]
+    assert last["moe/load_balancing"] > 0 and last["moe/z_loss"] > 0 and last["moe/load_imbalance"] >= 1.0
+    assert last["comm/ep/all_to_all_bytes"] > 0 and last["comm/edp/all_reduce_bytes"] > 0
+    assert sorted(os.listdir(folded / "checkpoints" / "step_000006")) == [
+        "meta.json", *[f"state_rank{r:05d}.pt" for r in range(8)]]
+
+    _torchrun(8, common + [f"trainer.run_dir={capacity}", "trainer.max_steps=4", "model.moe.capacity_factor=1.0"],
+              timeout=400)
+    rows = [r for r in _metrics(capacity) if "loss" in r]
+    assert len(rows) == 4 and all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in rows)
+    assert max(r["moe/dropped_fraction"] for r in rows) > 0 and last["moe/dropped_fraction"] == 0  # dropless

@@ -51,6 +51,10 @@ from trainer.validation import ConfigError, validate
 log = logging.getLogger("foldtron")
 
 
+# Per-expert token counts are logged as one metric each up to this many experts.
+MAX_LOGGED_EXPERTS = 64
+
+
 class NonFiniteLossError(RuntimeError):
     """Training produced a NaN/Inf loss or gradient norm and trainer.nan_policy says stop."""
 
@@ -297,12 +301,16 @@ class Trainer:
         the all-reduces, with zeros where it holds no MoE layer)."""
         if not self.cfg_has_moe:
             return {}
+        num_experts = self.cfg.model.moe.num_experts
+        # Per-expert routed slots summed over this rank's MoE layers, before the bias step resets them.
+        expert_counts = sum((layer.router.tokens_per_expert.double().cpu() for layer in self.moe_layers),
+                            torch.zeros(num_experts, dtype=torch.float64))
         imbalance = update_aux_free_biases(self.moe_layers, self.ps.tp_dp_cp, self.comm_stats)
         keys = ("load_balancing", "seq_load_balancing", "z_loss")
         local = [sum(float(layer.last_aux_sums.get(k, 0.0)) for layer in self.moe_layers) for k in keys]
         local += [float(sum(layer.last_num_tokens for layer in self.moe_layers)), sum(imbalance),
                   float(len(imbalance)), float(sum(layer.last_dropped_slots for layer in self.moe_layers))]
-        totals = allreduce_sum(torch.tensor(local, dtype=torch.float64)).tolist()
+        totals = allreduce_sum(torch.cat([torch.tensor(local, dtype=torch.float64), expert_counts])).tolist()
         tokens, imbalance_sum, layers, dropped = totals[3], totals[4], totals[5], totals[6]
         # The layers' per-rank sums over the TP x DP x CP ranks of a stage are counted by each of them.
         layers /= self.ps.tp_dp_cp.size
@@ -311,6 +319,8 @@ class Trainer:
         metrics["moe/load_imbalance"] = imbalance_sum / max(layers, 1.0)
         # Capacity mode: the share of routed token-slots dropped (last microbatch, all MoE layers).
         metrics["moe/dropped_fraction"] = dropped / max(tokens * self.cfg.model.moe.experts_per_token(), 1.0)
+        if num_experts <= MAX_LOGGED_EXPERTS:  # routed token-slots per expert, all MoE layers together
+            metrics.update({f"moe/tokens_per_expert/{e}": count for e, count in enumerate(totals[7:])})
         return metrics
 
     def _counted_in_norm(self, param: torch.Tensor) -> bool:

@@ -153,6 +153,8 @@ def test_moe_quickstart_folded_on_8_ranks_matches_one_process(tmp_path):
     assert a == pytest.approx(b, rel=1e-5)
     last = _metrics(folded)[-1]
     assert last["moe/load_balancing"] > 0 and last["moe/z_loss"] > 0 and last["moe/load_imbalance"] >= 1.0
+    # Every routed slot is counted once: tokens x k over the 4 MoE layers.
+    assert sum(last[f"moe/tokens_per_expert/{e}"] for e in range(8)) == 16 * 128 * 2 * 4
     assert last["comm/ep/all_to_all_bytes"] > 0 and last["comm/edp/all_reduce_bytes"] > 0
     assert sorted(os.listdir(folded / "checkpoints" / "step_000006")) == [
         "meta.json", *[f"state_rank{r:05d}.pt" for r in range(8)]]

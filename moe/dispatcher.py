@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from moe.comm import exchange_counts, gather_counts, gather_v, reduce_scatter_v
+from parallel_state.uneven_collectives import exchange_counts, gather_counts, gather_v, reduce_scatter_v
 from moe.context import MoEContext
 from moe.experts import GroupedExperts
 from moe.router import Routing

@@ -1,4 +1,4 @@
-"""Collectives the token dispatchers need beyond parallel_state.collectives, built on torch.distributed.
+"""Collectives with a different row count per rank (MoE token dispatch), next to the even ones of collectives.py.
 
 - `exchange_counts`: all-to-all of per-expert token counts over EP (int64, not differentiable).
 - `gather_counts`: all-gather of counts over ETP.

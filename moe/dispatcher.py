@@ -27,7 +27,6 @@ from dataclasses import dataclass
 
 import torch
 
-from parallel_state.uneven_collectives import exchange_counts, gather_counts, gather_v, reduce_scatter_v
 from moe.context import MoEContext
 from moe.experts import GroupedExperts
 from moe.router import Routing
@@ -38,6 +37,7 @@ from parallel_state.collectives import (
     reduce_scatter_to_sequence_parallel_region,
     resolve_group,
 )
+from parallel_state.uneven_collectives import exchange_counts, gather_counts, gather_v, reduce_scatter_v
 
 
 def _resolve(group) -> ResolvedGroup:

@@ -6,10 +6,17 @@ T = 1024, 4096, 16384, batch 1, in the same run. Prints the speedup (sequential 
 of --repeats), the Newton iterations, the final residual and the largest difference between the two
 modes' states. Target on CPU: >= 30x at T = 4096.
 
+The parallel solve runs with its passes fused by torch.compile when that works here (inductor
+needs a C++ compiler on CPU; `--compile auto`, the default) and eagerly otherwise; the header says
+which. Compilation happens in the untimed warm-up run. The sequential reference is always the plain
+eager loop. On a shared machine other jobs slow the 2-thread parallel solve far more than the
+single-threaded loop: compare numbers from quiet runs.
+
 On CUDA it also times the Triton scan against the torch scan, and runs the comparison with each
 scan backend, with the speedup at T = 4096 next to the paper's up to 665x (Danieli et al. 2025).
 
     .venv/bin/python bench/pararnn.py [--lengths 1024 4096 16384] [--cells gru lstm] [--threads N]
+                                      [--compile auto|on|off]
 """
 from __future__ import annotations
 
@@ -25,7 +32,13 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from kernels.dispatch import KernelsConfig
-from kernels.pararnn import NewtonOptions, linear_scan, parallel_recurrence, sequential_recurrence
+from kernels.pararnn import (
+    NewtonOptions,
+    compile_available,
+    linear_scan,
+    parallel_recurrence,
+    sequential_recurrence,
+)
 from models.layers.pararnn import ParaGRU, ParaLSTM
 
 PAPER_SPEEDUP_T4096 = 665.0
@@ -60,13 +73,14 @@ def recurrence_inputs(cell_name: str, hidden: int, batch: int, seq_len: int, dev
     return layer.cell, u.requires_grad_(True), params
 
 
-def compare_modes(cell_name: str, seq_len: int, args, device: torch.device, kernels: KernelsConfig | None) -> dict:
+def compare_modes(cell_name: str, seq_len: int, args, device: torch.device, kernels: KernelsConfig | None,
+                  compiled: bool) -> dict:
     cell, u, params = recurrence_inputs(cell_name, args.hidden, args.batch, seq_len, device, args.seed)
     options = NewtonOptions(iterations=args.iterations)
     reports = []
 
     def parallel() -> torch.Tensor:
-        h, report = parallel_recurrence(cell, u, params, options, kernels)
+        h, report = parallel_recurrence(cell, u, params, options, kernels, compiled)
         h.sum().backward()
         reports.append(report)
         return h
@@ -111,6 +125,16 @@ def print_mode_table(rows: list[dict], title: str) -> None:
               f"{r['speedup']:>7.1f}x {r['iterations']:>7} {r['residual']:>9.1e} {r['max_diff']:>12.1e}")
 
 
+def print_machine_load(when: str) -> None:
+    """The 1-minute load average: other jobs on the cores slow the multi-threaded parallel solve most."""
+    if not hasattr(os, "getloadavg"):
+        return
+    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    # Only judged before the run: afterwards the average includes this bench's own threads.
+    busy = " (busy: other jobs share the cores, speedups will read low)" if when == "start" and load > cores - 0.5 else ""
+    print(f"load average at {when}: {load:.2f} on {cores} cores{busy}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 16384])
@@ -123,19 +147,30 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
+                        help="fuse the parallel solve's passes with torch.compile (auto: when it works here); "
+                             "the sequential reference always runs eagerly")
     args = parser.parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    compiled, why_not = False, "--compile off"
+    if args.compile != "off":
+        compiled, why_not = compile_available()
+        if args.compile == "on" and not compiled:
+            raise SystemExit(f"--compile on, but torch.compile does not work here: {why_not}")
+    solver = "torch.compile (fused passes)" if compiled else f"eager ({why_not})"
     print(f"ParaRNN bench: device={device} threads={torch.get_num_threads()} hidden={args.hidden} "
-          f"batch={args.batch} newton_iterations={args.iterations}; reference = sequential loop, same run")
+          f"batch={args.batch} newton_iterations={args.iterations}; reference = sequential loop (eager), same run")
+    print(f"parallel solve: {solver}")
+    print_machine_load("start")
 
     backends = [("auto", None)]
     if device.type == "cuda":
         backends = [("torch scan", KernelsConfig(backend="torch")), ("triton scan", KernelsConfig(backend="triton"))]
     results = {}
     for label, kernels in backends:
-        rows = [compare_modes(cell, seq_len, args, device, kernels) for cell in args.cells for seq_len in args.lengths]
+        rows = [compare_modes(cell, seq_len, args, device, kernels, compiled) for cell in args.cells for seq_len in args.lengths]
         results[label] = rows
         print_mode_table(rows, f"forward+backward, parallel ({label}) vs sequential")
 
@@ -143,7 +178,9 @@ def main() -> None:
         for r in rows:
             if r["T"] == 4096:
                 target = f"paper: up to {PAPER_SPEEDUP_T4096:.0f}x" if device.type == "cuda" else "target >= 30x"
-                print(f"{label}: {r['cell']} T=4096 speedup {r['speedup']:.1f}x ({target})")
+                print(f"{label}: {r['cell']} T=4096 speedup {r['speedup']:.1f}x ({target}; solver {solver})")
+
+    print_machine_load("end")
 
     if device.type == "cuda":
         print("\nscan only (forward): Triton vs torch")

@@ -26,6 +26,8 @@ the GRU and LSTM cells.
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -89,9 +91,24 @@ def _block2_apply(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return (a * x.unsqueeze(-3)).sum(-2)
 
 
+def _block2_compose_transposed(a_later: torch.Tensor, a_earlier: torch.Tensor) -> torch.Tensor:
+    # Maps stored untransposed, applied as A^T: later^T earlier^T = (earlier later)^T.
+    return _block2_compose(a_earlier, a_later)
+
+
+def _block2_apply_transposed(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    # [..., k, i, D] x [..., k, D] -> [..., i, D]: A^T x without materialising A^T.
+    return (a * x.unsqueeze(-2)).sum(-3)
+
+
 _SCAN_OPS: dict[str, tuple[Callable, Callable]] = {
     "diagonal": (_diag_compose, _diag_apply),
     "block2": (_block2_compose, _block2_apply),
+}
+# The same scans with every map applied transposed (the adjoint's maps, without a transposed copy).
+_TRANSPOSED_SCAN_OPS: dict[str, tuple[Callable, Callable]] = {
+    "diagonal": (_diag_compose, _diag_apply),
+    "block2": (_block2_compose_transposed, _block2_apply_transposed),
 }
 
 
@@ -146,6 +163,13 @@ def linear_scan_torch(a: torch.Tensor, b: torch.Tensor, structure: str, h0: torc
     return _odd_even_scan(a, _fold_initial_state(a, b, h0, structure), compose, apply)
 
 
+def _transposed_linear_scan_torch(a: torch.Tensor, b: torch.Tensor, structure: str) -> torch.Tensor:
+    """h_t = a_t^T h_{t-1} + b_t (h_{-1} = 0): `linear_scan_torch` with each map transposed."""
+    _check_scan_shapes(a, b, structure)
+    compose, apply = _TRANSPOSED_SCAN_OPS[structure]
+    return _odd_even_scan(a, b, compose, apply)
+
+
 def linear_scan_sequential(a: torch.Tensor, b: torch.Tensor, structure: str,
                            h0: torch.Tensor | None = None) -> torch.Tensor:
     """The reference: one step per t in a Python loop."""
@@ -192,6 +216,16 @@ def transpose_jacobian(a: torch.Tensor, structure: str) -> torch.Tensor:
     return a if structure == "diagonal" else a.transpose(-3, -2)
 
 
+def _reversed_shifted(jacobians: torch.Tensor) -> torch.Tensor:
+    """zero, A_{T-1}, ..., A_1: the adjoint scan's maps in reversed time, before transposing."""
+    return torch.nn.functional.pad(jacobians[:, 1:].flip(1), (0, 0) * (jacobians.dim() - 2) + (1, 0))
+
+
+def _adjoint_maps(jacobians: torch.Tensor, structure: str) -> torch.Tensor:
+    """The time-reversed maps of the adjoint scan: zero, then A_{T-1}^T, ..., A_1^T."""
+    return transpose_jacobian(_reversed_shifted(jacobians), structure)
+
+
 def adjoint_scan(jacobians: torch.Tensor, grad: torch.Tensor, structure: str,
                  kernels: KernelsConfig | None = None) -> torch.Tensor:
     """lambda_t = grad_t + A_{t+1}^T lambda_{t+1} (lambda_T = 0): the reverse-time adjoint scan.
@@ -199,9 +233,7 @@ def adjoint_scan(jacobians: torch.Tensor, grad: torch.Tensor, structure: str,
     `jacobians[:, t]` is A_t = d h_t / d h_{t-1}. Solved as a forward scan on the time-reversed
     sequence whose maps are the transposed Jacobians shifted by one step.
     """
-    shifted = transpose_jacobian(jacobians[:, 1:], structure).flip(1)
-    reversed_maps = torch.cat([torch.zeros_like(jacobians[:, :1]), shifted], dim=1)
-    return linear_scan(reversed_maps, grad.flip(1), structure, kernels=kernels).flip(1)
+    return linear_scan(_adjoint_maps(jacobians, structure), grad.flip(1), structure, kernels=kernels).flip(1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -249,37 +281,159 @@ class NewtonReport:
 
 def shift_states(h: torch.Tensor) -> torch.Tensor:
     """h_{t-1} for every t along dim 1, with zeros at t = 0."""
-    return torch.cat([torch.zeros_like(h[:, :1]), h[:, :-1]], dim=1)
+    # One padded copy (not zeros + cat): torch.compile folds it into the pass that reads it.
+    return torch.nn.functional.pad(h[:, :-1], (0, 0) * (h.dim() - 2) + (1, 0))
+
+
+def _initial_guess(cell: RecurrentCell, u: torch.Tensor, params: Sequence[torch.Tensor]) -> torch.Tensor:
+    """h^0_t = f(0, u_t)."""
+    return cell.step(cell.zero_state(u), u, params)
+
+
+def _residual_and_jacobians(cell: RecurrentCell, h: torch.Tensor, u: torch.Tensor,
+                            params: Sequence[torch.Tensor]):
+    """f(h_{t-1}, u_t) - h_t and the Jacobians at h: one fused pass."""
+    f, jacobians = cell.step_and_jacobian(shift_states(h), u, params)
+    return f - h, jacobians
+
+
+def _update(cell: RecurrentCell, h: torch.Tensor, delta: torch.Tensor, u: torch.Tensor,
+            params: Sequence[torch.Tensor]):
+    """h + delta with its residual and the Jacobians at it: one fused pass."""
+    h = h + delta
+    return h, *_residual_and_jacobians(cell, h, u, params)
+
+
+def _final_update(cell: RecurrentCell, h: torch.Tensor, delta: torch.Tensor, u: torch.Tensor,
+                  params: Sequence[torch.Tensor]):
+    """h + delta and its max |residual| (no Jacobians: no further update follows)."""
+    h = h + delta
+    return h, (cell.step(shift_states(h), u, params) - h).abs().max()
+
+
+def _reversed_adjoint_jacobians(cell: RecurrentCell, h: torch.Tensor, u: torch.Tensor,
+                                params: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The adjoint scan's maps at the solved h, untransposed (see `_reversed_shifted`), contiguous."""
+    jacobians = cell.step_and_jacobian(shift_states(h), u, params)[1]
+    return _reversed_shifted(jacobians).contiguous()
+
+
+def _vector_jacobian_product(cell: RecurrentCell, h: torch.Tensor, u: torch.Tensor,
+                             params: Sequence[torch.Tensor], reversed_cotangent: torch.Tensor,
+                             wants: tuple[bool, ...]) -> list[torch.Tensor | None]:
+    """lambda^T df/d(u, params) at every t, for the inputs flagged in `wants`; lambda is given time-reversed.
+
+    torch.func.vjp rather than autograd.grad: torch.compile fuses it into one pass over (h, u, lambda).
+    """
+    h_prev = shift_states(h)
+    inputs = [u, *params]
+    wanted = [x for x, w in zip(inputs, wants) if w]
+
+    def step_of_wanted(*values):
+        it = iter(values)
+        u_, *params_ = [next(it) if w else x for x, w in zip(inputs, wants)]
+        return cell.step(h_prev, u_, params_)
+
+    _, vjp = torch.func.vjp(step_of_wanted, *wanted)
+    grads = iter(vjp(reversed_cotangent.flip(1)))
+    return [next(grads) if w else None for w in wants]
+
+
+@dataclass(frozen=True)
+class _SolverOps:
+    """The passes of a solve, eager or each fused by torch.compile into a few C++ loops."""
+
+    initial_guess: Callable
+    residual_and_jacobians: Callable
+    update: Callable
+    final_update: Callable
+    reversed_adjoint_jacobians: Callable
+    vector_jacobian_product: Callable
+    scan_torch: Callable
+    transposed_scan_torch: Callable
+
+
+def _eager_ops() -> _SolverOps:
+    return _SolverOps(_initial_guess, _residual_and_jacobians, _update, _final_update, _reversed_adjoint_jacobians,
+                      _vector_jacobian_product, linear_scan_torch, _transposed_linear_scan_torch)
+
+
+@functools.cache
+def _compiled_ops() -> _SolverOps:
+    # Built once per process (torch.compile wrappers keep their own per-shape caches). Static shapes:
+    # the odd-even scan's recursion depends on T, so each length gets its own unrolled graph. Each
+    # pass is compiled on its own: one graph for a whole solve fuses worse (measured 2x slower).
+    def fuse(fn: Callable) -> Callable:
+        return torch.compile(fn, dynamic=False)
+
+    return _SolverOps(*(fuse(fn) for fn in dataclasses.astuple(_eager_ops(), tuple_factory=list)))
+
+
+def _solver_ops(compiled: bool) -> _SolverOps:
+    return _compiled_ops() if compiled else _eager_ops()
+
+
+def _scan(ops: _SolverOps, jacobians: torch.Tensor, b: torch.Tensor, structure: str,
+          kernels: KernelsConfig | None) -> torch.Tensor:
+    impl = pick(SCAN_IMPLS, "pararnn_scan", b.device, kernels)
+    if impl is linear_scan_torch:
+        return ops.scan_torch(jacobians, b, structure)
+    return impl(jacobians, b, structure)
+
+
+@functools.cache
+def compile_available() -> tuple[bool, str]:
+    """(True, "") when torch.compile can fuse the solver's passes here, else (False, why).
+
+    Compiles and runs a tiny function once per process (cached): on CPU inductor needs a working
+    C++ compiler.
+    """
+    try:
+        probe = torch.compile(lambda x: torch.sigmoid(x) * x + 1, dynamic=False)
+        x = torch.linspace(-1, 1, 8, device="cpu")  # explicit: models are built under torch.device("meta")
+        if not torch.allclose(probe(x), torch.sigmoid(x) * x + 1):
+            return False, "torch.compile gave a wrong result on a probe"
+    except Exception as err:  # noqa: BLE001 - any failure means "use eager"; the reason is reported
+        return False, f"{type(err).__name__}: {err}".splitlines()[0]
+    return True, ""
 
 
 def newton_solve(cell: RecurrentCell, u: torch.Tensor, params: Sequence[torch.Tensor],
                  options: NewtonOptions = NewtonOptions(),
-                 kernels: KernelsConfig | None = None) -> tuple[torch.Tensor, NewtonReport]:
+                 kernels: KernelsConfig | None = None,
+                 compiled: bool = False) -> tuple[torch.Tensor, NewtonReport]:
     """Solve h_t = f(h_{t-1}, u_t) for all t by Newton's method; no autograd graph is recorded.
 
+    `compiled=True` fuses the element-wise passes and the torch scan with torch.compile (needs a
+    C++ compiler on CPU, see `compile_available`); the result is the same up to float rounding.
+    Each (cell class, shape, dtype) compiles once, on first use; past torch's recompile limit
+    (dynamo's recompile_limit, 8 by default) further shapes run eagerly with a torch warning.
     Warns with NewtonNotConvergedWarning when the final residual is above the tolerance.
     """
     adaptive = options.tol is not None
     max_updates = options.max_iterations if adaptive else options.iterations
     tolerance = options.tol if adaptive else options.warn_residual
+    ops = _solver_ops(compiled)
     with torch.no_grad():
-        h = cell.step(cell.zero_state(u), u, params)
-        updates = 0
-        while True:
-            h_prev = shift_states(h)
-            if updates < max_updates:
-                f, jacobians = cell.step_and_jacobian(h_prev, u, params)
-            else:
-                f = cell.step(h_prev, u, params)
-            residual = f - h
-            last = updates == max_updates
-            # Fixed mode reads the residual only at the end (each read is a device sync on GPU).
-            if last or adaptive:
-                max_residual = residual.abs().max()
-                if last or float(max_residual) <= tolerance:
+        if max_updates == 0:
+            h = cell.step(cell.zero_state(u), u, params)
+            updates, max_residual = 0, (cell.step(shift_states(h), u, params) - h).abs().max()
+        else:
+            h = ops.initial_guess(cell, u, params)
+            residual, jacobians = ops.residual_and_jacobians(cell, h, u, params)
+            updates = 0
+            while True:
+                # Fixed mode reads the residual only at the end (each read is a device sync on GPU).
+                if adaptive:
+                    max_residual = residual.abs().max()
+                    if float(max_residual) <= tolerance:
+                        break
+                delta = _scan(ops, jacobians, residual, cell.structure, kernels)
+                updates += 1
+                if updates == max_updates:
+                    h, max_residual = ops.final_update(cell, h, delta, u, params)
                     break
-            h = h + linear_scan(jacobians, residual, cell.structure, kernels=kernels)
-            updates += 1
+                h, residual, jacobians = ops.update(cell, h, delta, u, params)
     report = NewtonReport(iterations=updates, residual=max_residual, tolerance=tolerance)
     residual_value = float(max_residual)
     if not residual_value <= tolerance:  # also catches NaN
@@ -297,8 +451,8 @@ class _AdjointRecurrence(torch.autograd.Function):
     """Identity on the solved states whose backward is the adjoint of the recurrence."""
 
     @staticmethod
-    def forward(ctx, cell, kernels, u, h, *params):
-        ctx.cell, ctx.kernels = cell, kernels
+    def forward(ctx, cell, kernels, compiled, u, h, *params):
+        ctx.cell, ctx.kernels, ctx.compiled = cell, kernels, compiled
         ctx.save_for_backward(u, h, *params)
         return h.view_as(h)
 
@@ -306,34 +460,38 @@ class _AdjointRecurrence(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_h):
         cell: RecurrentCell = ctx.cell
-        u, h, *params = ctx.saved_tensors
-        h_prev = shift_states(h)
+        ops = _solver_ops(ctx.compiled)
+        # Detached: the passes below record no graph, and compiled ones then see the same guards as forward's.
+        u, h, *params = [x.detach() for x in ctx.saved_tensors]
+        wants = (ctx.needs_input_grad[3], *ctx.needs_input_grad[5:])
+        if not any(wants):
+            return (None,) * (5 + len(params))
         with torch.no_grad():
-            _, jacobians = cell.step_and_jacobian(h_prev, u, params)
-            lam = adjoint_scan(jacobians, grad_h, cell.structure, ctx.kernels)
-            del jacobians
-        wants = [ctx.needs_input_grad[2]] + list(ctx.needs_input_grad[4:])
-        inputs = [x.detach().requires_grad_(w) for x, w in zip([u, *params], wants)]
-        differentiable = [x for x in inputs if x.requires_grad]
-        grads_by_id = {}
-        if differentiable:
-            with torch.enable_grad():
-                f = cell.step(h_prev, inputs[0], inputs[1:])
-                grads = torch.autograd.grad(f, differentiable, lam)
-            grads_by_id = {id(x): g for x, g in zip(differentiable, grads)}
-        grad_u, *grad_params = [grads_by_id.get(id(x)) for x in inputs]
-        return (None, None, grad_u, None, *grad_params)
+            # lambda_t = grad_t + A_{t+1}^T lambda_{t+1}, solved forward in reversed time.
+            maps = ops.reversed_adjoint_jacobians(cell, h, u, params)
+            reversed_grad = grad_h.flip(1)
+            impl = pick(SCAN_IMPLS, "pararnn_scan", grad_h.device, ctx.kernels)
+            if impl is linear_scan_torch:
+                reversed_lam = ops.transposed_scan_torch(maps, reversed_grad, cell.structure)
+            else:
+                reversed_lam = impl(transpose_jacobian(maps, cell.structure).contiguous(), reversed_grad,
+                                    cell.structure)
+            del maps
+            grad_u, *grad_params = ops.vector_jacobian_product(cell, h, u, params, reversed_lam, wants)
+        return (None, None, None, grad_u, None, *grad_params)
 
 
 def parallel_recurrence(cell: RecurrentCell, u: torch.Tensor, params: Sequence[torch.Tensor],
                         options: NewtonOptions = NewtonOptions(),
-                        kernels: KernelsConfig | None = None) -> tuple[torch.Tensor, NewtonReport]:
+                        kernels: KernelsConfig | None = None,
+                        compiled: bool = False) -> tuple[torch.Tensor, NewtonReport]:
     """States h [B, T, ...] of the recurrence, solved by Newton + scans; differentiable by the adjoint.
 
     Gradients flow to `u` and `params`; the backward saves only u and h (plus the parameters).
+    `compiled` as in `newton_solve` (forward and backward).
     """
-    h, report = newton_solve(cell, u.detach(), [p.detach() for p in params], options, kernels)
-    return _AdjointRecurrence.apply(cell, kernels, u, h, *params), report
+    h, report = newton_solve(cell, u.detach(), [p.detach() for p in params], options, kernels, compiled)
+    return _AdjointRecurrence.apply(cell, kernels, compiled, u, h, *params), report
 
 
 def sequential_recurrence(cell: RecurrentCell, u: torch.Tensor, params: Sequence[torch.Tensor]) -> torch.Tensor:

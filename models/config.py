@@ -47,6 +47,9 @@ class ParaRNNConfig:
     newton_warn_residual: float = 1e-3
     # How the layers run in training: "parallel" (Newton + scan) or "sequential" (the reference loop).
     mode: str = "parallel"
+    # Fuse the solver's element-wise passes and the torch scan with torch.compile (3-4x faster on
+    # CPU; needs a C++ compiler there). Missing support follows model.kernels.on_missing.
+    compile: bool = False
 
 
 @dataclass

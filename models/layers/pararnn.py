@@ -23,6 +23,7 @@ decay (the default) training is identical to initialising the bias at the offset
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -30,7 +31,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels.dispatch import KernelsConfig
-from kernels.pararnn import NewtonOptions, NewtonReport, parallel_recurrence, sequential_recurrence
+from kernels.pararnn import (
+    NewtonOptions,
+    NewtonReport,
+    compile_available,
+    parallel_recurrence,
+    sequential_recurrence,
+)
 from models.config import ModelConfig
 from models.init import ParamInit, normal_init, zeros_init
 from models.layers.tensor_parallel import TPContext, mark_shard, resolve_tp, tp_region_input
@@ -138,9 +145,10 @@ class _ParaRNN(nn.Module):
 
     def __init__(self, cell, hidden_size: int, num_gates: int, num_recurrent_vectors: dict[str, int],
                  state_size: int | None, newton: NewtonOptions | None, output_init_std: float,
-                 kernels: KernelsConfig | None, mode: str, tp: TPContext | None = None):
+                 kernels: KernelsConfig | None, mode: str, tp: TPContext | None = None, compiled: bool = False):
         super().__init__()
         tp = tp or TPContext()
+        self.compiled = compiled and _compile_or_fallback(kernels)
         self.cell = cell
         self.hidden_size = hidden_size
         self.state_size = hidden_size if state_size is None else state_size
@@ -244,7 +252,8 @@ class _ParaRNN(nn.Module):
         u = u.to(compute_dtype)
         params = [getattr(self, name).to(compute_dtype) for name in self.recurrent_names]
         if mode == "parallel":
-            states, self.last_newton_report = parallel_recurrence(self.cell, u, params, self.newton, self.kernels)
+            states, self.last_newton_report = parallel_recurrence(self.cell, u, params, self.newton, self.kernels,
+                                                                  compiled=self.compiled)
         elif mode == "sequential":
             states = sequential_recurrence(self.cell, u, params)
         else:
@@ -270,10 +279,10 @@ class ParaGRU(_ParaRNN):
 
     def __init__(self, hidden_size: int, state_size: int | None = None, newton: NewtonOptions | None = None,
                  output_init_std: float = 0.02, kernels: KernelsConfig | None = None, mode: str = "parallel",
-                 tp: TPContext | None = None):
+                 tp: TPContext | None = None, compiled: bool = False):
         super().__init__(GRUCell(), hidden_size, num_gates=3, num_recurrent_vectors={"recurrent": 3},
                          state_size=state_size, newton=newton, output_init_std=output_init_std,
-                         kernels=kernels, mode=mode, tp=tp)
+                         kernels=kernels, mode=mode, tp=tp, compiled=compiled)
 
 
 class ParaLSTM(_ParaRNN):
@@ -284,10 +293,11 @@ class ParaLSTM(_ParaRNN):
 
     def __init__(self, hidden_size: int, state_size: int | None = None, newton: NewtonOptions | None = None,
                  output_init_std: float = 0.02, kernels: KernelsConfig | None = None, mode: str = "parallel",
-                 tp: TPContext | None = None):
+                 tp: TPContext | None = None, compiled: bool = False):
         super().__init__(LSTMCell(), hidden_size, num_gates=3,
                          num_recurrent_vectors={"recurrent": 3, "peephole": 2}, state_size=state_size,
-                         newton=newton, output_init_std=output_init_std, kernels=kernels, mode=mode, tp=tp)
+                         newton=newton, output_init_std=output_init_std, kernels=kernels, mode=mode, tp=tp,
+                         compiled=compiled)
 
 
 def _from_model_config(cfg: ModelConfig) -> dict:
@@ -297,7 +307,20 @@ def _from_model_config(cfg: ModelConfig) -> dict:
                            max_iterations=p.newton_max_iterations, warn_residual=p.newton_warn_residual)
     output_std = cfg.output_init_std()
     return {"state_size": p.state_size, "newton": newton, "output_init_std": output_std, "mode": p.mode,
-            "kernels": cfg.kernels}
+            "kernels": cfg.kernels, "compiled": p.compile}
+
+
+def _compile_or_fallback(kernels: KernelsConfig | None) -> bool:
+    """Whether the compiled solver can run; model.kernels.on_missing decides what a missing one does."""
+    ok, why = compile_available()
+    if ok:
+        return True
+    if kernels is not None and kernels.on_missing == "fail":
+        raise RuntimeError(f"model.pararnn.compile=true but torch.compile does not work here ({why}). Fix: set "
+                           "model.pararnn.compile=false, or model.kernels.on_missing=fallback to run eager")
+    warnings.warn(f"model.pararnn.compile=true but torch.compile does not work here ({why}); "
+                  "the ParaRNN solver runs eager (model.kernels.on_missing=fallback)", stacklevel=3)
+    return False
 
 
 class ParaGRUMixer(ParaGRU):

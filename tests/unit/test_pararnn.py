@@ -15,8 +15,10 @@ import torch
 from kernels.pararnn import (
     NewtonNotConvergedWarning,
     NewtonOptions,
+    _transposed_linear_scan_torch,
     adjoint_scan,
     block2_linear_scan,
+    compile_available,
     diag_linear_scan,
     newton_solve,
     parallel_recurrence,
@@ -57,6 +59,21 @@ def test_scan_matches_sequential_loop(structure, seq_len):
                 h = torch.einsum("bijd,bjd->bid", a[:, t], h) + b[:, t]
             expected.append(h)
         torch.testing.assert_close(scan(a, b, initial), torch.stack(expected, 1), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("structure", ["diagonal", "block2"])
+@pytest.mark.parametrize("seq_len", [1, 2, 17, 1000])
+def test_transposed_scan_matches_loop_with_transposed_maps(structure, seq_len):
+    # The adjoint's scan applies every stored map transposed, without a transposed copy.
+    gen = torch.Generator().manual_seed(100 + seq_len)
+    a, b, _ = _random_affine(structure, 2, seq_len, 5, gen)
+    h = torch.zeros_like(b[:, 0])
+    expected = []
+    for t in range(seq_len):
+        h = a[:, t] * h + b[:, t] if structure == "diagonal" else torch.einsum("bjid,bjd->bid", a[:, t], h) + b[:, t]
+        expected.append(h)
+    torch.testing.assert_close(_transposed_linear_scan_torch(a, b, structure), torch.stack(expected, 1),
+                               rtol=1e-10, atol=1e-10)
 
 
 def test_scan_rejects_mismatched_shapes():
@@ -124,6 +141,27 @@ def test_adjoint_backward_equals_autograd_through_the_loop(cell, dtype, tol):
     for gp, gs in zip(grads_par, grads_seq):
         torch.testing.assert_close(gp, gs, rtol=tol, atol=tol)
     assert report.iterations < 40
+
+
+@pytest.mark.parametrize("cell", [GRUCell(), LSTMCell()], ids=["gru", "lstm"])
+def test_compiled_solve_and_backward_match_the_loop(cell):
+    available, why = compile_available()
+    if not available:
+        pytest.skip(f"torch.compile unusable here: {why}")
+    u, params = _cell_inputs(cell, 2, 37, 6, scale=0.7, seed=8)
+    u.requires_grad_(True)
+    params[0].requires_grad_(True)  # a parameter without gradient too (LSTM's peephole)
+    upstream = torch.randn(cell.zero_state(u).shape, dtype=F64, generator=torch.Generator().manual_seed(9))
+    options = NewtonOptions(iterations=12)
+    h_par, report = parallel_recurrence(cell, u, params, options, compiled=True)
+    h_seq = sequential_recurrence(cell, u, params)
+    torch.testing.assert_close(h_par, h_seq, rtol=1e-10, atol=1e-10)
+    wanted = [u, params[0]]
+    grads_par = torch.autograd.grad((h_par * upstream).sum(), wanted)
+    grads_seq = torch.autograd.grad((h_seq * upstream).sum(), wanted)
+    for gp, gs in zip(grads_par, grads_seq):
+        torch.testing.assert_close(gp, gs, rtol=1e-10, atol=1e-10)
+    assert report.iterations == 12 and report.converged
 
 
 def test_only_requested_gradients_are_computed():
@@ -317,3 +355,30 @@ def test_model_parallel_and_sequential_modes_give_the_same_loss_and_gradients():
     torch.testing.assert_close(loss_par, loss_seq, rtol=1e-5, atol=1e-5)
     for name in grads_seq:
         torch.testing.assert_close(grads_par[name], grads_seq[name], rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_compile_flag_reaches_the_solver_and_missing_compile_follows_on_missing(monkeypatch):
+    """model.pararnn.compile is handed to the solver; without a working torch.compile the layer warns
+    and runs eager (on_missing=fallback) or refuses (on_missing=fail), never silently."""
+    import models.layers.pararnn as layer_module
+    from kernels.dispatch import KernelsConfig
+
+    seen = []
+    real = layer_module.parallel_recurrence
+
+    def spy(*args, compiled=False, **kwargs):
+        seen.append(compiled)
+        return real(*args, compiled=False, **kwargs)
+
+    monkeypatch.setattr(layer_module, "parallel_recurrence", spy)
+    monkeypatch.setattr(layer_module, "compile_available", lambda: (True, ""))
+    ParaGRU(8, compiled=True)(torch.randn(1, 5, 8))
+    assert seen == [True]
+
+    monkeypatch.setattr(layer_module, "compile_available", lambda: (False, "no C++ compiler"))
+    with pytest.warns(UserWarning, match="runs eager"):
+        layer = ParaGRU(8, compiled=True, kernels=KernelsConfig(on_missing="fallback"))
+    layer(torch.randn(1, 5, 8))
+    assert seen == [True, False]
+    with pytest.raises(RuntimeError, match="model.pararnn.compile=true.*no C\\+\\+ compiler"):
+        ParaGRU(8, compiled=True, kernels=KernelsConfig(on_missing="fail"))

@@ -16,11 +16,17 @@ On CUDA it also times the Triton scan against the torch scan, and runs the compa
 scan backend, with the speedup at T = 4096 next to the paper's up to 665x (Danieli et al. 2025).
 
     .venv/bin/python bench/pararnn.py [--lengths 1024 4096 16384] [--cells gru lstm] [--threads N]
-                                      [--compile auto|on|off]
+                                      [--compile auto|on|off] [--malloc default|keep]
+
+`--malloc keep` (glibc only) stops malloc from handing freed memory back to the OS between passes:
+by default glibc trims the heap and re-faults every page of the solver's next large buffers (about
+10 ms of page faults per LSTM solve at T = 4096; jemalloc/tcmalloc avoid the same). It applies to
+the whole process, the sequential reference included.
 """
 from __future__ import annotations
 
 import argparse
+import ctypes
 import os
 import statistics
 import sys
@@ -125,6 +131,18 @@ def print_mode_table(rows: list[dict], title: str) -> None:
               f"{r['speedup']:>7.1f}x {r['iterations']:>7} {r['residual']:>9.1e} {r['max_diff']:>12.1e}")
 
 
+def keep_freed_memory() -> str:
+    """Pin glibc's mmap and trim thresholds so freed buffers stay in the heap; returns what was set."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError as err:
+        return f"not set ({err})"
+    # mallopt params: M_TRIM_THRESHOLD = -1, M_MMAP_THRESHOLD = -3; 32 MiB is glibc's largest mmap threshold.
+    # Setting either one also turns off glibc's own adaptive thresholds.
+    ok = libc.mallopt(-3, 32 << 20) == 1 and libc.mallopt(-1, 1 << 30) == 1
+    return "glibc keeps freed memory (mmap threshold 32 MiB, trim threshold 1 GiB)" if ok else "mallopt failed"
+
+
 def print_machine_load(when: str) -> None:
     """The 1-minute load average: other jobs on the cores slow the multi-threaded parallel solve most."""
     if not hasattr(os, "getloadavg"):
@@ -150,7 +168,10 @@ def main() -> None:
     parser.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
                         help="fuse the parallel solve's passes with torch.compile (auto: when it works here); "
                              "the sequential reference always runs eagerly")
+    parser.add_argument("--malloc", choices=["default", "keep"], default="default",
+                        help="keep: glibc malloc keeps freed memory instead of trimming (see the module docstring)")
     args = parser.parse_args()
+    malloc = "default" if args.malloc == "default" else keep_freed_memory()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -162,7 +183,7 @@ def main() -> None:
     solver = "torch.compile (fused passes)" if compiled else f"eager ({why_not})"
     print(f"ParaRNN bench: device={device} threads={torch.get_num_threads()} hidden={args.hidden} "
           f"batch={args.batch} newton_iterations={args.iterations}; reference = sequential loop (eager), same run")
-    print(f"parallel solve: {solver}")
+    print(f"parallel solve: {solver}; malloc: {malloc}")
     print_machine_load("start")
 
     backends = [("auto", None)]

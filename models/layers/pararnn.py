@@ -47,9 +47,19 @@ MODES = ("parallel", "sequential")
 
 
 class GRUCell:
-    """The ParaGRU recurrence. u [.., 3, N] holds (u_z, u_r, u_c); params = (a [3, N],)."""
+    """The ParaGRU recurrence. u [.., 3, N] holds (u_z, u_r, u_c); params = (a [3, N],).
+
+    `step` is the reference f (the sequential loop runs it). The solver's passes (`solver_step`,
+    `step_and_jacobian`, `step_vjp`) evaluate tanh as 2 sigmoid(2x) - 1: the same function to float
+    rounding (~1e-7 absolute), and on CPU inductor's vectorised tanh costs about 3 sigmoids.
+    """
 
     structure = "diagonal"
+
+    @staticmethod
+    def fast_tanh(x: torch.Tensor) -> torch.Tensor:
+        """tanh(x) as 2 sigmoid(2x) - 1 (absolute error ~1e-7 in fp32)."""
+        return 2 * torch.sigmoid(2 * x) - 1
 
     def zero_state(self, u: torch.Tensor) -> torch.Tensor:
         return u.new_zeros(u.shape[:-2] + u.shape[-1:])
@@ -70,13 +80,37 @@ class GRUCell:
         u_z, u_r, u_c = u.unbind(-2)
         z = torch.sigmoid(a[0] * h_prev + u_z)
         r = torch.sigmoid(a[1] * h_prev + u_r)
-        c = torch.tanh(a[2] * (r * h_prev) + u_c)
+        c = self.fast_tanh(a[2] * (r * h_prev) + u_c)
         c_minus_h = c - h_prev
         dz = z * (1 - z) * a[0]
         dr = r * (1 - r) * a[1]
         dc = (1 - c * c) * a[2] * (r + h_prev * dr)
         jacobian = (1 - z) + z * dc + c_minus_h * dz
         return h_prev + z * c_minus_h, jacobian
+
+    def solver_step(self, h_prev: torch.Tensor, u: torch.Tensor, params: Sequence[torch.Tensor]) -> torch.Tensor:
+        """f(h_prev, u) as the solver evaluates it (see the class docstring)."""
+        (a,) = params
+        u_z, u_r, u_c = u.unbind(-2)
+        z = torch.sigmoid(a[0] * h_prev + u_z)
+        r = torch.sigmoid(a[1] * h_prev + u_r)
+        c = self.fast_tanh(a[2] * (r * h_prev) + u_c)
+        return h_prev + z * (c - h_prev)
+
+    def step_vjp(self, h_prev: torch.Tensor, u: torch.Tensor, params: Sequence[torch.Tensor],
+                 cotangent: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(lambda^T df/du, [lambda^T df/da]) per step for cotangent lambda; the caller sums over steps."""
+        (a,) = params
+        u_z, u_r, u_c = u.unbind(-2)
+        z = torch.sigmoid(a[0] * h_prev + u_z)
+        r = torch.sigmoid(a[1] * h_prev + u_r)
+        c = self.fast_tanh(a[2] * (r * h_prev) + u_c)
+        grad_uc = cotangent * z * (1 - c * c)
+        grad_uz = cotangent * (c - h_prev) * z * (1 - z)
+        grad_ur = grad_uc * a[2] * h_prev * r * (1 - r)
+        grad_u = torch.stack([grad_uz, grad_ur, grad_uc], dim=-2)
+        # d/da_g: grad_u_g times what a_g multiplies (h, h, r h).
+        return grad_u, [grad_u * torch.stack([h_prev, h_prev, r * h_prev], dim=-2)]
 
     def output(self, states: torch.Tensor) -> torch.Tensor:
         """The part of the state the layer reads out: all of it."""
@@ -90,6 +124,8 @@ class LSTMCell:
     """
 
     structure = "block2"
+    # The solver's passes use it as GRUCell's do (see GRUCell).
+    fast_tanh = staticmethod(GRUCell.fast_tanh)
 
     def zero_state(self, u: torch.Tensor) -> torch.Tensor:
         return u.new_zeros(u.shape[:-2] + (2, u.shape[-1]))
@@ -110,11 +146,11 @@ class LSTMCell:
         c, h = s_prev.unbind(-2)
         u_f, u_c, u_o = u.unbind(-2)
         f = torch.sigmoid(a[0] * h + u_f + p[0] * c)
-        c_tilde = torch.tanh(a[1] * h + u_c)
+        c_tilde = self.fast_tanh(a[1] * h + u_c)
         c_minus_ct = c - c_tilde
         c_next = c_tilde + f * c_minus_ct
         o = torch.sigmoid(a[2] * h + u_o + p[1] * c_next)
-        tanh_c = torch.tanh(c_next)
+        tanh_c = self.fast_tanh(c_next)
         df = f * (1 - f)
         dc_dc = f + c_minus_ct * df * p[0]
         dc_dh = c_minus_ct * df * a[0] + (1 - f) * (1 - c_tilde * c_tilde) * a[1]
@@ -128,6 +164,38 @@ class LSTMCell:
         # One flat stack, then a view: nested stacks make torch.compile copy the blocks twice.
         jacobian = torch.stack([dc_dc, dc_dh, dh_dc, dh_dh], dim=-2).unflatten(-2, (2, 2))
         return state, jacobian
+
+    def solver_step(self, s_prev: torch.Tensor, u: torch.Tensor, params: Sequence[torch.Tensor]) -> torch.Tensor:
+        """f(s_prev, u) as the solver evaluates it (tanh as in GRUCell's solver passes)."""
+        a, p = params
+        c, h = s_prev.unbind(-2)
+        u_f, u_c, u_o = u.unbind(-2)
+        f = torch.sigmoid(a[0] * h + u_f + p[0] * c)
+        c_tilde = self.fast_tanh(a[1] * h + u_c)
+        c_next = c_tilde + f * (c - c_tilde)
+        o = torch.sigmoid(a[2] * h + u_o + p[1] * c_next)
+        return torch.stack([c_next, o * self.fast_tanh(c_next)], dim=-2)
+
+    def step_vjp(self, s_prev: torch.Tensor, u: torch.Tensor, params: Sequence[torch.Tensor],
+                 cotangent: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(lambda^T df/du, [d/da, d/dp]) per step for cotangent lambda [.., 2, N]; the caller sums over steps."""
+        a, p = params
+        c, h = s_prev.unbind(-2)
+        u_f, u_c, u_o = u.unbind(-2)
+        lam_c, lam_h = cotangent.unbind(-2)
+        f = torch.sigmoid(a[0] * h + u_f + p[0] * c)
+        c_tilde = self.fast_tanh(a[1] * h + u_c)
+        c_next = c_tilde + f * (c - c_tilde)
+        o = torch.sigmoid(a[2] * h + u_o + p[1] * c_next)
+        tanh_c = self.fast_tanh(c_next)
+        grad_uo = lam_h * tanh_c * o * (1 - o)
+        # Everything reaching c' (its own cotangent, via h' = o tanh(c'), via o's peephole).
+        grad_c_next = lam_c + lam_h * o * (1 - tanh_c * tanh_c) + grad_uo * p[1]
+        grad_uf = grad_c_next * (c - c_tilde) * f * (1 - f)
+        grad_uc = grad_c_next * (1 - f) * (1 - c_tilde * c_tilde)
+        grad_u = torch.stack([grad_uf, grad_uc, grad_uo], dim=-2)
+        # a_g multiplies h in every gate; p_f multiplies c, p_o multiplies c'.
+        return grad_u, [grad_u * h.unsqueeze(-2), torch.stack([grad_uf * c, grad_uo * c_next], dim=-2)]
 
     def output(self, states: torch.Tensor) -> torch.Tensor:
         """The part of the state the layer reads out: h."""

@@ -125,6 +125,33 @@ def test_cell_jacobian_matches_autodiff(cell):
 
 
 @pytest.mark.parametrize("cell", [GRUCell(), LSTMCell()], ids=["gru", "lstm"])
+def test_cell_step_vjp_matches_autograd_of_step(cell):
+    u, params = _cell_inputs(cell, 2, 5, 4, scale=0.8, seed=3)
+    gen = torch.Generator().manual_seed(4)
+    state_shape = cell.zero_state(u).shape
+    state = torch.randn(state_shape, generator=gen, dtype=F64)
+    cotangent = torch.randn(state_shape, generator=gen, dtype=F64)
+    u.requires_grad_(True)
+    for p in params:
+        p.requires_grad_(True)
+    expected = torch.autograd.grad(cell.step(state, u, params), [u, *params], cotangent)
+    grad_u, per_step = cell.step_vjp(state, u, params, cotangent)
+    got = [grad_u, *(g.flatten(0, 1).sum(0) for g in per_step)]  # the caller's sum over (B, T)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("cell", [GRUCell(), LSTMCell()], ids=["gru", "lstm"])
+def test_cell_solver_step_equals_step_to_float_rounding(cell):
+    u, params = _cell_inputs(cell, 1, 64, 16, scale=0.8, seed=5, dtype=torch.float32)
+    state = torch.randn(cell.zero_state(u).shape, generator=torch.Generator().manual_seed(6))
+    torch.testing.assert_close(cell.solver_step(state, u, params), cell.step(state, u, params),
+                               rtol=1.3e-6, atol=5e-7)
+    x = torch.linspace(-30, 30, 10001)
+    torch.testing.assert_close(cell.fast_tanh(x), torch.tanh(x), rtol=0, atol=2.5e-7)
+
+
+@pytest.mark.parametrize("cell", [GRUCell(), LSTMCell()], ids=["gru", "lstm"])
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)], ids=["fp64", "fp32"])
 def test_adjoint_backward_equals_autograd_through_the_loop(cell, dtype, tol):
     u, params = _cell_inputs(cell, 2, 40, 6, scale=0.7, seed=1, dtype=dtype)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -64,14 +64,19 @@ class GRUCell:
     def zero_state(self, u: torch.Tensor) -> torch.Tensor:
         return u.new_zeros(u.shape[:-2] + u.shape[-1:])
 
-    def step(self, h_prev: torch.Tensor, u: torch.Tensor, params: Sequence[torch.Tensor]) -> torch.Tensor:
+    def step(self, h_prev: torch.Tensor, u: torch.Tensor, params: Sequence[torch.Tensor],
+             tanh: Callable[[torch.Tensor], torch.Tensor] = torch.tanh) -> torch.Tensor:
         (a,) = params
         # unbind, not u[..., g, :]: its backward stacks once instead of a full-size zero tensor per gate.
         u_z, u_r, u_c = u.unbind(-2)
         z = torch.sigmoid(a[0] * h_prev + u_z)
         r = torch.sigmoid(a[1] * h_prev + u_r)
-        c = torch.tanh(a[2] * (r * h_prev) + u_c)
+        c = tanh(a[2] * (r * h_prev) + u_c)
         return h_prev + z * (c - h_prev)
+
+    def solver_step(self, h_prev: torch.Tensor, u: torch.Tensor, params: Sequence[torch.Tensor]) -> torch.Tensor:
+        """f(h_prev, u) as the solver evaluates it (see the class docstring)."""
+        return self.step(h_prev, u, params, tanh=self.fast_tanh)
 
     def step_and_jacobian(self, h_prev: torch.Tensor, u: torch.Tensor,
                           params: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,15 +92,6 @@ class GRUCell:
         dc = (1 - c * c) * a[2] * (r + h_prev * dr)
         jacobian = (1 - z) + z * dc + c_minus_h * dz
         return h_prev + z * c_minus_h, jacobian
-
-    def solver_step(self, h_prev: torch.Tensor, u: torch.Tensor, params: Sequence[torch.Tensor]) -> torch.Tensor:
-        """f(h_prev, u) as the solver evaluates it (see the class docstring)."""
-        (a,) = params
-        u_z, u_r, u_c = u.unbind(-2)
-        z = torch.sigmoid(a[0] * h_prev + u_z)
-        r = torch.sigmoid(a[1] * h_prev + u_r)
-        c = self.fast_tanh(a[2] * (r * h_prev) + u_c)
-        return h_prev + z * (c - h_prev)
 
     def step_vjp(self, h_prev: torch.Tensor, u: torch.Tensor, params: Sequence[torch.Tensor],
                  cotangent: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -130,15 +126,16 @@ class LSTMCell:
     def zero_state(self, u: torch.Tensor) -> torch.Tensor:
         return u.new_zeros(u.shape[:-2] + (2, u.shape[-1]))
 
-    def step(self, s_prev: torch.Tensor, u: torch.Tensor, params: Sequence[torch.Tensor]) -> torch.Tensor:
+    def step(self, s_prev: torch.Tensor, u: torch.Tensor, params: Sequence[torch.Tensor],
+             tanh: Callable[[torch.Tensor], torch.Tensor] = torch.tanh) -> torch.Tensor:
         a, p = params
         c, h = s_prev.unbind(-2)
         u_f, u_c, u_o = u.unbind(-2)
         f = torch.sigmoid(a[0] * h + u_f + p[0] * c)
-        c_tilde = torch.tanh(a[1] * h + u_c)
+        c_tilde = tanh(a[1] * h + u_c)
         c_next = c_tilde + f * (c - c_tilde)
         o = torch.sigmoid(a[2] * h + u_o + p[1] * c_next)
-        return torch.stack([c_next, o * torch.tanh(c_next)], dim=-2)
+        return torch.stack([c_next, o * tanh(c_next)], dim=-2)
 
     def step_and_jacobian(self, s_prev: torch.Tensor, u: torch.Tensor,
                           params: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -167,14 +164,7 @@ class LSTMCell:
 
     def solver_step(self, s_prev: torch.Tensor, u: torch.Tensor, params: Sequence[torch.Tensor]) -> torch.Tensor:
         """f(s_prev, u) as the solver evaluates it (tanh as in GRUCell's solver passes)."""
-        a, p = params
-        c, h = s_prev.unbind(-2)
-        u_f, u_c, u_o = u.unbind(-2)
-        f = torch.sigmoid(a[0] * h + u_f + p[0] * c)
-        c_tilde = self.fast_tanh(a[1] * h + u_c)
-        c_next = c_tilde + f * (c - c_tilde)
-        o = torch.sigmoid(a[2] * h + u_o + p[1] * c_next)
-        return torch.stack([c_next, o * self.fast_tanh(c_next)], dim=-2)
+        return self.step(s_prev, u, params, tanh=self.fast_tanh)
 
     def step_vjp(self, s_prev: torch.Tensor, u: torch.Tensor, params: Sequence[torch.Tensor],
                  cotangent: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:

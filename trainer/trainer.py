@@ -306,6 +306,7 @@ class Trainer:
         expert_counts = sum((layer.router.tokens_per_expert.double().cpu() for layer in self.moe_layers),
                             torch.zeros(num_experts, dtype=torch.float64))
         imbalance = update_aux_free_biases(self.moe_layers, self.ps.tp_dp_cp, self.comm_stats)
+        # Aux-loss sums, routed tokens and dropped slots are the last microbatch's (what the layers keep).
         keys = ("load_balancing", "seq_load_balancing", "z_loss")
         local = [sum(float(layer.last_aux_sums.get(k, 0.0)) for layer in self.moe_layers) for k in keys]
         local += [float(sum(layer.last_num_tokens for layer in self.moe_layers)), sum(imbalance),

@@ -63,7 +63,7 @@ class PipelineChunks(nn.Module):
         """Sum the gradients of the embedding and its head copy over the first and last stage."""
         if not self.has_tied_embedding or ps.embedding is None:
             return
-        # This rank holds the embedding (first stage) or its head copy (last stage), or both (P = 1).
+        # With P > 1 a rank holds the embedding (first stage) or its head copy (last stage), not both.
         chunk = self.chunks[0] if self.stages[0] == 0 else self.chunks[-1]
         weight = chunk.embedding.weight if chunk.embedding is not None else chunk.output.weight
         if weight.grad is None:

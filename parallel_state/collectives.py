@@ -387,6 +387,23 @@ def all_reduce_inplace(tensor: torch.Tensor, group, stats: CommStats | None = No
     return dist.all_reduce(tensor, op=op, group=comm.group, async_op=async_op)
 
 
+def all_reduce_grads_coalesced(params, group, stats: CommStats | None = None) -> None:
+    """Sum the gradients of `params` over `group` in one flat buffer, in place (a missing grad counts
+    as zeros). Every rank of the group must pass the same parameters in the same order."""
+    comm = resolve_group(group)
+    params = [p for p in params if p.requires_grad]
+    if comm.size == 1 or not params:
+        return
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    grads = [p.grad for p in params]
+    flat = torch._utils._flatten_dense_tensors(grads)
+    all_reduce_inplace(flat, comm, stats)
+    for grad, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+        grad.copy_(synced)
+
+
 def all_gather_async(x: torch.Tensor, group, stats: CommStats | None = None):
     """Launch an all-gather along dim 0 (not differentiable); returns (out, handle)."""
     comm = resolve_group(group)

@@ -11,19 +11,12 @@ from collections.abc import Iterable
 import torch
 import torch.distributed as dist
 
+from parallel_state.collectives import all_reduce_grads_coalesced
+
 
 def allreduce_gradients(params: Iterable[torch.nn.Parameter], group: dist.ProcessGroup | None = None) -> None:
     """Sum gradients over `group` in one flat buffer (a missing grad counts as zeros)."""
-    if not dist.is_initialized() or dist.get_world_size(group) == 1:
-        return
-    params = [p for p in params if p.requires_grad]
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-    flat = torch._utils._flatten_dense_tensors([p.grad for p in params])
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
-    for p, synced in zip(params, torch._utils._unflatten_dense_tensors(flat, [p.grad for p in params])):
-        p.grad.copy_(synced)
+    all_reduce_grads_coalesced(params, group)
 
 
 def allreduce_sum(value: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:

@@ -38,7 +38,7 @@ from torch import nn
 from models.init import ParamInit, zeros_init
 from parallel_state.collectives import (
     ResolvedGroup,
-    all_reduce_inplace,
+    all_reduce_grads_coalesced,
     copy_to_tp_region,
     gather_from_sequence_parallel_region,
     gather_from_tp_region,
@@ -140,7 +140,27 @@ class TPContext:
                 p.sequence_parallel = True
 
 
-class ColumnParallelLinear(nn.Module):
+class _TPLinear(nn.Module):
+    """What Column- and RowParallelLinear share: the resolved group and how their params are seeded."""
+
+    def __init__(self, in_features: int, out_features: int, tp: AxisGroup | ResolvedGroup | None, init: ParamInit,
+                 sequence_parallel: bool, stats: CommStats | None):
+        super().__init__()
+        self.tp = resolve_tp(tp)  # resolved once: the collectives in forward need no lookups
+        self.stats = stats
+        self.in_features = in_features
+        self.out_features = out_features
+        self.sequence_parallel = sequence_parallel and self.tp.size > 1
+        self.weight_init = init
+
+    def init_specs(self) -> dict[str, ParamInit]:
+        specs = {"weight": self.weight_init}
+        if self.bias is not None:
+            specs["bias"] = zeros_init()
+        return specs
+
+
+class ColumnParallelLinear(_TPLinear):
     """y = x A^T (+ b) with A's output rows split over TP: this rank holds A[out/tp * r : out/tp * (r+1)].
 
     Input: the full activation [B, T, in] (or, with sequence_parallel, this rank's sequence chunk
@@ -152,29 +172,18 @@ class ColumnParallelLinear(nn.Module):
                  init: ParamInit,
                  bias: bool = False, gather_output: bool = False, sequence_parallel: bool = False,
                  stats: CommStats | None = None):
-        super().__init__()
-        comm = resolve_tp(tp)
         if sequence_parallel and gather_output:
             raise ValueError("ColumnParallelLinear: gather_output=True with sequence_parallel=True is not "
                              "supported; feed the output slice to a RowParallelLinear instead")
-        self.tp = comm  # resolved: the collectives below need no lookups
-        self.stats = stats
-        self.in_features = in_features
-        self.out_features = out_features
+        super().__init__(in_features, out_features, tp, init, sequence_parallel, stats)
+        comm = self.tp
         self.gather_output = gather_output
-        self.sequence_parallel = sequence_parallel and comm.size > 1
-        self.weight_init = init
         self.out_per_rank = divide_exactly(out_features, comm.size, "ColumnParallelLinear out_features")
         self.weight = mark_shard(nn.Parameter(torch.empty(self.out_per_rank, in_features)), 0, comm.rank, comm.size)
         self.bias = None
         if bias:
             self.bias = mark_shard(nn.Parameter(torch.empty(self.out_per_rank)), 0, comm.rank, comm.size)
 
-    def init_specs(self) -> dict[str, ParamInit]:
-        specs = {"weight": self.weight_init}
-        if self.bias is not None:
-            specs["bias"] = zeros_init()
-        return specs
 
     def prepare_input(self, x: torch.Tensor) -> torch.Tensor:
         """The input mapping: all-gather the sequence (SP) or copy into the TP region."""
@@ -191,7 +200,7 @@ class ColumnParallelLinear(nn.Module):
                 f"bias={self.bias is not None}, gather_output={self.gather_output}, sp={self.sequence_parallel}")
 
 
-class RowParallelLinear(nn.Module):
+class RowParallelLinear(_TPLinear):
     """y = x A^T (+ b) with A's input columns split over TP: this rank holds A[:, in/tp * r : in/tp * (r+1)].
 
     Input: this rank's slice [B, T, in/tp] (input_is_parallel, e.g. a ColumnParallelLinear's
@@ -204,17 +213,11 @@ class RowParallelLinear(nn.Module):
                  init: ParamInit,
                  bias: bool = False, input_is_parallel: bool = True, sequence_parallel: bool = False,
                  stats: CommStats | None = None):
-        super().__init__()
-        comm = resolve_tp(tp)
         if sequence_parallel and not input_is_parallel:
             raise ValueError("RowParallelLinear: sequence_parallel=True needs input_is_parallel=True")
-        self.tp = comm  # resolved: the collectives below need no lookups
-        self.stats = stats
-        self.in_features = in_features
-        self.out_features = out_features
+        super().__init__(in_features, out_features, tp, init, sequence_parallel, stats)
+        comm = self.tp
         self.input_is_parallel = input_is_parallel
-        self.sequence_parallel = sequence_parallel and comm.size > 1
-        self.weight_init = init
         self.in_per_rank = divide_exactly(in_features, comm.size, "RowParallelLinear in_features")
         self.weight = mark_shard(nn.Parameter(torch.empty(out_features, self.in_per_rank)), 1, comm.rank, comm.size)
         self.bias = None
@@ -223,11 +226,6 @@ class RowParallelLinear(nn.Module):
             # Under SP each rank adds the bias to its own tokens only: its gradient is partial.
             self.bias.sequence_parallel = self.sequence_parallel
 
-    def init_specs(self) -> dict[str, ParamInit]:
-        specs = {"weight": self.weight_init}
-        if self.bias is not None:
-            specs["bias"] = zeros_init()
-        return specs
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.input_is_parallel:
@@ -263,19 +261,9 @@ def allreduce_sequence_parallel_grads(params: Iterable[nn.Parameter], tp: AxisGr
 
     Every TP rank must call this with the same parameter list. A missing grad counts as zeros.
     """
-    if resolve_tp(tp).size == 1:
-        return
-    marked = [p for p in sequence_parallel_params(params) if p.requires_grad]
-    if not marked:
-        return
-    for p in marked:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-    grads = [p.grad for p in marked]
-    flat = torch._utils._flatten_dense_tensors(grads)
-    all_reduce_inplace(flat, resolve_tp(tp), stats)
-    for g, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
-        g.copy_(synced)
+    comm = resolve_tp(tp)
+    if comm.size > 1:
+        all_reduce_grads_coalesced(sequence_parallel_params(params), comm, stats)
 
 
 def is_tp_duplicate(param: nn.Parameter, tp_rank: int) -> bool:

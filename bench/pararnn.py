@@ -56,17 +56,34 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def timed(fn: Callable[[], object], device: torch.device) -> float:
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
 def median_seconds(fn: Callable[[], object], repeats: int, device: torch.device, warmup: int = 1) -> float:
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(timed(fn, device) for _ in range(repeats))
+
+
+def interleaved_medians(parallel: Callable[[], object], sequential: Callable[[], object], rounds: int,
+                        repeats: int, device: torch.device) -> tuple[float, float]:
+    """Median seconds of each mode, measured in alternation: `rounds` x (`repeats` parallel runs, one
+    sequential run).
+
+    Alternating makes both modes sample the same stretches of a shared machine: this VM's speed drifts
+    by 10-25% over seconds, and back-to-back blocks let that drift land on one side of the ratio only.
+    """
+    parallel()  # warm-up: compiles the solver's passes
+    t_par, t_seq = [], []
+    for _ in range(rounds):
+        t_par.extend(timed(parallel, device) for _ in range(repeats))
+        t_seq.append(timed(sequential, device))
+    return statistics.median(t_par), statistics.median(t_seq)
 
 
 def recurrence_inputs(cell_name: str, hidden: int, batch: int, seq_len: int, device: torch.device, seed: int):
@@ -85,19 +102,25 @@ def compare_modes(cell_name: str, seq_len: int, args, device: torch.device, kern
     options = NewtonOptions(iterations=args.iterations)
     reports = []
 
+    def fresh_grads() -> None:
+        # As in a training step, the backward writes new gradients instead of adding to old ones.
+        for leaf in (u, *params):
+            leaf.grad = None
+
     def parallel() -> torch.Tensor:
+        fresh_grads()
         h, report = parallel_recurrence(cell, u, params, options, kernels, compiled)
         h.sum().backward()
         reports.append(report)
         return h
 
     def sequential() -> torch.Tensor:
+        fresh_grads()
         h = sequential_recurrence(cell, u, params)
         h.sum().backward()
         return h
 
-    t_par = median_seconds(parallel, args.repeats, device)
-    t_seq = median_seconds(sequential, args.seq_repeats, device, warmup=0)
+    t_par, t_seq = interleaved_medians(parallel, sequential, args.rounds, args.repeats, device)
     diff = float((parallel() - sequential()).detach().abs().max())
     return {"cell": cell_name, "T": seq_len, "parallel_s": t_par, "sequential_s": t_seq,
             "speedup": t_seq / t_par, "iterations": reports[-1].iterations,
@@ -160,8 +183,9 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--iterations", type=int, default=3, help="Newton updates (fixed mode)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed runs of the parallel solve (median)")
-    parser.add_argument("--seq-repeats", type=int, default=2, help="timed runs of the sequential loop (median)")
+    parser.add_argument("--rounds", type=int, default=5,
+                        help="measurement rounds; each times --repeats parallel solves and one sequential loop")
+    parser.add_argument("--repeats", type=int, default=3, help="parallel solves per round (medians over all rounds)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=0)

@@ -3,7 +3,7 @@
 Times forward + backward of the recurrence of ParaGRU and ParaLSTM (input projections u given, as
 the part ParaRNN parallelises; the projections cost the same in both modes) for hidden 256 at
 T = 1024, 4096, 16384, batch 1, in the same run. Prints the speedup (sequential / parallel, medians
-of --repeats), the Newton iterations, the final residual and the largest difference between the two
+over --rounds alternating rounds), the Newton iterations, the final residual and the largest difference between the two
 modes' states. Target on CPU: >= 30x at T = 4096.
 
 The parallel solve runs with its passes fused by torch.compile when that works here (inductor
@@ -16,6 +16,7 @@ On CUDA it also times the Triton scan against the torch scan, and runs the compa
 scan backend, with the speedup at T = 4096 next to the paper's up to 665x (Danieli et al. 2025).
 
     .venv/bin/python bench/pararnn.py [--lengths 1024 4096 16384] [--cells gru lstm] [--threads N]
+                                      [--rounds 5] [--repeats 3]
                                       [--compile auto|on|off] [--malloc default|keep]
 
 `--malloc keep` (glibc only) stops malloc from handing freed memory back to the OS between passes:
@@ -75,8 +76,9 @@ def interleaved_medians(parallel: Callable[[], object], sequential: Callable[[],
     """Median seconds of each mode, measured in alternation: `rounds` x (`repeats` parallel runs, one
     sequential run).
 
-    Alternating makes both modes sample the same stretches of a shared machine: this VM's speed drifts
-    by 10-25% over seconds, and back-to-back blocks let that drift land on one side of the ratio only.
+    Alternating makes both modes sample the same stretches of a shared machine: on this VM the same
+    sequential LSTM loop took 0.9 s in one minute and 1.1-1.47 s in another, and back-to-back blocks let
+    such drift land on one side of the ratio only.
     """
     parallel()  # warm-up: compiles the solver's passes
     t_par, t_seq = [], []

@@ -3,8 +3,8 @@
 Times forward + backward of the recurrence of ParaGRU and ParaLSTM (input projections u given, as
 the part ParaRNN parallelises; the projections cost the same in both modes) for hidden 256 at
 T = 1024, 4096, 16384, batch 1, in the same run. Prints the speedup (sequential / parallel, medians
-over --rounds alternating rounds), the Newton iterations, the final residual and the largest difference between the two
-modes' states. Target on CPU: >= 30x at T = 4096.
+over --rounds alternating rounds), the Newton iterations, the final residual and the largest
+difference between the two modes' states. Target on CPU: >= 30x at T = 4096.
 
 The parallel solve runs with its passes fused by torch.compile when that works here (inductor
 needs a C++ compiler on CPU; `--compile auto`, the default) and eagerly otherwise; the header says
@@ -187,7 +187,8 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=3, help="Newton updates (fixed mode)")
     parser.add_argument("--rounds", type=int, default=5,
                         help="measurement rounds; each times --repeats parallel solves and one sequential loop")
-    parser.add_argument("--repeats", type=int, default=3, help="parallel solves per round (medians over all rounds)")
+    parser.add_argument("--repeats", type=int, default=3, help="parallel solves per round (medians over all rounds); on CUDA also the "
+                             "timed runs of each scan backend")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=0)

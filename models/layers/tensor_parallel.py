@@ -184,7 +184,6 @@ class ColumnParallelLinear(_TPLinear):
         if bias:
             self.bias = mark_shard(nn.Parameter(torch.empty(self.out_per_rank)), 0, comm.rank, comm.size)
 
-
     def prepare_input(self, x: torch.Tensor) -> torch.Tensor:
         """The input mapping: all-gather the sequence (SP) or copy into the TP region."""
         return tp_region_input(x, self.tp, self.sequence_parallel, self.stats)
@@ -225,7 +224,6 @@ class RowParallelLinear(_TPLinear):
             self.bias = nn.Parameter(torch.empty(out_features))
             # Under SP each rank adds the bias to its own tokens only: its gradient is partial.
             self.bias.sequence_parallel = self.sequence_parallel
-
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.input_is_parallel:

@@ -17,7 +17,7 @@ scan backend, with the speedup at T = 4096 next to the paper's up to 665x (Danie
 
     .venv/bin/python bench/pararnn.py [--lengths 1024 4096 16384] [--cells gru lstm] [--threads N]
                                       [--rounds 5] [--repeats 3]
-                                      [--compile auto|on|off] [--malloc default|keep]
+                                      [--compile auto|on|off] [--malloc default|keep] [--parts modes scan]
 
 `--malloc keep` (glibc only) stops malloc from handing freed memory back to the OS between passes:
 by default glibc trims the heap and re-faults every page of the solver's next large buffers (about
@@ -197,6 +197,8 @@ def main() -> None:
                              "the sequential reference always runs eagerly")
     parser.add_argument("--malloc", choices=["default", "keep"], default="default",
                         help="keep: glibc malloc keeps freed memory instead of trimming (see the module docstring)")
+    parser.add_argument("--parts", nargs="+", choices=["modes", "scan"], default=["modes", "scan"],
+                        help="modes: parallel vs sequential; scan: Triton vs torch scan (CUDA only)")
     args = parser.parse_args()
     malloc = "default" if args.malloc == "default" else keep_freed_memory()
     if args.threads is not None:
@@ -217,7 +219,7 @@ def main() -> None:
     if device.type == "cuda":
         backends = [("torch scan", KernelsConfig(backend="torch")), ("triton scan", KernelsConfig(backend="triton"))]
     results = {}
-    for label, kernels in backends:
+    for label, kernels in backends if "modes" in args.parts else ():
         rows = [compare_modes(cell, seq_len, args, device, kernels, compiled) for cell in args.cells for seq_len in args.lengths]
         results[label] = rows
         print_mode_table(rows, f"forward+backward, parallel ({label}) vs sequential")
@@ -230,7 +232,7 @@ def main() -> None:
 
     print_machine_load("end")
 
-    if device.type == "cuda":
+    if device.type == "cuda" and "scan" in args.parts:
         print("\nscan only (forward): Triton vs torch")
         for seq_len in args.lengths:
             for r in scan_backends(seq_len, args, device):

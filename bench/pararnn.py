@@ -6,9 +6,11 @@ T = 1024, 4096, 16384, batch 1, in the same run. Prints the speedup (sequential 
 over --rounds alternating rounds), the Newton iterations, the final residual and the largest
 difference between the two modes' states. Target on CPU: >= 30x at T = 4096.
 
-The parallel solve runs with its passes fused by torch.compile when that works here (inductor
-needs a C++ compiler on CPU; `--compile auto`, the default) and eagerly otherwise; the header says
-which. Compilation happens in the untimed warm-up run. The sequential reference is always the plain
+On CPU the forward solve is the fused C kernel (kernels/pararnn_cpu.c, built on first use);
+FOLDTRON_KERNELS_BACKEND=torch times the torch passes instead. The passes (the backward, and the
+forward where the kernel does not run) are fused by torch.compile when that works here (inductor
+needs a C++ compiler on CPU; `--compile auto`, the default) and run eagerly otherwise; the header
+says which. Compilation happens in the untimed warm-up run. The sequential reference is always the plain
 eager loop. On a shared machine other jobs slow the 2-thread parallel solve far more than the
 single-threaded loop: compare numbers from quiet runs.
 
@@ -18,6 +20,7 @@ scan backend, with the speedup at T = 4096 next to the paper's up to 665x (Danie
     .venv/bin/python bench/pararnn.py [--lengths 1024 4096 16384] [--cells gru lstm] [--threads N]
                                       [--rounds 5] [--repeats 3]
                                       [--compile auto|on|off] [--malloc default|keep] [--parts modes scan]
+                                      [--scan-backends torch triton]
 
 `--malloc keep` (glibc only) stops malloc from handing freed memory back to the OS between passes:
 by default glibc trims the heap and re-faults every page of the solver's next large buffers (about
@@ -38,7 +41,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from kernels.dispatch import KernelsConfig
+from kernels.dispatch import BACKEND_ENV, KernelsConfig, requested_backend
 from kernels.pararnn import (
     NewtonOptions,
     compile_available,
@@ -46,6 +49,7 @@ from kernels.pararnn import (
     parallel_recurrence,
     sequential_recurrence,
 )
+from kernels.pararnn_cpu import fused_solver_available
 from models.layers.pararnn import ParaGRU, ParaLSTM
 
 PAPER_SPEEDUP_T4096 = 665.0
@@ -178,6 +182,19 @@ def print_machine_load(when: str) -> None:
     print(f"load average at {when}: {load:.2f} on {cores} cores{busy}")
 
 
+def solver_description(device: torch.device, compiled: bool, why_not: str) -> str:
+    """Which code runs the parallel solve: the fused C forward on CPU (unless FOLDTRON_KERNELS_BACKEND
+    asks for the torch passes), and the passes, compiled or eager."""
+    passes = "torch.compile (fused passes)" if compiled else f"eager passes ({why_not})"
+    if device.type != "cpu":
+        return passes
+    fused, why = fused_solver_available()
+    if fused and requested_backend() == "auto":
+        return f"forward: fused C kernel (kernels/pararnn_cpu.c); backward: {passes}"
+    reason = f"{BACKEND_ENV}={requested_backend()}" if fused else f"fused C kernel unavailable: {why}"
+    return f"forward and backward: {passes} ({reason})"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 16384])
@@ -197,6 +214,8 @@ def main() -> None:
                              "the sequential reference always runs eagerly")
     parser.add_argument("--malloc", choices=["default", "keep"], default="default",
                         help="keep: glibc malloc keeps freed memory instead of trimming (see the module docstring)")
+    parser.add_argument("--scan-backends", nargs="+", choices=["torch", "triton"], default=["torch", "triton"],
+                        help="CUDA: the scan backends the parallel solve is timed with")
     parser.add_argument("--parts", nargs="+", choices=["modes", "scan"], default=["modes", "scan"],
                         help="modes: parallel vs sequential; scan: Triton vs torch scan (CUDA only)")
     args = parser.parse_args()
@@ -209,7 +228,7 @@ def main() -> None:
         compiled, why_not = compile_available()
         if args.compile == "on" and not compiled:
             raise SystemExit(f"--compile on, but torch.compile does not work here: {why_not}")
-    solver = "torch.compile (fused passes)" if compiled else f"eager ({why_not})"
+    solver = solver_description(device, compiled, why_not)
     print(f"ParaRNN bench: device={device} threads={torch.get_num_threads()} hidden={args.hidden} "
           f"batch={args.batch} newton_iterations={args.iterations}; reference = sequential loop (eager), same run")
     print(f"parallel solve: {solver}; malloc: {malloc}")
@@ -217,7 +236,7 @@ def main() -> None:
 
     backends = [("auto", None)]
     if device.type == "cuda":
-        backends = [("torch scan", KernelsConfig(backend="torch")), ("triton scan", KernelsConfig(backend="triton"))]
+        backends = [(f"{name} scan", KernelsConfig(backend=name)) for name in args.scan_backends]
     results = {}
     for label, kernels in backends if "modes" in args.parts else ():
         rows = [compare_modes(cell, seq_len, args, device, kernels, compiled) for cell in args.cells for seq_len in args.lengths]

@@ -38,6 +38,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from kernels.dispatch import KernelsConfig, pick
+from kernels.pararnn_cpu import fused_newton_solve, fused_solver_applies
 
 JACOBIAN_STRUCTURES = ("diagonal", "block2")
 
@@ -630,7 +631,10 @@ def newton_solve(cell: RecurrentCell, u: torch.Tensor, params: Sequence[torch.Te
     ops = _solver_ops(compiled)
     torch_scan = pick(SCAN_IMPLS, "pararnn_scan", u.device, kernels) is linear_scan_torch
     with torch.no_grad():
-        if max_updates == 0:
+        if not adaptive and max_updates > 0 and fused_solver_applies(cell, u, params, kernels):
+            h, max_residual = fused_newton_solve(cell, u, params, max_updates)
+            updates = max_updates
+        elif max_updates == 0:
             h = cell.step(cell.zero_state(u), u, params)
             updates, max_residual = 0, (cell.step(shift_states(h), u, params) - h).abs().max()
         elif torch_scan and not adaptive and cell.structure in _SCAN_IN_PASS_GRAPH:

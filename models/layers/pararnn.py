@@ -55,6 +55,8 @@ class GRUCell:
     """
 
     structure = "diagonal"
+    # kernels/pararnn_cpu.c implements this f (solver_step's form) for the fused CPU solve.
+    fused_cpu_cell = "gru"
 
     @staticmethod
     def fast_tanh(x: torch.Tensor) -> torch.Tensor:
@@ -120,6 +122,7 @@ class LSTMCell:
     """
 
     structure = "block2"
+    fused_cpu_cell = "lstm"  # as GRUCell's
     # The solver's passes use it as GRUCell's do (see GRUCell).
     fast_tanh = staticmethod(GRUCell.fast_tanh)
 

@@ -1,0 +1,421 @@
+/* ParaRNN's fixed-iteration Newton solve on CPU as one fused kernel (built by kernels/pararnn_cpu.py).
+ *
+ * Why: the torch.compile solver materialises every step's Jacobian and residual and reads them again
+ * in the scan; on a CPU that is memory-bound (about 127 MB moved per LSTM Newton update at T = 4096,
+ * N = 256). Here a Newton update evaluates the cell, its Jacobian and the linear recurrence
+ *     delta_t = J_t delta_{t-1} + r_t,   r_t = f(h_{t-1}, u_t) - h_t,   h_t += delta_t
+ * in the same loop, so Jacobians never reach memory and h is updated in place.
+ *
+ * Work is split into items (sequence, channel slab, time chunk); Python picks the split
+ * (`kernels.pararnn_cpu.work_split`). Channels are independent, so slabs need no communication. Time
+ * chunks are the parallel scan, in three phases:
+ *   1. reduce, chunks in parallel: chunk 0 runs from the true delta (zero) and is final, so it
+ *      updates h; every other chunk runs from a zero delta and keeps its end delta and the
+ *      composition of its maps J.
+ *   2. carry, per (sequence, slab), over chunks: end delta of chunk c += M_c (end delta of chunk c-1).
+ *   3. sweep, chunks 1.. in parallel: rerun from the carried delta, updating h.
+ * A chunk's first step reads h^k at the step before it, which another chunk may already have
+ * updated: those boundary states are copied before phase 1. With one chunk per sequence the update
+ * is phase 1 alone.
+ *
+ * Cells (models/layers/pararnn.py, GRUCell and LSTMCell) evaluate tanh as 2 sigmoid(2x) - 1, as the
+ * torch solver's passes do. Layouts, contiguous: u [B, T, 3, N]; state [B, T, S, N] with S = 1 (GRU
+ * h) or 2 (LSTM c, h); recurrent weights a [3, N]; LSTM peepholes p [2, N].
+ *
+ * Compiled once per scalar type with -DREAL=float or -DREAL=double into separate libraries, so each
+ * exports the same names.
+ */
+#include <math.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#if defined(__SSE__)
+#include <xmmintrin.h>
+#endif
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#ifndef REAL
+#define REAL float
+#endif
+typedef REAL real;
+
+#define INLINE static inline __attribute__((always_inline))
+
+enum { CELL_GRU = 0, CELL_LSTM = 1 };
+/* Widest channel slab (stack buffers are sized by it); Python never asks for more. */
+#define MAX_SLAB 512
+
+#if defined(REAL_IS_DOUBLE)
+INLINE real exp_real(real x) { return exp(x); }
+#else
+/* expf by range reduction and a degree-6 polynomial (Cephes' coefficients), about 1 ulp: unlike
+ * libm's expf it vectorises without -ffast-math. */
+INLINE float exp_real(float x) {
+    /* Ternaries, not fminf/fmaxf: those keep libm's NaN rules, which stop vectorisation; NaN still
+     * propagates (both comparisons are false). */
+    x = x < -87.3f ? -87.3f : x;
+    x = x > 88.3f ? 88.3f : x;
+    float n = floorf(x * 1.44269504088896341f + 0.5f);
+    float r = x - n * 0.693359375f;
+    r = r + n * 2.12194440e-4f;
+    float q = 1.9875691500e-4f;
+    q = q * r + 1.3981999507e-3f;
+    q = q * r + 8.3334519073e-3f;
+    q = q * r + 4.1665795894e-2f;
+    q = q * r + 1.6666665459e-1f;
+    q = q * r + 5.0000001201e-1f;
+    q = q * r * r + r + 1.0f;
+    union { int32_t i; float f; } scale;
+    scale.i = ((int32_t)n + 127) << 23;
+    return q * scale.f;
+}
+#endif
+
+INLINE real sigmoid(real x) { return 1 / (1 + exp_real(-x)); }
+INLINE real tanh_solver(real x) { return 2 * sigmoid(2 * x) - 1; }
+
+/* GRU: f(h_prev, u) and df/dh_prev for one channel. */
+INLINE real gru_step(real hp, real uz, real ur, real uc, real a0, real a1, real a2, real *jac) {
+    real z = sigmoid(a0 * hp + uz);
+    real r = sigmoid(a1 * hp + ur);
+    real c = tanh_solver(a2 * (r * hp) + uc);
+    real c_minus_h = c - hp;
+    real dz = z * (1 - z) * a0;
+    real dr = r * (1 - r) * a1;
+    real dc = (1 - c * c) * a2 * (r + hp * dr);
+    *jac = (1 - z) + z * dc + c_minus_h * dz;
+    return hp + z * c_minus_h;
+}
+
+/* LSTM: f([c, h]_prev, u) into (*fc, *fh) and its 2x2 Jacobian (dc/dc, dc/dh, dh/dc, dh/dh). */
+INLINE void lstm_step(real c, real h, real uf, real uc, real uo, real a0, real a1, real a2, real p0,
+                      real p1, real *fc, real *fh, real *j00, real *j01, real *j10, real *j11) {
+    real f = sigmoid(a0 * h + uf + p0 * c);
+    real c_tilde = tanh_solver(a1 * h + uc);
+    real c_minus_ct = c - c_tilde;
+    real c_next = c_tilde + f * c_minus_ct;
+    real o = sigmoid(a2 * h + uo + p1 * c_next);
+    real tanh_c = tanh_solver(c_next);
+    real df = f * (1 - f);
+    real dc_dc = f + c_minus_ct * df * p0;
+    real dc_dh = c_minus_ct * df * a0 + (1 - f) * (1 - c_tilde * c_tilde) * a1;
+    real d_o = o * (1 - o);
+    real o_dtanh = o * (1 - tanh_c * tanh_c);
+    *fc = c_next;
+    *fh = o * tanh_c;
+    *j00 = dc_dc;
+    *j01 = dc_dh;
+    *j10 = d_o * p1 * dc_dc * tanh_c + o_dtanh * dc_dc;
+    *j11 = d_o * (a2 + p1 * dc_dh) * tanh_c + o_dtanh * dc_dh;
+}
+
+/* The cell without its Jacobian (initial guess, final residual); the compiler drops the dead parts. */
+INLINE real gru_value(real hp, real uz, real ur, real uc, real a0, real a1, real a2) {
+    real jac;
+    return gru_step(hp, uz, ur, uc, a0, a1, a2, &jac);
+}
+
+INLINE void lstm_value(real c, real h, real uf, real uc, real uo, real a0, real a1, real a2, real p0,
+                       real p1, real *fc, real *fh) {
+    real j00, j01, j10, j11;
+    lstm_step(c, h, uf, uc, uo, a0, a1, a2, p0, p1, fc, fh, &j00, &j01, &j10, &j11);
+}
+
+/* Where one work item's data lives: sequence b's rows, offset to the slab's first channel. */
+typedef struct {
+    real *state;      /* [T, S, N] at channel d0 */
+    const real *u;    /* [T, 3, N] at channel d0 */
+    const real *a;    /* [3, N] at channel d0 */
+    const real *p;    /* [2, N] at channel d0 (LSTM) */
+    long n, width;    /* row stride, slab width */
+} slab_view;
+
+/* Steps [t0, t1) of Newton's linear recurrence, h += delta in place. hp: h^k at t0 - 1 [S, width];
+ * x: delta entering the chunk (out: at its end). Both are clobbered. */
+static void gru_sweep(slab_view v, long t0, long t1, real *restrict hp, real *restrict x) {
+    const long n = v.n, w = v.width;
+    const real *restrict a0 = v.a, *restrict a1 = v.a + n, *restrict a2 = v.a + 2 * n;
+    for (long t = t0; t < t1; t++) {
+        real *restrict st = v.state + t * n;
+        const real *restrict ut = v.u + t * 3 * n;
+#pragma omp simd
+        for (long i = 0; i < w; i++) {
+            real jac, cur = st[i];
+            real f = gru_step(hp[i], ut[i], ut[n + i], ut[2 * n + i], a0[i], a1[i], a2[i], &jac);
+            real xi = jac * x[i] + (f - cur);
+            x[i] = xi;
+            st[i] = cur + xi;
+            hp[i] = cur;
+        }
+    }
+}
+
+/* As gru_sweep from a zero delta, leaving h alone: x gets the end delta, m the composed map. */
+static void gru_reduce(slab_view v, long t0, long t1, real *restrict hp, real *restrict x, real *restrict m) {
+    const long n = v.n, w = v.width;
+    const real *restrict a0 = v.a, *restrict a1 = v.a + n, *restrict a2 = v.a + 2 * n;
+    for (long i = 0; i < w; i++) { x[i] = 0; m[i] = 1; }
+    for (long t = t0; t < t1; t++) {
+        const real *restrict st = v.state + t * n;
+        const real *restrict ut = v.u + t * 3 * n;
+#pragma omp simd
+        for (long i = 0; i < w; i++) {
+            real jac, cur = st[i];
+            real f = gru_step(hp[i], ut[i], ut[n + i], ut[2 * n + i], a0[i], a1[i], a2[i], &jac);
+            x[i] = jac * x[i] + (f - cur);
+            m[i] = jac * m[i];
+            hp[i] = cur;
+        }
+    }
+}
+
+static void lstm_sweep(slab_view v, long t0, long t1, real *restrict hp, real *restrict x) {
+    const long n = v.n, w = v.width;
+    const real *restrict a0 = v.a, *restrict a1 = v.a + n, *restrict a2 = v.a + 2 * n;
+    const real *restrict p0 = v.p, *restrict p1 = v.p + n;
+    real *restrict hc = hp, *restrict hh = hp + w, *restrict xc = x, *restrict xh = x + w;
+    for (long t = t0; t < t1; t++) {
+        real *restrict sc = v.state + t * 2 * n, *restrict sh = sc + n;
+        const real *restrict ut = v.u + t * 3 * n;
+#pragma omp simd
+        for (long i = 0; i < w; i++) {
+            real fc, fh, j00, j01, j10, j11, cur_c = sc[i], cur_h = sh[i];
+            lstm_step(hc[i], hh[i], ut[i], ut[n + i], ut[2 * n + i], a0[i], a1[i], a2[i], p0[i], p1[i],
+                      &fc, &fh, &j00, &j01, &j10, &j11);
+            real dc = xc[i], dh = xh[i];
+            real nc = j00 * dc + j01 * dh + (fc - cur_c);
+            real nh = j10 * dc + j11 * dh + (fh - cur_h);
+            xc[i] = nc;
+            xh[i] = nh;
+            sc[i] = cur_c + nc;
+            sh[i] = cur_h + nh;
+            hc[i] = cur_c;
+            hh[i] = cur_h;
+        }
+    }
+}
+
+static void lstm_reduce(slab_view v, long t0, long t1, real *restrict hp, real *restrict x, real *restrict m) {
+    const long n = v.n, w = v.width;
+    const real *restrict a0 = v.a, *restrict a1 = v.a + n, *restrict a2 = v.a + 2 * n;
+    const real *restrict p0 = v.p, *restrict p1 = v.p + n;
+    real *restrict hc = hp, *restrict hh = hp + w, *restrict xc = x, *restrict xh = x + w;
+    real *restrict m00 = m, *restrict m01 = m + w, *restrict m10 = m + 2 * w, *restrict m11 = m + 3 * w;
+    for (long i = 0; i < w; i++) { xc[i] = xh[i] = 0; m00[i] = m11[i] = 1; m01[i] = m10[i] = 0; }
+    for (long t = t0; t < t1; t++) {
+        const real *restrict sc = v.state + t * 2 * n, *restrict sh = sc + n;
+        const real *restrict ut = v.u + t * 3 * n;
+#pragma omp simd
+        for (long i = 0; i < w; i++) {
+            real fc, fh, j00, j01, j10, j11, cur_c = sc[i], cur_h = sh[i];
+            lstm_step(hc[i], hh[i], ut[i], ut[n + i], ut[2 * n + i], a0[i], a1[i], a2[i], p0[i], p1[i],
+                      &fc, &fh, &j00, &j01, &j10, &j11);
+            real dc = xc[i], dh = xh[i];
+            xc[i] = j00 * dc + j01 * dh + (fc - cur_c);
+            xh[i] = j10 * dc + j11 * dh + (fh - cur_h);
+            real q00 = m00[i], q01 = m01[i], q10 = m10[i], q11 = m11[i];
+            m00[i] = j00 * q00 + j01 * q10;
+            m01[i] = j00 * q01 + j01 * q11;
+            m10[i] = j10 * q00 + j11 * q10;
+            m11[i] = j10 * q01 + j11 * q11;
+            hc[i] = cur_c;
+            hh[i] = cur_h;
+        }
+    }
+}
+
+/* One row of the initial guess h^0_t = f(0, u_t) over all n channels. */
+static void gru_initial_row(const real *restrict ut, const real *restrict a, long n, real *restrict out) {
+#pragma omp simd
+    for (long i = 0; i < n; i++) out[i] = gru_value(0, ut[i], ut[n + i], ut[2 * n + i], a[i], a[n + i], a[2 * n + i]);
+}
+
+static void lstm_initial_row(const real *restrict ut, const real *restrict a, const real *restrict p, long n,
+                             real *restrict out) {
+#pragma omp simd
+    for (long i = 0; i < n; i++)
+        lstm_value(0, 0, ut[i], ut[n + i], ut[2 * n + i], a[i], a[n + i], a[2 * n + i], p[i], p[n + i], &out[i],
+                   &out[n + i]);
+}
+
+/* max_i |f(hp, u_t) - h_t| over one row (NaN propagates); hp = h_{t-1}, or zeros at t = 0. */
+static real gru_residual_row(const real *restrict hp, const real *restrict ut, const real *restrict a, long n,
+                             const real *restrict h) {
+    real worst = 0;
+    int nans = 0;
+#pragma omp simd reduction(max : worst) reduction(+ : nans)
+    for (long i = 0; i < n; i++) {
+        real diff = fabs(gru_value(hp[i], ut[i], ut[n + i], ut[2 * n + i], a[i], a[n + i], a[2 * n + i]) - h[i]);
+        worst = diff > worst ? diff : worst;
+        nans += diff != diff;
+    }
+    return nans ? NAN : worst;
+}
+
+static real lstm_residual_row(const real *restrict hp, const real *restrict ut, const real *restrict a,
+                              const real *restrict p, long n, const real *restrict h) {
+    real worst = 0;
+    int nans = 0;
+#pragma omp simd reduction(max : worst) reduction(+ : nans)
+    for (long i = 0; i < n; i++) {
+        real fc, fh;
+        lstm_value(hp[i], hp[n + i], ut[i], ut[n + i], ut[2 * n + i], a[i], a[n + i], a[2 * n + i], p[i], p[n + i],
+                   &fc, &fh);
+        real dc = fabs(fc - h[i]), dh = fabs(fh - h[n + i]);
+        real diff = dc > dh ? dc : dh;
+        worst = diff > worst ? diff : worst;
+        nans += (dc != dc) + (dh != dh);
+    }
+    return nans ? NAN : worst;
+}
+
+/* Flush denormals to zero in this thread, returning the old control word. Converged steps have zero
+ * residual, so their delta decays geometrically through the denormal range, where each operation
+ * costs ~100 cycles (measured: the GRU solve 22 -> 9 ms); denormal deltas cannot change h anyway. */
+static unsigned flush_denormals(void) {
+#if defined(__SSE__)
+    unsigned old = _mm_getcsr();
+    _mm_setcsr(old | 0x8040); /* FTZ | DAZ */
+    return old;
+#else
+    return 0;
+#endif
+}
+
+static void restore_denormals(unsigned old) {
+#if defined(__SSE__)
+    _mm_setcsr(old);
+#else
+    (void)old;
+#endif
+}
+
+/* Solve h_t = f(h_{t-1}, u_t), h_{-1} = 0, for all t: h^0_t = f(0, u_t), then `updates` Newton
+ * updates, into `state`; *residual = max_t |f(h_{t-1}, u_t) - h_t| at the result.
+ * The work split: slabs of `slab` channels (<= MAX_SLAB), `chunks` time chunks per sequence.
+ * Returns 0, -1 when out of memory, -2 for an unsupported argument. */
+int pararnn_newton_solve(int cell, const real *u, const real *a, const real *p, real *state, long batch,
+                         long seq_len, long n, int updates, int threads, long slab, long chunks,
+                         real *residual) {
+    if ((cell != CELL_GRU && cell != CELL_LSTM) || slab < 1 || slab > MAX_SLAB || chunks < 1 ||
+        chunks > seq_len || threads < 1)
+        return -2;
+    const long s = cell == CELL_GRU ? 1 : 2;
+    const long slabs = (n + slab - 1) / slab;
+    const long chunk_len = (seq_len + chunks - 1) / chunks;
+    chunks = (seq_len + chunk_len - 1) / chunk_len; /* no empty trailing chunk */
+    const long items = batch * slabs * chunks;
+    const long vec = s * MAX_SLAB, mat = s * s * MAX_SLAB;
+    /* Per item: h^k before the chunk, the chunk's end delta, its composed map. */
+    real *boundary = malloc(sizeof(real) * items * vec);
+    real *ends = malloc(sizeof(real) * items * vec);
+    real *maps = malloc(sizeof(real) * items * mat);
+    real *worst = calloc((size_t)threads, sizeof(real));
+    real *zeros = calloc((size_t)(s * n), sizeof(real)); /* h_{-1} */
+    int status = 0;
+    if (!boundary || !ends || !maps || !worst || !zeros) {
+        status = -1;
+        goto done;
+    }
+
+#pragma omp parallel num_threads(threads)
+    {
+        real hp[2 * MAX_SLAB], x[2 * MAX_SLAB];
+        const unsigned csr = flush_denormals();
+#pragma omp for schedule(static)
+        for (long row = 0; row < batch * seq_len; row++) {
+            if (cell == CELL_GRU) gru_initial_row(u + row * 3 * n, a, n, state + row * n);
+            else lstm_initial_row(u + row * 3 * n, a, p, n, state + row * 2 * n);
+        }
+        for (int k = 0; k < updates; k++) {
+            /* Item i = ((b * slabs) + slab index) * chunks + chunk: a sequence-slab's chunks are adjacent. */
+#pragma omp for schedule(static)
+            for (long i = 0; i < items; i++) {
+                long c = i % chunks, sl = (i / chunks) % slabs, b = i / (chunks * slabs);
+                long d0 = sl * slab, w = n - d0 < slab ? n - d0 : slab, t0 = c * chunk_len;
+                real *bd = boundary + i * vec;
+                for (long r = 0; r < s; r++) {
+                    if (t0 == 0) memset(bd + r * w, 0, sizeof(real) * w);
+                    else memcpy(bd + r * w, state + ((b * seq_len + t0 - 1) * s + r) * n + d0, sizeof(real) * w);
+                }
+            }
+#pragma omp for schedule(static)
+            for (long i = 0; i < items; i++) {
+                long c = i % chunks, sl = (i / chunks) % slabs, b = i / (chunks * slabs);
+                long d0 = sl * slab, w = n - d0 < slab ? n - d0 : slab, t0 = c * chunk_len;
+                long t1 = t0 + chunk_len < seq_len ? t0 + chunk_len : seq_len;
+                slab_view v = {state + b * seq_len * s * n + d0, u + b * seq_len * 3 * n + d0, a + d0,
+                               p ? p + d0 : 0, n, w};
+                memcpy(hp, boundary + i * vec, sizeof(real) * s * w);
+                if (c == 0) {
+                    memset(x, 0, sizeof(real) * s * w);
+                    if (cell == CELL_GRU) gru_sweep(v, t0, t1, hp, x);
+                    else lstm_sweep(v, t0, t1, hp, x);
+                    memcpy(ends + i * vec, x, sizeof(real) * s * w);
+                } else if (cell == CELL_GRU) {
+                    gru_reduce(v, t0, t1, hp, ends + i * vec, maps + i * mat);
+                } else {
+                    lstm_reduce(v, t0, t1, hp, ends + i * vec, maps + i * mat);
+                }
+            }
+            if (chunks > 1) {
+#pragma omp for schedule(static)
+                for (long q = 0; q < batch * slabs; q++) {
+                    long w = n - (q % slabs) * slab < slab ? n - (q % slabs) * slab : slab;
+                    for (long c = 1; c < chunks; c++) {
+                        const real *m = maps + (q * chunks + c) * mat, *prev = ends + (q * chunks + c - 1) * vec;
+                        real *e = ends + (q * chunks + c) * vec;
+                        if (s == 1) {
+                            for (long d = 0; d < w; d++) e[d] += m[d] * prev[d];
+                        } else {
+                            for (long d = 0; d < w; d++) {
+                                real p0 = prev[d], p1 = prev[w + d];
+                                e[d] += m[d] * p0 + m[w + d] * p1;
+                                e[w + d] += m[2 * w + d] * p0 + m[3 * w + d] * p1;
+                            }
+                        }
+                    }
+                }
+#pragma omp for schedule(static)
+                for (long i = 0; i < items; i++) {
+                    long c = i % chunks, sl = (i / chunks) % slabs, b = i / (chunks * slabs);
+                    if (c == 0) continue;
+                    long d0 = sl * slab, w = n - d0 < slab ? n - d0 : slab, t0 = c * chunk_len;
+                    long t1 = t0 + chunk_len < seq_len ? t0 + chunk_len : seq_len;
+                    slab_view v = {state + b * seq_len * s * n + d0, u + b * seq_len * 3 * n + d0, a + d0,
+                                   p ? p + d0 : 0, n, w};
+                    memcpy(hp, boundary + i * vec, sizeof(real) * s * w);
+                    memcpy(x, ends + (i - 1) * vec, sizeof(real) * s * w);
+                    if (cell == CELL_GRU) gru_sweep(v, t0, t1, hp, x);
+                    else lstm_sweep(v, t0, t1, hp, x);
+                }
+            }
+        }
+        real local = 0;
+#pragma omp for schedule(static)
+        for (long row = 0; row < batch * seq_len; row++) {
+            const real *prev = row % seq_len ? state + (row - 1) * s * n : zeros;
+            const real *ut = u + row * 3 * n, *h = state + row * s * n;
+            real r = cell == CELL_GRU ? gru_residual_row(prev, ut, a, n, h) : lstm_residual_row(prev, ut, a, p, n, h);
+            local = r > local || r != r ? r : local;
+        }
+        restore_denormals(csr);
+#ifdef _OPENMP
+        worst[omp_get_thread_num()] = local;
+#else
+        worst[0] = local;
+#endif
+    }
+    real result = 0;
+    for (int i = 0; i < threads; i++) result = worst[i] > result || worst[i] != worst[i] ? worst[i] : result;
+    *residual = result;
+done:
+    free(boundary);
+    free(ends);
+    free(maps);
+    free(worst);
+    free(zeros);
+    return status;
+}

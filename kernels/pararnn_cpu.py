@@ -1,0 +1,179 @@
+"""ParaRNN's fixed-iteration Newton solve as one fused C kernel on CPU (kernels/pararnn_cpu.c).
+
+The torch.compile solver is bounded by memory traffic on CPU: it writes every step's Jacobian and
+residual and reads them back in the scan. The C kernel evaluates the cell, its Jacobian and the
+scan's recurrence in one loop and updates h in place (the file's header says how the parallel scan
+is split into phases). It is built on first use with the system C compiler (`CC`, default `cc`),
+cached on disk, and loaded with ctypes: no Python build step and no torch headers.
+
+Only the forward solve runs here; the adjoint backward stays in kernels/pararnn.py. Supported: the
+ParaGRU and ParaLSTM cells, float32 and float64, fixed iteration count.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+from kernels.dispatch import KernelBackendWarning, KernelsConfig, requested_backend
+
+SOURCE = Path(__file__).with_name("pararnn_cpu.c")
+# Must match the enum in pararnn_cpu.c.
+CELL_IDS = {"gru": 0, "lstm": 1}
+MAX_SLAB = 512  # pararnn_cpu.c's MAX_SLAB
+# Narrowest channel slab the split makes before it cuts time into chunks (a few vector registers).
+MIN_SLAB = 32
+# Shortest time chunk worth a parallel-scan pass (shorter ones are mostly fixed cost).
+MIN_CHUNK = 64
+# Chunks per thread when time must be split: chunk 0 is final after phase 1, so more chunks keep
+# both phases' loads even.
+CHUNKS_PER_THREAD = 4
+CACHE_ENV = "FOLDTRON_KERNEL_CACHE"
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-trapping-math", "-fno-math-errno", "-mprefer-vector-width=512", "-std=gnu11",
+         "-shared", "-fPIC")
+_DTYPES = {torch.float32: ("float32", ["-DREAL=float"], ctypes.c_float),
+           torch.float64: ("float64", ["-DREAL=double", "-DREAL_IS_DOUBLE"], ctypes.c_double)}
+
+
+def work_split(batch: int, channels: int, seq_len: int, threads: int) -> tuple[int, int]:
+    """(slab width, time chunks per sequence) for the kernel's work items.
+
+    Channels are independent, so splitting them costs nothing: slabs narrow (down to MIN_SLAB) until
+    batch x slabs items fill the threads. Only then is time cut into chunks, which doubles the work
+    (parallel scan: reduce, then sweep), so it pays only beyond two threads per item.
+    """
+    if min(batch, channels, seq_len, threads) < 1:
+        raise ValueError(f"work_split needs positive sizes, got batch={batch} channels={channels} "
+                         f"seq_len={seq_len} threads={threads}")
+    slab = min(channels, MAX_SLAB)
+    while batch * -(-channels // slab) < threads and slab > MIN_SLAB:
+        slab = max(MIN_SLAB, -(-slab // 2))
+    items = batch * -(-channels // slab)
+    chunks = 1
+    if items * 2 < threads:
+        chunks = min(CHUNKS_PER_THREAD * -(-threads // items), max(1, seq_len // MIN_CHUNK))
+    return slab, chunks
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "foldtron", "kernels")
+    return Path(root)
+
+
+def _cpu_signature() -> str:
+    """What -march=native depends on: the CPU's model and flags (one cache may serve several hosts)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = [line for line in f if line.startswith(("model name", "flags"))][:2]
+    except OSError:
+        lines = []
+    return platform.machine() + "".join(lines)
+
+
+def _build(dtype_name: str, defines: list[str]) -> Path:
+    compiler = os.environ.get("CC", "cc")
+    if shutil.which(compiler) is None:
+        raise RuntimeError(f"no C compiler: {compiler!r} (the CC environment variable, default cc) is not on PATH")
+    version = subprocess.run([compiler, "--version"], check=False, capture_output=True, text=True).stdout
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, version, _cpu_signature(), *FLAGS,
+                                    *defines]).encode()).hexdigest()[:16]
+    target = _cache_dir() / f"pararnn_cpu_{dtype_name}_{key}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Build beside the target and rename: ranks of one job may build at the same time.
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        out = Path(tmp) / target.name
+        result = subprocess.run([compiler, *FLAGS, *defines, str(SOURCE), "-o", str(out), "-lm"],
+                                check=False, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise RuntimeError(f"{compiler} failed to build {SOURCE.name}: {result.stderr.strip()[-2000:]}")
+        os.replace(out, target)
+    return target
+
+
+@functools.cache
+def _library(dtype: torch.dtype):
+    dtype_name, defines, c_real = _DTYPES[dtype]
+    lib = ctypes.CDLL(str(_build(dtype_name, defines)))
+    fn = lib.pararnn_newton_solve
+    ptr, long = ctypes.c_void_p, ctypes.c_long
+    fn.argtypes = [ctypes.c_int, ptr, ptr, ptr, ptr, long, long, long, ctypes.c_int, ctypes.c_int, long, long,
+                   ctypes.POINTER(c_real)]
+    fn.restype = ctypes.c_int
+    return fn, c_real
+
+
+@functools.cache
+def fused_solver_available(dtype: torch.dtype = torch.float32) -> tuple[bool, str]:
+    """(True, "") when the kernel for `dtype` builds and loads here, else (False, why); once per process."""
+    if dtype not in _DTYPES:
+        return False, f"no kernel for {dtype} (float32 and float64 only)"
+    try:
+        _library(dtype)
+    except (RuntimeError, OSError) as err:
+        return False, str(err).splitlines()[0]
+    return True, ""
+
+
+def fused_cell_id(cell: object) -> int | None:
+    """The kernel's id for `cell`'s f, or None. Cells opt in with a class attribute `fused_cpu_cell`
+    ("gru" or "lstm") set on their own class: a subclass that changes f does not inherit it."""
+    name = type(cell).__dict__.get("fused_cpu_cell")
+    return CELL_IDS.get(name) if isinstance(name, str) else None
+
+
+def fused_solver_applies(cell: object, u: torch.Tensor, params: list[torch.Tensor], kernels: KernelsConfig | None) -> bool:
+    """Whether newton_solve's fixed-iteration CPU solve runs here: kernels.backend auto (torch asks for
+    the reference passes), a cell that opts in, CPU float32/float64 inputs of the cell's shapes.
+
+    Warns once (KernelBackendWarning) when everything applies but the kernel cannot be built.
+    """
+    cell_id = fused_cell_id(cell)
+    if (cell_id is None or requested_backend(kernels) != "auto" or u.device.type != "cpu" or u.dim() != 4
+            or u.shape[2] != 3 or u.dtype not in _DTYPES):
+        return False
+    shapes = [(3, u.shape[3])] + ([(2, u.shape[3])] if cell_id == CELL_IDS["lstm"] else [])
+    if len(params) != len(shapes) or any(tuple(p.shape) != s or p.dtype != u.dtype or p.device != u.device
+                                         for p, s in zip(params, shapes)):
+        return False
+    ok, why = fused_solver_available(u.dtype)
+    if not ok:
+        warnings.warn(f"ParaRNN: the fused CPU Newton solver is unavailable ({why}); the torch passes run "
+                      "instead (several times slower). Fix: install a C compiler with OpenMP (gcc), or set "
+                      "CC", KernelBackendWarning, stacklevel=3)
+    return ok
+
+
+def fused_newton_solve(cell: object, u: torch.Tensor, params: list[torch.Tensor], updates: int,
+                       split: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """States [B, T, (2,) N] after h^0_t = f(0, u_t) and `updates` Newton updates, and the final
+    max |residual| (0-dim). `split` = (slab, chunks) overrides `work_split` (tests use it)."""
+    fn, c_real = _library(u.dtype)
+    cell_id = fused_cell_id(cell)
+    batch, seq_len, _, n = u.shape
+    u = u.contiguous()
+    a = params[0].contiguous()
+    p = params[1].contiguous() if cell_id == CELL_IDS["lstm"] else None
+    state = u.new_empty((batch, seq_len, n) if cell_id == CELL_IDS["gru"] else (batch, seq_len, 2, n))
+    if seq_len == 0:
+        return state, u.new_zeros(())
+    threads = torch.get_num_threads()
+    slab, chunks = split if split is not None else work_split(batch, n, seq_len, threads)
+    residual = c_real()
+    status = fn(cell_id, u.data_ptr(), a.data_ptr(), p.data_ptr() if p is not None else None, state.data_ptr(),
+                batch, seq_len, n, updates, threads, slab, chunks, ctypes.byref(residual))
+    if status == -1:
+        raise MemoryError("pararnn_cpu: out of memory for the solver's chunk buffers")
+    if status != 0:
+        raise ValueError(f"pararnn_cpu: bad arguments (slab={slab}, chunks={chunks}, T={seq_len}, threads={threads})")
+    return state, torch.tensor(residual.value, dtype=u.dtype)

@@ -132,6 +132,36 @@ typedef struct {
     long n, width;    /* row stride, slab width */
 } slab_view;
 
+/* One solve's tensors and work split. */
+typedef struct {
+    real *state;
+    const real *u, *a, *p;
+    long seq_len, n, s;               /* s: state rows per step (1 GRU, 2 LSTM) */
+    long slab, slabs, chunks, chunk_len;
+} problem;
+
+/* Work item i = ((b * slabs) + slab index) * chunks + chunk: a sequence-slab's chunks are adjacent. */
+typedef struct {
+    slab_view v;
+    long b, d0, chunk, t0, t1;
+} work_item;
+
+static work_item locate(const problem *pr, long i) {
+    work_item it;
+    it.chunk = i % pr->chunks;
+    it.b = i / (pr->chunks * pr->slabs);
+    it.d0 = (i / pr->chunks) % pr->slabs * pr->slab;
+    it.t0 = it.chunk * pr->chunk_len;
+    it.t1 = it.t0 + pr->chunk_len < pr->seq_len ? it.t0 + pr->chunk_len : pr->seq_len;
+    it.v.state = pr->state + it.b * pr->seq_len * pr->s * pr->n + it.d0;
+    it.v.u = pr->u + it.b * pr->seq_len * 3 * pr->n + it.d0;
+    it.v.a = pr->a + it.d0;
+    it.v.p = pr->p ? pr->p + it.d0 : 0;
+    it.v.n = pr->n;
+    it.v.width = pr->n - it.d0 < pr->slab ? pr->n - it.d0 : pr->slab;
+    return it;
+}
+
 /* Steps [t0, t1) of Newton's linear recurrence, h += delta in place. hp: h^k at t0 - 1 [S, width];
  * x: delta entering the chunk (out: at its end). Both are clobbered. */
 static void gru_sweep(slab_view v, long t0, long t1, real *restrict hp, real *restrict x) {
@@ -229,7 +259,8 @@ static void lstm_reduce(slab_view v, long t0, long t1, real *restrict hp, real *
 /* One row of the initial guess h^0_t = f(0, u_t) over all n channels. */
 static void gru_initial_row(const real *restrict ut, const real *restrict a, long n, real *restrict out) {
 #pragma omp simd
-    for (long i = 0; i < n; i++) out[i] = gru_value(0, ut[i], ut[n + i], ut[2 * n + i], a[i], a[n + i], a[2 * n + i]);
+    for (long i = 0; i < n; i++)
+        out[i] = gru_value(0, ut[i], ut[n + i], ut[2 * n + i], a[i], a[n + i], a[2 * n + i]);
 }
 
 static void lstm_initial_row(const real *restrict ut, const real *restrict a, const real *restrict p, long n,
@@ -307,6 +338,7 @@ int pararnn_newton_solve(int cell, const real *u, const real *a, const real *p, 
     const long chunk_len = (seq_len + chunks - 1) / chunks;
     chunks = (seq_len + chunk_len - 1) / chunk_len; /* no empty trailing chunk */
     const long items = batch * slabs * chunks;
+    const problem pr = {state, u, a, p, seq_len, n, s, slab, slabs, chunks, chunk_len};
     const long vec = s * MAX_SLAB, mat = s * s * MAX_SLAB;
     /* Per item: h^k before the chunk, the chunk's end delta, its composed map. */
     real *boundary = malloc(sizeof(real) * items * vec);
@@ -330,40 +362,36 @@ int pararnn_newton_solve(int cell, const real *u, const real *a, const real *p, 
             else lstm_initial_row(u + row * 3 * n, a, p, n, state + row * 2 * n);
         }
         for (int k = 0; k < updates; k++) {
-            /* Item i = ((b * slabs) + slab index) * chunks + chunk: a sequence-slab's chunks are adjacent. */
 #pragma omp for schedule(static)
             for (long i = 0; i < items; i++) {
-                long c = i % chunks, sl = (i / chunks) % slabs, b = i / (chunks * slabs);
-                long d0 = sl * slab, w = n - d0 < slab ? n - d0 : slab, t0 = c * chunk_len;
+                work_item it = locate(&pr, i);
+                const long w = it.v.width;
                 real *bd = boundary + i * vec;
                 for (long r = 0; r < s; r++) {
-                    if (t0 == 0) memset(bd + r * w, 0, sizeof(real) * w);
-                    else memcpy(bd + r * w, state + ((b * seq_len + t0 - 1) * s + r) * n + d0, sizeof(real) * w);
+                    if (it.t0 == 0) memset(bd + r * w, 0, sizeof(real) * w);
+                    else memcpy(bd + r * w, it.v.state + ((it.t0 - 1) * s + r) * n, sizeof(real) * w);
                 }
             }
 #pragma omp for schedule(static)
             for (long i = 0; i < items; i++) {
-                long c = i % chunks, sl = (i / chunks) % slabs, b = i / (chunks * slabs);
-                long d0 = sl * slab, w = n - d0 < slab ? n - d0 : slab, t0 = c * chunk_len;
-                long t1 = t0 + chunk_len < seq_len ? t0 + chunk_len : seq_len;
-                slab_view v = {state + b * seq_len * s * n + d0, u + b * seq_len * 3 * n + d0, a + d0,
-                               p ? p + d0 : 0, n, w};
+                work_item it = locate(&pr, i);
+                const long w = it.v.width;
                 memcpy(hp, boundary + i * vec, sizeof(real) * s * w);
-                if (c == 0) {
+                if (it.chunk == 0) {
                     memset(x, 0, sizeof(real) * s * w);
-                    if (cell == CELL_GRU) gru_sweep(v, t0, t1, hp, x);
-                    else lstm_sweep(v, t0, t1, hp, x);
+                    if (cell == CELL_GRU) gru_sweep(it.v, it.t0, it.t1, hp, x);
+                    else lstm_sweep(it.v, it.t0, it.t1, hp, x);
                     memcpy(ends + i * vec, x, sizeof(real) * s * w);
                 } else if (cell == CELL_GRU) {
-                    gru_reduce(v, t0, t1, hp, ends + i * vec, maps + i * mat);
+                    gru_reduce(it.v, it.t0, it.t1, hp, ends + i * vec, maps + i * mat);
                 } else {
-                    lstm_reduce(v, t0, t1, hp, ends + i * vec, maps + i * mat);
+                    lstm_reduce(it.v, it.t0, it.t1, hp, ends + i * vec, maps + i * mat);
                 }
             }
             if (chunks > 1) {
 #pragma omp for schedule(static)
                 for (long q = 0; q < batch * slabs; q++) {
-                    long w = n - (q % slabs) * slab < slab ? n - (q % slabs) * slab : slab;
+                    const long w = locate(&pr, q * chunks).v.width;
                     for (long c = 1; c < chunks; c++) {
                         const real *m = maps + (q * chunks + c) * mat, *prev = ends + (q * chunks + c - 1) * vec;
                         real *e = ends + (q * chunks + c) * vec;
@@ -380,16 +408,12 @@ int pararnn_newton_solve(int cell, const real *u, const real *a, const real *p, 
                 }
 #pragma omp for schedule(static)
                 for (long i = 0; i < items; i++) {
-                    long c = i % chunks, sl = (i / chunks) % slabs, b = i / (chunks * slabs);
-                    if (c == 0) continue;
-                    long d0 = sl * slab, w = n - d0 < slab ? n - d0 : slab, t0 = c * chunk_len;
-                    long t1 = t0 + chunk_len < seq_len ? t0 + chunk_len : seq_len;
-                    slab_view v = {state + b * seq_len * s * n + d0, u + b * seq_len * 3 * n + d0, a + d0,
-                                   p ? p + d0 : 0, n, w};
-                    memcpy(hp, boundary + i * vec, sizeof(real) * s * w);
-                    memcpy(x, ends + (i - 1) * vec, sizeof(real) * s * w);
-                    if (cell == CELL_GRU) gru_sweep(v, t0, t1, hp, x);
-                    else lstm_sweep(v, t0, t1, hp, x);
+                    work_item it = locate(&pr, i);
+                    if (it.chunk == 0) continue;
+                    memcpy(hp, boundary + i * vec, sizeof(real) * s * it.v.width);
+                    memcpy(x, ends + (i - 1) * vec, sizeof(real) * s * it.v.width);
+                    if (cell == CELL_GRU) gru_sweep(it.v, it.t0, it.t1, hp, x);
+                    else lstm_sweep(it.v, it.t0, it.t1, hp, x);
                 }
             }
         }
@@ -398,7 +422,8 @@ int pararnn_newton_solve(int cell, const real *u, const real *a, const real *p, 
         for (long row = 0; row < batch * seq_len; row++) {
             const real *prev = row % seq_len ? state + (row - 1) * s * n : zeros;
             const real *ut = u + row * 3 * n, *h = state + row * s * n;
-            real r = cell == CELL_GRU ? gru_residual_row(prev, ut, a, n, h) : lstm_residual_row(prev, ut, a, p, n, h);
+            real r = cell == CELL_GRU ? gru_residual_row(prev, ut, a, n, h)
+                                      : lstm_residual_row(prev, ut, a, p, n, h);
             local = r > local || r != r ? r : local;
         }
         restore_denormals(csr);

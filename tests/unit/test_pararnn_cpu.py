@@ -59,8 +59,8 @@ def test_each_iterate_matches_torch_passes(cell_name, split, updates):
     """Fixed-iteration solves give the same Newton iterate and residual as the torch reference."""
     cell, u, params = _problem(cell_name, 2, 33, 10, torch.float32, seed=updates)
     h, residual = fused_newton_solve(cell, u, params, updates=updates, split=split)
-    reference, report = newton_solve(cell, u, params, NewtonOptions(iterations=updates, warn_residual=float("inf")),
-                                     KernelsConfig(backend="torch"))
+    options = NewtonOptions(iterations=updates, warn_residual=float("inf"))
+    reference, report = newton_solve(cell, u, params, options, KernelsConfig(backend="torch"))
     assert (h - reference).abs().max() < 1e-5
     assert abs(float(residual) - float(report.residual)) < 1e-5
 

@@ -6,11 +6,10 @@ T = 1024, 4096, 16384, batch 1, in the same run. Prints the speedup (sequential 
 over --rounds alternating rounds), the Newton iterations, the final residual and the largest
 difference between the two modes' states. Target on CPU: >= 30x at T = 4096.
 
-On CPU the forward solve is the fused C kernel (kernels/pararnn_cpu.c, built on first use);
-FOLDTRON_KERNELS_BACKEND=torch times the torch passes instead. The passes (the backward, and the
-forward where the kernel does not run) are fused by torch.compile when that works here (inductor
-needs a C++ compiler on CPU; `--compile auto`, the default) and run eagerly otherwise; the header
-says which. Compilation happens in the untimed warm-up run. The sequential reference is always the plain
+On CPU the solve and its adjoint backward are the fused C kernels (kernels/pararnn_cpu.c, built on
+first use); FOLDTRON_KERNELS_BACKEND=torch times the torch passes instead. The passes (on CUDA, or
+that override) are fused by torch.compile when that works here (inductor needs a C++ compiler on
+CPU; `--compile auto`, the default) and run eagerly otherwise; the header says which. Compilation happens in the untimed warm-up run. The sequential reference is always the plain
 eager loop. On a shared machine other jobs slow the 2-thread parallel solve far more than the
 single-threaded loop: compare numbers from quiet runs.
 
@@ -183,14 +182,14 @@ def print_machine_load(when: str) -> None:
 
 
 def solver_description(device: torch.device, compiled: bool, why_not: str) -> str:
-    """Which code runs the parallel solve: the fused C forward on CPU (unless FOLDTRON_KERNELS_BACKEND
-    asks for the torch passes), and the passes, compiled or eager."""
+    """Which code runs the parallel solve: the fused C kernels on CPU (unless FOLDTRON_KERNELS_BACKEND
+    asks for the torch passes), else the passes, compiled or eager."""
     passes = "torch.compile (fused passes)" if compiled else f"eager passes ({why_not})"
     if device.type != "cpu":
         return passes
     fused, why = fused_solver_available()
     if fused and requested_backend() == "auto":
-        return f"forward: fused C kernel (kernels/pararnn_cpu.c); backward: {passes}"
+        return "forward and backward: fused C kernels (kernels/pararnn_cpu.c)"
     reason = f"{BACKEND_ENV}={requested_backend()}" if fused else f"fused C kernel unavailable: {why}"
     return f"forward and backward: {passes} ({reason})"
 

@@ -38,7 +38,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from kernels.dispatch import KernelsConfig, pick
-from kernels.pararnn_cpu import fused_newton_solve, fused_solver_applies
+from kernels.pararnn_cpu import fused_adjoint, fused_newton_solve, fused_solver_applies
 
 JACOBIAN_STRUCTURES = ("diagonal", "block2")
 
@@ -690,6 +690,10 @@ class _AdjointRecurrence(torch.autograd.Function):
         wants = (ctx.needs_input_grad[3], *ctx.needs_input_grad[5:])
         if not any(wants):
             return (None,) * (5 + len(params))
+        if fused_solver_applies(cell, u, params, ctx.kernels):
+            grads = fused_adjoint(cell, u, params, h, grad_h)
+            grad_u, *grad_params = [g if w else None for g, w in zip(grads, wants)]
+            return (None, None, None, grad_u, None, *grad_params)
         with torch.no_grad():
             # lambda_t = grad_t + A_{t+1}^T lambda_{t+1}, solved forward in reversed time.
             impl = pick(SCAN_IMPLS, "pararnn_scan", grad_h.device, ctx.kernels)

@@ -1,4 +1,5 @@
-/* ParaRNN's fixed-iteration Newton solve on CPU as one fused kernel (built by kernels/pararnn_cpu.py).
+/* ParaRNN's fixed-iteration Newton solve on CPU as one fused kernel, and its adjoint backward (at the
+ * end of the file). Built and loaded by kernels/pararnn_cpu.py.
  *
  * Why: the torch.compile solver materialises every step's Jacobian and residual and reads them again
  * in the scan; on a CPU that is memory-bound (about 127 MB moved per LSTM Newton update at T = 4096,
@@ -441,6 +442,240 @@ done:
     free(ends);
     free(maps);
     free(worst);
+    free(zeros);
+    return status;
+}
+
+/* ---- Backward: the adjoint recurrence and the vector-Jacobian products, in one reverse sweep ----
+ *
+ * lambda_t = g_t + J_{t+1}^T lambda_{t+1} (g = dL/dh) runs backwards in time. Each step evaluates the
+ * cell at (h_{t-1}, u_t) once and gets from lambda_t, by the chain rule: dL/du_t, the step's share of
+ * dL/dparams, and J_t^T lambda_t, the `carry` into lambda_{t-1}. Time chunks use the forward's three
+ * phases mirrored: the last chunk is final after phase 1, earlier chunks reduce from a zero carry
+ * (composing the maps J^T), and phase 3 reruns them from the carried value. */
+
+/* Steps t1-1 down to t0. carry: in, J_{t1}^T lambda_{t1} (zero at the sequence end); out, J_{t0}^T
+ * lambda_{t0}. g, gu at the slab ([T, S, N] and [T, 3, N] strides); acc [3, width] += dL/da. */
+static void gru_adjoint_sweep(slab_view v, const real *restrict g, const real *restrict zero_row, real *restrict gu,
+                              long t0, long t1, real *restrict carry, double *restrict acc) {
+    const long n = v.n, w = v.width;
+    const real *restrict a0 = v.a, *restrict a1 = v.a + n, *restrict a2 = v.a + 2 * n;
+    double *restrict acc0 = acc, *restrict acc1 = acc + w, *restrict acc2 = acc + 2 * w;
+    for (long t = t1 - 1; t >= t0; t--) {
+        const real *restrict hp = t > 0 ? v.state + (t - 1) * n : zero_row;
+        const real *restrict ut = v.u + t * 3 * n, *restrict gt = g + t * n;
+        real *restrict gut = gu + t * 3 * n;
+#pragma omp simd
+        for (long i = 0; i < w; i++) {
+            real h = hp[i], lam = gt[i] + carry[i];
+            real z = sigmoid(a0[i] * h + ut[i]);
+            real r = sigmoid(a1[i] * h + ut[n + i]);
+            real c = tanh_solver(a2[i] * (r * h) + ut[2 * n + i]);
+            real guc = lam * z * (1 - c * c);
+            real guz = lam * (c - h) * z * (1 - z);
+            real gur = guc * a2[i] * h * r * (1 - r);
+            gut[i] = guz;
+            gut[n + i] = gur;
+            gut[2 * n + i] = guc;
+            acc0[i] += (double)(guz * h);
+            acc1[i] += (double)(gur * h);
+            acc2[i] += (double)(guc * r * h);
+            carry[i] = lam * (1 - z) + guz * a0[i] + gur * a1[i] + guc * a2[i] * r;
+        }
+    }
+}
+
+/* From a zero carry: x gets the carry out, m the composed map (carry_out = m carry_in + x). */
+static void gru_adjoint_reduce(slab_view v, const real *restrict g, const real *restrict zero_row, long t0,
+                               long t1, real *restrict x, real *restrict m) {
+    const long n = v.n, w = v.width;
+    const real *restrict a0 = v.a, *restrict a1 = v.a + n, *restrict a2 = v.a + 2 * n;
+    for (long i = 0; i < w; i++) { x[i] = 0; m[i] = 1; }
+    for (long t = t1 - 1; t >= t0; t--) {
+        const real *restrict hp = t > 0 ? v.state + (t - 1) * n : zero_row;
+        const real *restrict ut = v.u + t * 3 * n, *restrict gt = g + t * n;
+#pragma omp simd
+        for (long i = 0; i < w; i++) {
+            real jac;
+            gru_step(hp[i], ut[i], ut[n + i], ut[2 * n + i], a0[i], a1[i], a2[i], &jac);
+            x[i] = jac * (gt[i] + x[i]);
+            m[i] = jac * m[i];
+        }
+    }
+}
+
+/* As gru_adjoint_sweep; carry, g are [c; h] rows, acc [5, width] += (dL/da, dL/dp). */
+static void lstm_adjoint_sweep(slab_view v, const real *restrict g, const real *restrict zero_row,
+                               real *restrict gu, long t0, long t1, real *restrict carry, double *restrict acc) {
+    const long n = v.n, w = v.width;
+    const real *restrict a0 = v.a, *restrict a1 = v.a + n, *restrict a2 = v.a + 2 * n;
+    const real *restrict p0 = v.p, *restrict p1 = v.p + n;
+    real *restrict kc = carry, *restrict kh = carry + w;
+    double *restrict acc_a0 = acc, *restrict acc_a1 = acc + w, *restrict acc_a2 = acc + 2 * w;
+    double *restrict acc_p0 = acc + 3 * w, *restrict acc_p1 = acc + 4 * w;
+    for (long t = t1 - 1; t >= t0; t--) {
+        const real *restrict sp = t > 0 ? v.state + (t - 1) * 2 * n : zero_row;
+        const real *restrict ut = v.u + t * 3 * n, *restrict gt = g + t * 2 * n;
+        real *restrict gut = gu + t * 3 * n;
+#pragma omp simd
+        for (long i = 0; i < w; i++) {
+            real c = sp[i], h = sp[n + i];
+            real lc = gt[i] + kc[i], lh = gt[n + i] + kh[i];
+            real f = sigmoid(a0[i] * h + ut[i] + p0[i] * c);
+            real c_tilde = tanh_solver(a1[i] * h + ut[n + i]);
+            real c_next = c_tilde + f * (c - c_tilde);
+            real o = sigmoid(a2[i] * h + ut[2 * n + i] + p1[i] * c_next);
+            real tanh_c = tanh_solver(c_next);
+            real guo = lh * tanh_c * o * (1 - o);
+            /* Everything reaching c' (its own cotangent, via h' = o tanh(c'), via o's peephole). */
+            real gcn = lc + lh * o * (1 - tanh_c * tanh_c) + guo * p1[i];
+            real guf = gcn * (c - c_tilde) * f * (1 - f);
+            real guc = gcn * (1 - f) * (1 - c_tilde * c_tilde);
+            gut[i] = guf;
+            gut[n + i] = guc;
+            gut[2 * n + i] = guo;
+            acc_a0[i] += (double)(guf * h);
+            acc_a1[i] += (double)(guc * h);
+            acc_a2[i] += (double)(guo * h);
+            acc_p0[i] += (double)(guf * c);
+            acc_p1[i] += (double)(guo * c_next);
+            kc[i] = gcn * f + guf * p0[i];
+            kh[i] = guf * a0[i] + guc * a1[i] + guo * a2[i];
+        }
+    }
+}
+
+static void lstm_adjoint_reduce(slab_view v, const real *restrict g, const real *restrict zero_row, long t0,
+                                long t1, real *restrict x, real *restrict m) {
+    const long n = v.n, w = v.width;
+    const real *restrict a0 = v.a, *restrict a1 = v.a + n, *restrict a2 = v.a + 2 * n;
+    const real *restrict p0 = v.p, *restrict p1 = v.p + n;
+    real *restrict xc = x, *restrict xh = x + w;
+    real *restrict m00 = m, *restrict m01 = m + w, *restrict m10 = m + 2 * w, *restrict m11 = m + 3 * w;
+    for (long i = 0; i < w; i++) { xc[i] = xh[i] = 0; m00[i] = m11[i] = 1; m01[i] = m10[i] = 0; }
+    for (long t = t1 - 1; t >= t0; t--) {
+        const real *restrict sp = t > 0 ? v.state + (t - 1) * 2 * n : zero_row;
+        const real *restrict ut = v.u + t * 3 * n, *restrict gt = g + t * 2 * n;
+#pragma omp simd
+        for (long i = 0; i < w; i++) {
+            real fc, fh, j00, j01, j10, j11;
+            lstm_step(sp[i], sp[n + i], ut[i], ut[n + i], ut[2 * n + i], a0[i], a1[i], a2[i], p0[i], p1[i],
+                      &fc, &fh, &j00, &j01, &j10, &j11);
+            /* J^T (g + x) and J^T M. */
+            real vc = gt[i] + xc[i], vh = gt[n + i] + xh[i];
+            xc[i] = j00 * vc + j10 * vh;
+            xh[i] = j01 * vc + j11 * vh;
+            real q00 = m00[i], q01 = m01[i], q10 = m10[i], q11 = m11[i];
+            m00[i] = j00 * q00 + j10 * q10;
+            m01[i] = j00 * q01 + j10 * q11;
+            m10[i] = j01 * q00 + j11 * q10;
+            m11[i] = j01 * q01 + j11 * q11;
+        }
+    }
+}
+
+static void adjoint_sweep(int cell, work_item it, const real *g, const real *zeros, real *gu, real *carry,
+                          double *acc) {
+    if (cell == CELL_GRU) gru_adjoint_sweep(it.v, g, zeros + it.d0, gu, it.t0, it.t1, carry, acc);
+    else lstm_adjoint_sweep(it.v, g, zeros + it.d0, gu, it.t0, it.t1, carry, acc);
+}
+
+/* Gradients of sum_t <grad_h_t, h_t> through the solved recurrence h (forward's layouts): grad_u
+ * [B, T, 3, N], grad_a [3, N], grad_p [2, N] (LSTM; null for GRU). Same work split and return codes
+ * as pararnn_newton_solve. */
+int pararnn_adjoint(int cell, const real *u, const real *a, const real *p, const real *state, const real *grad_h,
+                    long batch, long seq_len, long n, int threads, long slab, long chunks, real *grad_u,
+                    real *grad_a, real *grad_p) {
+    if ((cell != CELL_GRU && cell != CELL_LSTM) || slab < 1 || slab > MAX_SLAB || chunks < 1 ||
+        chunks > seq_len || threads < 1)
+        return -2;
+    const long s = cell == CELL_GRU ? 1 : 2, params = cell == CELL_GRU ? 3 : 5;
+    const long slabs = (n + slab - 1) / slab;
+    const long chunk_len = (seq_len + chunks - 1) / chunks;
+    chunks = (seq_len + chunk_len - 1) / chunk_len;
+    const long items = batch * slabs * chunks;
+    const long vec = s * MAX_SLAB, mat = s * s * MAX_SLAB, acc_len = params * MAX_SLAB;
+    /* The kernels only read state through the view; the cast keeps one view type for both passes. */
+    const problem pr = {(real *)state, u, a, p, seq_len, n, s, slab, slabs, chunks, chunk_len};
+    real *ends = malloc(sizeof(real) * items * vec);
+    real *maps = malloc(sizeof(real) * items * mat);
+    double *acc = calloc((size_t)(items * acc_len), sizeof(double));
+    real *zeros = calloc((size_t)(s * n), sizeof(real));
+    int status = 0;
+    if (!ends || !maps || !acc || !zeros) {
+        status = -1;
+        goto done;
+    }
+
+#pragma omp parallel num_threads(threads)
+    {
+        real carry[2 * MAX_SLAB];
+        const unsigned csr = flush_denormals();
+        /* Phase 1: the last chunk of each sequence-slab is final; the others reduce. */
+#pragma omp for schedule(static)
+        for (long i = 0; i < items; i++) {
+            work_item it = locate(&pr, i);
+            const real *g = grad_h + it.b * seq_len * s * n + it.d0;
+            real *gu = grad_u + it.b * seq_len * 3 * n + it.d0;
+            if (it.chunk == chunks - 1) {
+                memset(carry, 0, sizeof(real) * s * it.v.width);
+                adjoint_sweep(cell, it, g, zeros, gu, carry, acc + i * acc_len);
+                memcpy(ends + i * vec, carry, sizeof(real) * s * it.v.width);
+            } else if (cell == CELL_GRU) {
+                gru_adjoint_reduce(it.v, g, zeros + it.d0, it.t0, it.t1, ends + i * vec, maps + i * mat);
+            } else {
+                lstm_adjoint_reduce(it.v, g, zeros + it.d0, it.t0, it.t1, ends + i * vec, maps + i * mat);
+            }
+        }
+        if (chunks > 1) {
+            /* Phase 2: ends[c] becomes the true carry out of chunk c, from the last chunk backwards. */
+#pragma omp for schedule(static)
+            for (long q = 0; q < batch * slabs; q++) {
+                const long w = locate(&pr, q * chunks).v.width;
+                for (long c = chunks - 2; c >= 0; c--) {
+                    const real *m = maps + (q * chunks + c) * mat, *next = ends + (q * chunks + c + 1) * vec;
+                    real *e = ends + (q * chunks + c) * vec;
+                    if (s == 1) {
+                        for (long d = 0; d < w; d++) e[d] += m[d] * next[d];
+                    } else {
+                        for (long d = 0; d < w; d++) {
+                            real k0 = next[d], k1 = next[w + d];
+                            e[d] += m[d] * k0 + m[w + d] * k1;
+                            e[w + d] += m[2 * w + d] * k0 + m[3 * w + d] * k1;
+                        }
+                    }
+                }
+            }
+            /* Phase 3: the earlier chunks from the carry of the chunk after them. */
+#pragma omp for schedule(static)
+            for (long i = 0; i < items; i++) {
+                work_item it = locate(&pr, i);
+                if (it.chunk == chunks - 1) continue;
+                const real *g = grad_h + it.b * seq_len * s * n + it.d0;
+                real *gu = grad_u + it.b * seq_len * 3 * n + it.d0;
+                memcpy(carry, ends + (i + 1) * vec, sizeof(real) * s * it.v.width);
+                adjoint_sweep(cell, it, g, zeros, gu, carry, acc + i * acc_len);
+            }
+        }
+        /* Parameter gradients: each channel's sum over sequences and chunks, in double. */
+#pragma omp for schedule(static)
+        for (long d = 0; d < n; d++) {
+            const long sl = d / slab, di = d - sl * slab, w = n - sl * slab < slab ? n - sl * slab : slab;
+            for (long r = 0; r < params; r++) {
+                double total = 0;
+                for (long b = 0; b < batch; b++)
+                    for (long c = 0; c < chunks; c++)
+                        total += acc[((b * slabs + sl) * chunks + c) * acc_len + r * w + di];
+                if (r < 3) grad_a[r * n + d] = (real)total;
+                else grad_p[(r - 3) * n + d] = (real)total;
+            }
+        }
+        restore_denormals(csr);
+    }
+done:
+    free(ends);
+    free(maps);
+    free(acc);
     free(zeros);
     return status;
 }

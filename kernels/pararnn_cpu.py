@@ -6,8 +6,9 @@ scan's recurrence in one loop and updates h in place (the file's header says how
 is split into phases). It is built on first use with the system C compiler (`CC`, default `cc`),
 cached on disk, and loaded with ctypes: no Python build step and no torch headers.
 
-Only the forward solve runs here; the adjoint backward stays in kernels/pararnn.py. Supported: the
-ParaGRU and ParaLSTM cells, float32 and float64, fixed iteration count.
+It also runs the backward: the adjoint scan and the cell's vector-Jacobian products in one reverse
+sweep. Supported: the ParaGRU and ParaLSTM cells, float32 and float64; the forward in fixed-iteration
+mode (the adaptive mode's per-update residual checks stay in torch).
 """
 from __future__ import annotations
 
@@ -108,12 +109,12 @@ def _build(dtype_name: str, defines: list[str]) -> Path:
 def _library(dtype: torch.dtype):
     dtype_name, defines, c_real = _DTYPES[dtype]
     lib = ctypes.CDLL(str(_build(dtype_name, defines)))
-    fn = lib.pararnn_newton_solve
-    ptr, long = ctypes.c_void_p, ctypes.c_long
-    fn.argtypes = [ctypes.c_int, ptr, ptr, ptr, ptr, long, long, long, ctypes.c_int, ctypes.c_int, long, long,
-                   ctypes.POINTER(c_real)]
-    fn.restype = ctypes.c_int
-    return fn, c_real
+    ptr, long, int_ = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
+    solve, adjoint = lib.pararnn_newton_solve, lib.pararnn_adjoint
+    solve.argtypes = [int_, ptr, ptr, ptr, ptr, long, long, long, int_, int_, long, long, ctypes.POINTER(c_real)]
+    adjoint.argtypes = [int_, ptr, ptr, ptr, ptr, ptr, long, long, long, int_, long, long, ptr, ptr, ptr]
+    solve.restype = adjoint.restype = int_
+    return solve, adjoint, c_real
 
 
 @functools.cache
@@ -162,23 +163,53 @@ def fused_newton_solve(cell: object, u: torch.Tensor, params: Sequence[torch.Ten
                        split: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """States [B, T, (2,) N] after h^0_t = f(0, u_t) and `updates` Newton updates, and the final
     max |residual| (0-dim). `split` = (slab, chunks) overrides `work_split` (tests use it)."""
-    fn, c_real = _library(u.dtype)
-    cell_id = fused_cell_id(cell)
+    solve, _, c_real = _library(u.dtype)
+    cell_id, u, a, p = _kernel_args(cell, u, params)
     batch, seq_len, _, n = u.shape
-    u = u.contiguous()
-    a = params[0].contiguous()
-    p = params[1].contiguous() if cell_id == CELL_IDS["lstm"] else None
     state = u.new_empty((batch, seq_len, n) if cell_id == CELL_IDS["gru"] else (batch, seq_len, 2, n))
     if seq_len == 0:
         return state, u.new_zeros(())
     threads = torch.get_num_threads()
     slab, chunks = split if split is not None else work_split(batch, n, seq_len, threads)
     residual = c_real()
-    status = fn(cell_id, u.data_ptr(), a.data_ptr(), p.data_ptr() if p is not None else None, state.data_ptr(),
-                batch, seq_len, n, updates, threads, slab, chunks, ctypes.byref(residual))
+    _check(solve(cell_id, u.data_ptr(), a.data_ptr(), _ptr(p), state.data_ptr(), batch, seq_len, n, updates,
+                 threads, slab, chunks, ctypes.byref(residual)), slab, chunks, seq_len, threads)
+    return state, torch.tensor(residual.value, dtype=u.dtype)
+
+
+def fused_adjoint(cell: object, u: torch.Tensor, params: Sequence[torch.Tensor], h: torch.Tensor,
+                  grad_h: torch.Tensor, split: tuple[int, int] | None = None) -> list[torch.Tensor]:
+    """[dL/du, dL/da(, dL/dp)] for dL/dh = grad_h through the solved states h: the adjoint scan and
+    the vector-Jacobian products of f in one reverse sweep (the C file says how). `split` as in
+    `fused_newton_solve`."""
+    _, adjoint, _ = _library(u.dtype)
+    cell_id, u, a, p = _kernel_args(cell, u, params)
+    batch, seq_len, _, n = u.shape
+    grads = [torch.empty_like(u), torch.empty_like(a)] + ([torch.empty_like(p)] if p is not None else [])
+    if seq_len == 0:
+        return [g.zero_() for g in grads]
+    h, grad_h = h.contiguous(), grad_h.to(u.dtype).contiguous()  # grad_h may be an expanded view
+    threads = torch.get_num_threads()
+    slab, chunks = split if split is not None else work_split(batch, n, seq_len, threads)
+    _check(adjoint(cell_id, u.data_ptr(), a.data_ptr(), _ptr(p), h.data_ptr(), grad_h.data_ptr(), batch, seq_len,
+                   n, threads, slab, chunks, grads[0].data_ptr(), grads[1].data_ptr(),
+                   _ptr(grads[2] if p is not None else None)), slab, chunks, seq_len, threads)
+    return grads
+
+
+def _kernel_args(cell: object, u: torch.Tensor, params: Sequence[torch.Tensor]):
+    cell_id = fused_cell_id(cell)
+    p = params[1].contiguous() if cell_id == CELL_IDS["lstm"] else None
+    return cell_id, u.contiguous(), params[0].contiguous(), p
+
+
+def _ptr(x: torch.Tensor | None) -> int | None:
+    return x.data_ptr() if x is not None else None
+
+
+def _check(status: int, slab: int, chunks: int, seq_len: int, threads: int) -> None:
     if status == -1:
-        raise MemoryError("pararnn_cpu: out of memory for the solver's chunk buffers")
+        raise MemoryError("pararnn_cpu: out of memory for the kernel's chunk buffers")
     if status != 0:
         raise ValueError(f"pararnn_cpu: bad arguments (slab={slab}, chunks={chunks}, T={seq_len}, "
                          f"threads={threads})")
-    return state, torch.tensor(residual.value, dtype=u.dtype)

@@ -47,8 +47,9 @@ class ParaRNNConfig:
     newton_warn_residual: float = 1e-3
     # How the layers run in training: "parallel" (Newton + scan) or "sequential" (the reference loop).
     mode: str = "parallel"
-    # Fuse the solver's element-wise passes and the torch scan with torch.compile (3-4x faster on
-    # CPU; needs a C++ compiler there). Missing support follows model.kernels.on_missing.
+    # Fuse the torch solver's element-wise passes and scan with torch.compile: on CUDA, and on CPU
+    # where the fused C kernels do not run (adaptive mode, kernels.backend=torch), 3-4x faster there.
+    # Needs a C++ compiler on CPU. Missing support follows model.kernels.on_missing.
     compile: bool = False
 
 

@@ -11,7 +11,7 @@ scan runs only 8 programs and leaves the GPU idle at long T. So time is cut into
   1. each program composes its chunk's maps into one affine map per channel (summary buffers);
   2. one pass of the same kernel scans the n_chunks summaries from h0 (or 0): the state at each chunk end;
   3. each program rescans its chunk from the previous chunk's end state and writes h.
-CHUNK is picked so the grid has about TARGET_PROGRAMS programs (`_auto_chunk`); when that leaves a
+CHUNK is picked so the grid has a few programs per SM (`_auto_chunk`); when that leaves a
 single chunk (short T or a large batch) phases 1-2 are skipped and phase 3 alone is the whole scan.
 
 Layouts are the torch reference's, made contiguous: diagonal a, b [B, T, D]; block2 a [B, T, 2, 2, D],
@@ -20,13 +20,17 @@ Accumulation is in fp32 (fp64 for fp64 inputs); the result has b's dtype.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
 BLOCK_T = 64
 BLOCK_D = 32
-TARGET_PROGRAMS = 4 * 132  # a few programs per SM of an H100/H200 (132 SMs)
+PROGRAMS_PER_SM = 4
+# Without a CUDA device to ask (the interpreter): an H100/H200's 132 SMs.
+TARGET_PROGRAMS = PROGRAMS_PER_SM * 132
 
 
 @triton.jit
@@ -163,10 +167,18 @@ def _block2_scan_kernel(a_ptr, b_ptr, h0_ptr, states_ptr, h_ptr, sum_a_ptr, seq_
         tl.store(h_ptr + b_out + channels, carry1, mask=mask_d)
 
 
-def _auto_chunk(seq_len: int, programs_per_chunk: int, block_t: int) -> int:
+@functools.cache
+def _target_programs(device: torch.device) -> int:
+    """A few programs per SM of `device`, so the grid fills it."""
+    if device.type != "cuda":
+        return TARGET_PROGRAMS
+    return PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _auto_chunk(seq_len: int, programs_per_chunk: int, block_t: int, target_programs: int = TARGET_PROGRAMS) -> int:
     """Chunk length, a multiple of block_t (at least one tile), cutting T into at most the
-    cdiv(TARGET_PROGRAMS, programs_per_chunk) chunks that fill the GPU; phase 2 stays that short."""
-    chunks = triton.cdiv(TARGET_PROGRAMS, programs_per_chunk)
+    cdiv(target_programs, programs_per_chunk) chunks that fill the GPU; phase 2 stays that short."""
+    chunks = triton.cdiv(target_programs, programs_per_chunk)
     return triton.cdiv(triton.cdiv(seq_len, chunks), block_t) * block_t
 
 
@@ -186,7 +198,7 @@ def linear_scan_triton(a: torch.Tensor, b: torch.Tensor, structure: str, h0: tor
         return h
     d_blocks = triton.cdiv(channels, block_d)
     if chunk is None:
-        chunk = _auto_chunk(seq_len, batch * d_blocks, block_t)
+        chunk = _auto_chunk(seq_len, batch * d_blocks, block_t, _target_programs(b.device))
     elif chunk <= 0 or chunk % block_t:
         raise ValueError(f"chunk must be a positive multiple of block_t={block_t}; got {chunk}")
     n_chunks = triton.cdiv(seq_len, chunk)

@@ -8,8 +8,9 @@ difference between the two modes' states. Target on CPU: >= 30x at T = 4096.
 
 On CPU the solve and its adjoint backward are the fused C kernels (kernels/pararnn_cpu.c, built on
 first use); FOLDTRON_KERNELS_BACKEND=torch times the torch passes instead. The passes (on CUDA, or
-that override) are fused by torch.compile when that works here (inductor needs a C++ compiler on
-CPU; `--compile auto`, the default) and run eagerly otherwise; the header says which. Compilation happens in the untimed warm-up run. The sequential reference is always the plain
+under that override) are fused by torch.compile when that works here (inductor needs a C++
+compiler on CPU; `--compile auto`, the default) and run eagerly otherwise; the header says which.
+Compilation happens in the untimed warm-up run. The sequential reference is always the plain
 eager loop. On a shared machine other jobs slow the 2-thread parallel solve far more than the
 single-threaded loop: compare numbers from quiet runs.
 

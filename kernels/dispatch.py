@@ -45,7 +45,8 @@ class KernelBackendWarning(UserWarning):
 class KernelsConfig:
     """Which implementation fused ops use (mountable as a top-level ``kernels`` config node)."""
 
-    # "auto": Triton on CUDA when it imports, torch elsewhere; "torch" or "triton" force one.
+    # "auto": Triton on CUDA when it imports, torch elsewhere (ParaRNN on CPU: its fused C kernels,
+    # kernels/pararnn_cpu.py); "torch" or "triton" force one.
     backend: str = "auto"
     # When "triton" is requested but unusable: "fallback" runs torch with a warning, "fail" raises.
     on_missing: str = "fallback"

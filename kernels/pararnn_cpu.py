@@ -141,7 +141,8 @@ def fused_solver_applies(cell: object, u: torch.Tensor, params: Sequence[torch.T
     """Whether newton_solve's fixed-iteration CPU solve runs here: kernels.backend auto (torch asks for
     the reference passes), a cell that opts in, CPU float32/float64 inputs of the cell's shapes.
 
-    Warns once (KernelBackendWarning) when everything applies but the kernel cannot be built.
+    When everything applies but the kernel cannot be built: warns (KernelBackendWarning), or raises
+    under kernels.on_missing="fail".
     """
     cell_id = fused_cell_id(cell)
     if (cell_id is None or requested_backend(kernels) != "auto" or u.device.type != "cpu" or u.dim() != 4
@@ -152,6 +153,10 @@ def fused_solver_applies(cell: object, u: torch.Tensor, params: Sequence[torch.T
                                          for p, s in zip(params, shapes)):
         return False
     ok, why = fused_solver_available(u.dtype)
+    if not ok and kernels is not None and kernels.on_missing == "fail":
+        raise RuntimeError(f"ParaRNN: the fused CPU Newton solver is unavailable ({why}) and "
+                           "model.kernels.on_missing=fail. Fix: install a C compiler with OpenMP (gcc) or set CC, "
+                           "or set model.kernels.on_missing=fallback to run the torch passes")
     if not ok:
         warnings.warn(f"ParaRNN: the fused CPU Newton solver is unavailable ({why}); the torch passes run "
                       "instead (several times slower). Fix: install a C compiler with OpenMP (gcc), or set "

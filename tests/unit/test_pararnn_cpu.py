@@ -177,6 +177,8 @@ def test_missing_compiler_warns_and_falls_back(monkeypatch):
     with pytest.warns(KernelBackendWarning):
         h, report = newton_solve(cell, u, params, NewtonOptions(iterations=16))
     assert (h - sequential_recurrence(cell, u, params)).abs().max() < 1e-5 and report.iterations == 16
+    with pytest.raises(RuntimeError, match="on_missing=fail"):
+        fused_solver_applies(cell, u, params, KernelsConfig(on_missing="fail"))
 
 
 def test_build_names_a_missing_compiler(monkeypatch):

@@ -130,16 +130,33 @@ typedef struct {
     const real *u;    /* [T, 3, N] at channel d0 */
     const real *a;    /* [3, N] at channel d0 */
     const real *p;    /* [2, N] at channel d0 (LSTM) */
+    const real *g;    /* backward: dL/dh [T, S, N] at channel d0 */
+    real *gu;         /* backward: dL/du [T, 3, N] at channel d0 */
     long n, width;    /* row stride, slab width */
 } slab_view;
 
-/* One solve's tensors and work split. */
+/* One call's tensors and work split (grad_h, grad_u null in the forward). */
 typedef struct {
     real *state;
-    const real *u, *a, *p;
-    long seq_len, n, s;               /* s: state rows per step (1 GRU, 2 LSTM) */
-    long slab, slabs, chunks, chunk_len;
+    const real *u, *a, *p, *grad_h;
+    real *grad_u;
+    long batch, seq_len, n, s;        /* s: state rows per step (1 GRU, 2 LSTM) */
+    long slab, slabs, chunks, chunk_len, items;
 } problem;
+
+/* Checks the arguments and fills in the work split; returns 0, or -2 for an unsupported argument. */
+static int plan(problem *pr, int cell, long slab, long chunks, int threads) {
+    if ((cell != CELL_GRU && cell != CELL_LSTM) || slab < 1 || slab > MAX_SLAB || chunks < 1 ||
+        chunks > pr->seq_len || threads < 1)
+        return -2;
+    pr->s = cell == CELL_GRU ? 1 : 2;
+    pr->slab = slab;
+    pr->slabs = (pr->n + slab - 1) / slab;
+    pr->chunk_len = (pr->seq_len + chunks - 1) / chunks;
+    pr->chunks = (pr->seq_len + pr->chunk_len - 1) / pr->chunk_len; /* no empty trailing chunk */
+    pr->items = pr->batch * pr->slabs * pr->chunks;
+    return 0;
+}
 
 /* Work item i = ((b * slabs) + slab index) * chunks + chunk: a sequence-slab's chunks are adjacent. */
 typedef struct {
@@ -158,6 +175,8 @@ static work_item locate(const problem *pr, long i) {
     it.v.u = pr->u + it.b * pr->seq_len * 3 * pr->n + it.d0;
     it.v.a = pr->a + it.d0;
     it.v.p = pr->p ? pr->p + it.d0 : 0;
+    it.v.g = pr->grad_h ? pr->grad_h + it.b * pr->seq_len * pr->s * pr->n + it.d0 : 0;
+    it.v.gu = pr->grad_u ? pr->grad_u + it.b * pr->seq_len * 3 * pr->n + it.d0 : 0;
     it.v.n = pr->n;
     it.v.width = pr->n - it.d0 < pr->slab ? pr->n - it.d0 : pr->slab;
     return it;
@@ -320,15 +339,10 @@ static void restore_denormals(unsigned old) {
 int pararnn_newton_solve(int cell, const real *u, const real *a, const real *p, real *state, long batch,
                          long seq_len, long n, int updates, int threads, long slab, long chunks,
                          real *residual) {
-    if ((cell != CELL_GRU && cell != CELL_LSTM) || slab < 1 || slab > MAX_SLAB || chunks < 1 ||
-        chunks > seq_len || threads < 1)
-        return -2;
-    const long s = cell == CELL_GRU ? 1 : 2;
-    const long slabs = (n + slab - 1) / slab;
-    const long chunk_len = (seq_len + chunks - 1) / chunks;
-    chunks = (seq_len + chunk_len - 1) / chunk_len; /* no empty trailing chunk */
-    const long items = batch * slabs * chunks;
-    const problem pr = {state, u, a, p, seq_len, n, s, slab, slabs, chunks, chunk_len};
+    problem pr = {.state = state, .u = u, .a = a, .p = p, .batch = batch, .seq_len = seq_len, .n = n};
+    if (plan(&pr, cell, slab, chunks, threads)) return -2;
+    const long s = pr.s, slabs = pr.slabs, items = pr.items;
+    chunks = pr.chunks;
     const long vec = s * MAX_SLAB, mat = s * s * MAX_SLAB;
     /* Per item: h^k before the chunk, the chunk's end delta, its composed map. */
     real *boundary = malloc(sizeof(real) * items * vec);
@@ -433,10 +447,12 @@ done:
  * (composing the maps J^T), and phase 3 reruns them from the carried value. */
 
 /* Steps t1-1 down to t0. carry: in, J_{t1}^T lambda_{t1} (zero at the sequence end); out, J_{t0}^T
- * lambda_{t0}. g, gu at the slab ([T, S, N] and [T, 3, N] strides); acc [3, width] += dL/da. */
-static void gru_adjoint_sweep(slab_view v, const real *restrict g, const real *restrict zero_row, real *restrict gu,
-                              long t0, long t1, real *restrict carry, double *restrict acc) {
+ * lambda_{t0}. Reads dL/dh from v.g, writes dL/du to v.gu; acc [3, width] += dL/da. */
+static void gru_adjoint_sweep(slab_view v, const real *restrict zero_row, long t0, long t1, real *restrict carry,
+                              double *restrict acc) {
     const long n = v.n, w = v.width;
+    const real *restrict g = v.g;
+    real *restrict gu = v.gu;
     const real *restrict a0 = v.a, *restrict a1 = v.a + n, *restrict a2 = v.a + 2 * n;
     double *restrict acc0 = acc, *restrict acc1 = acc + w, *restrict acc2 = acc + 2 * w;
     for (long t = t1 - 1; t >= t0; t--) {
@@ -464,9 +480,10 @@ static void gru_adjoint_sweep(slab_view v, const real *restrict g, const real *r
 }
 
 /* From a zero carry: x gets the carry out, m the composed map (carry_out = m carry_in + x). */
-static void gru_adjoint_reduce(slab_view v, const real *restrict g, const real *restrict zero_row, long t0,
-                               long t1, real *restrict x, real *restrict m) {
+static void gru_adjoint_reduce(slab_view v, const real *restrict zero_row, long t0, long t1, real *restrict x,
+                               real *restrict m) {
     const long n = v.n, w = v.width;
+    const real *restrict g = v.g;
     const real *restrict a0 = v.a, *restrict a1 = v.a + n, *restrict a2 = v.a + 2 * n;
     for (long i = 0; i < w; i++) { x[i] = 0; m[i] = 1; }
     for (long t = t1 - 1; t >= t0; t--) {
@@ -483,9 +500,11 @@ static void gru_adjoint_reduce(slab_view v, const real *restrict g, const real *
 }
 
 /* As gru_adjoint_sweep; carry, g are [c; h] rows, acc [5, width] += (dL/da, dL/dp). */
-static void lstm_adjoint_sweep(slab_view v, const real *restrict g, const real *restrict zero_row,
-                               real *restrict gu, long t0, long t1, real *restrict carry, double *restrict acc) {
+static void lstm_adjoint_sweep(slab_view v, const real *restrict zero_row, long t0, long t1,
+                               real *restrict carry, double *restrict acc) {
     const long n = v.n, w = v.width;
+    const real *restrict g = v.g;
+    real *restrict gu = v.gu;
     const real *restrict a0 = v.a, *restrict a1 = v.a + n, *restrict a2 = v.a + 2 * n;
     const real *restrict p0 = v.p, *restrict p1 = v.p + n;
     real *restrict kc = carry, *restrict kh = carry + w;
@@ -523,9 +542,10 @@ static void lstm_adjoint_sweep(slab_view v, const real *restrict g, const real *
     }
 }
 
-static void lstm_adjoint_reduce(slab_view v, const real *restrict g, const real *restrict zero_row, long t0,
-                                long t1, real *restrict x, real *restrict m) {
+static void lstm_adjoint_reduce(slab_view v, const real *restrict zero_row, long t0, long t1, real *restrict x,
+                                real *restrict m) {
     const long n = v.n, w = v.width;
+    const real *restrict g = v.g;
     const real *restrict a0 = v.a, *restrict a1 = v.a + n, *restrict a2 = v.a + 2 * n;
     const real *restrict p0 = v.p, *restrict p1 = v.p + n;
     real *restrict xc = x, *restrict xh = x + w;
@@ -552,10 +572,9 @@ static void lstm_adjoint_reduce(slab_view v, const real *restrict g, const real 
     }
 }
 
-static void adjoint_sweep(int cell, work_item it, const real *g, const real *zeros, real *gu, real *carry,
-                          double *acc) {
-    if (cell == CELL_GRU) gru_adjoint_sweep(it.v, g, zeros + it.d0, gu, it.t0, it.t1, carry, acc);
-    else lstm_adjoint_sweep(it.v, g, zeros + it.d0, gu, it.t0, it.t1, carry, acc);
+static void adjoint_sweep(int cell, work_item it, const real *zeros, real *carry, double *acc) {
+    if (cell == CELL_GRU) gru_adjoint_sweep(it.v, zeros + it.d0, it.t0, it.t1, carry, acc);
+    else lstm_adjoint_sweep(it.v, zeros + it.d0, it.t0, it.t1, carry, acc);
 }
 
 /* Gradients of sum_t <grad_h_t, h_t> through the solved recurrence h (forward's layouts): grad_u
@@ -564,17 +583,13 @@ static void adjoint_sweep(int cell, work_item it, const real *g, const real *zer
 int pararnn_adjoint(int cell, const real *u, const real *a, const real *p, const real *state, const real *grad_h,
                     long batch, long seq_len, long n, int threads, long slab, long chunks, real *grad_u,
                     real *grad_a, real *grad_p) {
-    if ((cell != CELL_GRU && cell != CELL_LSTM) || slab < 1 || slab > MAX_SLAB || chunks < 1 ||
-        chunks > seq_len || threads < 1)
-        return -2;
-    const long s = cell == CELL_GRU ? 1 : 2, params = cell == CELL_GRU ? 3 : 5;
-    const long slabs = (n + slab - 1) / slab;
-    const long chunk_len = (seq_len + chunks - 1) / chunks;
-    chunks = (seq_len + chunk_len - 1) / chunk_len;
-    const long items = batch * slabs * chunks;
+    /* The adjoint only reads state; the cast keeps one view type for both directions. */
+    problem pr = {.state = (real *)state, .u = u, .a = a, .p = p, .grad_h = grad_h, .grad_u = grad_u,
+                  .batch = batch, .seq_len = seq_len, .n = n};
+    if (plan(&pr, cell, slab, chunks, threads)) return -2;
+    const long s = pr.s, slabs = pr.slabs, items = pr.items, params = cell == CELL_GRU ? 3 : 5;
+    chunks = pr.chunks;
     const long vec = s * MAX_SLAB, mat = s * s * MAX_SLAB, acc_len = params * MAX_SLAB;
-    /* The kernels only read state through the view; the cast keeps one view type for both passes. */
-    const problem pr = {(real *)state, u, a, p, seq_len, n, s, slab, slabs, chunks, chunk_len};
     real *ends = malloc(sizeof(real) * items * vec);
     real *maps = malloc(sizeof(real) * items * mat);
     double *acc = calloc((size_t)(items * acc_len), sizeof(double));
@@ -593,16 +608,14 @@ int pararnn_adjoint(int cell, const real *u, const real *a, const real *p, const
 #pragma omp for schedule(static)
         for (long i = 0; i < items; i++) {
             work_item it = locate(&pr, i);
-            const real *g = grad_h + it.b * seq_len * s * n + it.d0;
-            real *gu = grad_u + it.b * seq_len * 3 * n + it.d0;
             if (it.chunk == chunks - 1) {
                 memset(carry, 0, sizeof(real) * s * it.v.width);
-                adjoint_sweep(cell, it, g, zeros, gu, carry, acc + i * acc_len);
+                adjoint_sweep(cell, it, zeros, carry, acc + i * acc_len);
                 memcpy(ends + i * vec, carry, sizeof(real) * s * it.v.width);
             } else if (cell == CELL_GRU) {
-                gru_adjoint_reduce(it.v, g, zeros + it.d0, it.t0, it.t1, ends + i * vec, maps + i * mat);
+                gru_adjoint_reduce(it.v, zeros + it.d0, it.t0, it.t1, ends + i * vec, maps + i * mat);
             } else {
-                lstm_adjoint_reduce(it.v, g, zeros + it.d0, it.t0, it.t1, ends + i * vec, maps + i * mat);
+                lstm_adjoint_reduce(it.v, zeros + it.d0, it.t0, it.t1, ends + i * vec, maps + i * mat);
             }
         }
         if (chunks > 1) {
@@ -618,10 +631,8 @@ int pararnn_adjoint(int cell, const real *u, const real *a, const real *p, const
             for (long i = 0; i < items; i++) {
                 work_item it = locate(&pr, i);
                 if (it.chunk == chunks - 1) continue;
-                const real *g = grad_h + it.b * seq_len * s * n + it.d0;
-                real *gu = grad_u + it.b * seq_len * 3 * n + it.d0;
                 memcpy(carry, ends + (i + 1) * vec, sizeof(real) * s * it.v.width);
-                adjoint_sweep(cell, it, g, zeros, gu, carry, acc + i * acc_len);
+                adjoint_sweep(cell, it, zeros, carry, acc + i * acc_len);
             }
         }
         /* Parameter gradients: each channel's sum over sequences and chunks, in double. */

@@ -153,15 +153,16 @@ def fused_solver_applies(cell: object, u: torch.Tensor, params: Sequence[torch.T
                                          for p, s in zip(params, shapes)):
         return False
     ok, why = fused_solver_available(u.dtype)
-    if not ok and kernels is not None and kernels.on_missing == "fail":
-        raise RuntimeError(f"ParaRNN: the fused CPU Newton solver is unavailable ({why}) and "
-                           "model.kernels.on_missing=fail. Fix: install a C compiler with OpenMP (gcc) or set CC, "
-                           "or set model.kernels.on_missing=fallback to run the torch passes")
-    if not ok:
-        warnings.warn(f"ParaRNN: the fused CPU Newton solver is unavailable ({why}); the torch passes run "
-                      "instead (several times slower). Fix: install a C compiler with OpenMP (gcc), or set "
-                      "CC", KernelBackendWarning, stacklevel=3)
-    return ok
+    if ok:
+        return True
+    missing = f"ParaRNN: the fused CPU Newton solver is unavailable ({why})"
+    fix = "Fix: install a C compiler with OpenMP (gcc) or set CC"
+    if kernels is not None and kernels.on_missing == "fail":
+        raise RuntimeError(f"{missing} and model.kernels.on_missing=fail. {fix}, or set "
+                           "model.kernels.on_missing=fallback to run the torch passes")
+    warnings.warn(f"{missing}; the torch passes run instead (2-3x slower at T = 4096). {fix}",
+                  KernelBackendWarning, stacklevel=3)
+    return False
 
 
 def fused_newton_solve(cell: object, u: torch.Tensor, params: Sequence[torch.Tensor], updates: int,
@@ -174,8 +175,7 @@ def fused_newton_solve(cell: object, u: torch.Tensor, params: Sequence[torch.Ten
     state = u.new_empty((batch, seq_len, n) if cell_id == CELL_IDS["gru"] else (batch, seq_len, 2, n))
     if seq_len == 0:
         return state, u.new_zeros(())
-    threads = torch.get_num_threads()
-    slab, chunks = split if split is not None else work_split(batch, n, seq_len, threads)
+    threads, slab, chunks = _threads_and_split(batch, n, seq_len, split)
     residual = c_real()
     _check(solve(cell_id, u.data_ptr(), a.data_ptr(), _ptr(p), state.data_ptr(), batch, seq_len, n, updates,
                  threads, slab, chunks, ctypes.byref(residual)), slab, chunks, seq_len, threads)
@@ -194,12 +194,16 @@ def fused_adjoint(cell: object, u: torch.Tensor, params: Sequence[torch.Tensor],
     if seq_len == 0:
         return [g.zero_() for g in grads]
     h, grad_h = h.contiguous(), grad_h.to(u.dtype).contiguous()  # grad_h may be an expanded view
-    threads = torch.get_num_threads()
-    slab, chunks = split if split is not None else work_split(batch, n, seq_len, threads)
+    threads, slab, chunks = _threads_and_split(batch, n, seq_len, split)
     _check(adjoint(cell_id, u.data_ptr(), a.data_ptr(), _ptr(p), h.data_ptr(), grad_h.data_ptr(), batch, seq_len,
                    n, threads, slab, chunks, grads[0].data_ptr(), grads[1].data_ptr(),
                    _ptr(grads[2] if p is not None else None)), slab, chunks, seq_len, threads)
     return grads
+
+
+def _threads_and_split(batch: int, n: int, seq_len: int, split: tuple[int, int] | None) -> tuple[int, int, int]:
+    threads = torch.get_num_threads()
+    return (threads, *(split if split is not None else work_split(batch, n, seq_len, threads)))
 
 
 def _kernel_args(cell: object, u: torch.Tensor, params: Sequence[torch.Tensor]):

@@ -143,7 +143,7 @@ def test_adjoint_scan_matches_reverse_loop(structure):
     torch.testing.assert_close(adjoint_scan(jac, grad, structure), torch.stack(expected, 1), rtol=1e-10, atol=1e-10)
 
 
-def _cell_inputs(cell, batch: int, seq_len: int, n: int, scale: float, seed: int, dtype=F64):
+def cell_inputs(cell, batch: int, seq_len: int, n: int, scale: float, seed: int, dtype=F64):
     gen = torch.Generator().manual_seed(seed)
     u = torch.randn(batch, seq_len, 3, n, generator=gen, dtype=dtype)
     shapes = [(3, n)] if isinstance(cell, GRUCell) else [(3, n), (2, n)]
@@ -153,7 +153,7 @@ def _cell_inputs(cell, batch: int, seq_len: int, n: int, scale: float, seed: int
 
 @pytest.mark.parametrize("cell", [GRUCell(), LSTMCell()], ids=["gru", "lstm"])
 def test_cell_jacobian_matches_autodiff(cell):
-    u, params = _cell_inputs(cell, 1, 1, 3, scale=0.8, seed=0)
+    u, params = cell_inputs(cell, 1, 1, 3, scale=0.8, seed=0)
     u = u[0, 0]
     state = torch.randn(cell.zero_state(u).shape, dtype=F64)
     _, jac = cell.step_and_jacobian(state, u, params)
@@ -172,7 +172,7 @@ def test_cell_jacobian_matches_autodiff(cell):
 
 @pytest.mark.parametrize("cell", [GRUCell(), LSTMCell()], ids=["gru", "lstm"])
 def test_cell_step_vjp_matches_autograd_of_step(cell):
-    u, params = _cell_inputs(cell, 2, 5, 4, scale=0.8, seed=3)
+    u, params = cell_inputs(cell, 2, 5, 4, scale=0.8, seed=3)
     gen = torch.Generator().manual_seed(4)
     state_shape = cell.zero_state(u).shape
     state = torch.randn(state_shape, generator=gen, dtype=F64)
@@ -189,7 +189,7 @@ def test_cell_step_vjp_matches_autograd_of_step(cell):
 
 @pytest.mark.parametrize("cell", [GRUCell(), LSTMCell()], ids=["gru", "lstm"])
 def test_cell_solver_step_equals_step_to_float_rounding(cell):
-    u, params = _cell_inputs(cell, 1, 64, 16, scale=0.8, seed=5, dtype=torch.float32)
+    u, params = cell_inputs(cell, 1, 64, 16, scale=0.8, seed=5, dtype=torch.float32)
     state = torch.randn(cell.zero_state(u).shape, generator=torch.Generator().manual_seed(6))
     torch.testing.assert_close(cell.solver_step(state, u, params), cell.step(state, u, params),
                                rtol=1.3e-6, atol=5e-7)
@@ -200,7 +200,7 @@ def test_cell_solver_step_equals_step_to_float_rounding(cell):
 @pytest.mark.parametrize("cell", [GRUCell(), LSTMCell()], ids=["gru", "lstm"])
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)], ids=["fp64", "fp32"])
 def test_adjoint_backward_equals_autograd_through_the_loop(cell, dtype, tol):
-    u, params = _cell_inputs(cell, 2, 40, 6, scale=0.7, seed=1, dtype=dtype)
+    u, params = cell_inputs(cell, 2, 40, 6, scale=0.7, seed=1, dtype=dtype)
     u.requires_grad_(True)
     for p in params:
         p.requires_grad_(True)
@@ -221,7 +221,7 @@ def test_compiled_solve_and_backward_match_the_loop(cell):
     available, why = compile_available()
     if not available:
         pytest.skip(f"torch.compile unusable here: {why}")
-    u, params = _cell_inputs(cell, 2, 37, 6, scale=0.7, seed=8)
+    u, params = cell_inputs(cell, 2, 37, 6, scale=0.7, seed=8)
     u.requires_grad_(True)
     params[0].requires_grad_(True)  # a parameter without gradient too (LSTM's peephole)
     upstream = torch.randn(cell.zero_state(u).shape, dtype=F64, generator=torch.Generator().manual_seed(9))
@@ -239,7 +239,7 @@ def test_compiled_solve_and_backward_match_the_loop(cell):
 
 def test_only_requested_gradients_are_computed():
     cell = GRUCell()
-    u, params = _cell_inputs(cell, 1, 8, 4, scale=0.5, seed=3)
+    u, params = cell_inputs(cell, 1, 8, 4, scale=0.5, seed=3)
     params[0].requires_grad_(True)
     h, _ = parallel_recurrence(cell, u, params)
     (grad,) = torch.autograd.grad(h.sum(), params)
@@ -250,7 +250,7 @@ def test_only_requested_gradients_are_computed():
 @pytest.mark.parametrize("cell", [GRUCell(), LSTMCell()], ids=["gru", "lstm"])
 def test_after_k_updates_the_first_k_plus_1_states_are_exact(cell):
     # Large recurrent weights: far from linear, so later states are visibly wrong after few updates.
-    u, params = _cell_inputs(cell, 2, 30, 8, scale=2.5, seed=4)
+    u, params = cell_inputs(cell, 2, 30, 8, scale=2.5, seed=4)
     exact = sequential_recurrence(cell, u, params)
     for k in range(6):
         with warnings.catch_warnings():
@@ -263,7 +263,7 @@ def test_after_k_updates_the_first_k_plus_1_states_are_exact(cell):
 
 @pytest.mark.parametrize("cell", [GRUCell(), LSTMCell()], ids=["gru", "lstm"])
 def test_residual_converges_quadratically_for_contractive_cells(cell):
-    u, params = _cell_inputs(cell, 2, 200, 16, scale=0.5, seed=5)
+    u, params = cell_inputs(cell, 2, 200, 16, scale=0.5, seed=5)
     residuals = []
     for k in range(6):
         with warnings.catch_warnings():
@@ -282,7 +282,7 @@ def test_residual_converges_quadratically_for_contractive_cells(cell):
 
 def test_adaptive_mode_stops_at_tolerance_and_fixed_mode_warns():
     cell = GRUCell()
-    u, params = _cell_inputs(cell, 1, 64, 8, scale=0.5, seed=6)
+    u, params = cell_inputs(cell, 1, 64, 8, scale=0.5, seed=6)
     _, report = newton_solve(cell, u, params, NewtonOptions(tol=1e-9, max_iterations=50))
     assert float(report.residual) <= 1e-9 and report.converged and report.iterations < 10
     with pytest.warns(NewtonNotConvergedWarning, match="newton_iterations"):
@@ -294,7 +294,7 @@ def test_adaptive_mode_stops_at_tolerance_and_fixed_mode_warns():
 
 @pytest.mark.parametrize("cell", [GRUCell(), LSTMCell()], ids=["gru", "lstm"])
 def test_saved_memory_does_not_grow_with_iterations(cell):
-    u, params = _cell_inputs(cell, 2, 64, 8, scale=0.5, seed=7)
+    u, params = cell_inputs(cell, 2, 64, 8, scale=0.5, seed=7)
     u.requires_grad_(True)
 
     def saved_bytes(iterations: int) -> tuple[int, int]:

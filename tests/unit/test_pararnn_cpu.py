@@ -22,6 +22,7 @@ from kernels.pararnn_cpu import (
     work_split,
 )
 from models.layers.pararnn import GRUCell, LSTMCell
+from tests.unit.test_pararnn import cell_inputs
 
 pytestmark = pytest.mark.skipif(not fused_solver_available()[0],
                                 reason=f"fused CPU solver unavailable: {fused_solver_available()[1]}")
@@ -33,12 +34,8 @@ SPLITS = [(10, 1), (4, 1), (10, 3), (10, 40), (3, 7)]
 
 
 def _problem(cell_name: str, batch: int, seq_len: int, channels: int, dtype: torch.dtype, seed: int = 0):
-    gen = torch.Generator().manual_seed(seed)
-    u = torch.randn(batch, seq_len, 3, channels, generator=gen, dtype=torch.float64).to(dtype)
-    params = [(torch.randn(3, channels, generator=gen, dtype=torch.float64) * 0.8).to(dtype)]
-    if cell_name == "lstm":
-        params.append((torch.randn(2, channels, generator=gen, dtype=torch.float64) * 0.5).to(dtype))
-    return CELLS[cell_name](), u, params
+    cell = CELLS[cell_name]()
+    return (cell, *cell_inputs(cell, batch, seq_len, channels, scale=0.8, seed=seed, dtype=dtype))
 
 
 @pytest.mark.parametrize("cell_name", sorted(CELLS))

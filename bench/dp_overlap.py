@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from models import ModelConfig, build_model
 from parallel_state.groups import init
 from parallel_state.topology import Topology
-from tests.dist.harness import RankPool
+from tests.multirank.harness import RankPool
 from trainer.grad_reducer import BucketedGradReducer
 from trainer.grad_sync import allreduce_gradients
 

@@ -5,7 +5,7 @@ interleaved 1F1B with uniform costs (F = 1, B = 2 per chunk; trainer/pipeline_si
 the bubble fraction (makespan - ideal) / ideal next to (P-1)/(V*M) and their ratio.
 
 `--real`: runs trainer/pipeline_executor.py on 4 gloo CPU ranks (pp = 4, worker processes from
-tests/dist/harness.RankPool) with a toy model (Linear + tanh layers, 2 per virtual stage) and
+tests/multirank/harness.RankPool) with a toy model (Linear + tanh layers, 2 per virtual stage) and
 prints each rank's measured idle fraction, time blocked waiting for receives / step time (median
 over steps), next to the simulated per-rank idle fraction (makespan - busy) / makespan. CPU and
 gloo on a shared small machine are noisy, and p2p latency is not free there: read the measured
@@ -79,7 +79,7 @@ def _rank_step(vpp: int, num_mb: int, hidden: int, steps: int) -> list[float]:
 
 
 def real_table(hidden: int, steps: int) -> None:
-    from tests.dist.harness import RankPool
+    from tests.multirank.harness import RankPool
 
     pool = RankPool(REAL_PP, timeout_s=600)
     try:

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from tests.dist.harness import RankError, RankTimeoutError
+from tests.multirank.harness import RankError, RankTimeoutError
 
 pytestmark = pytest.mark.xdist_group("rank_pool")
 

@@ -7,7 +7,7 @@ import torch.distributed as dist
 
 from parallel_state.groups import init
 from parallel_state.topology import GROUP_NAMES, Topology
-from tests.dist.harness import fake_world
+from tests.multirank.harness import fake_world
 
 pytestmark = pytest.mark.xdist_group("rank_pool")
 

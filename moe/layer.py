@@ -159,8 +159,10 @@ class MoELayer(nn.Module):
         sums: dict[str, torch.Tensor] = {}
         weighted = []
         if cfg.aux_loss_coeff > 0 or cfg.seq_aux_loss_coeff > 0:
-            chosen = routing.expert[routing.active]
-            seq_of = seq_index.unsqueeze(1).expand_as(routing.expert)[routing.active]
+            # f_e counts the plain top-k of the unbiased scores (moe/router.py), not the biased,
+            # group-limited selection the experts compute.
+            chosen = routing.aux_expert.reshape(-1)
+            seq_of = seq_index.unsqueeze(1).expand_as(routing.aux_expert).reshape(-1)
             counts = torch.bincount(chosen, minlength=num_experts)
             seq_counts = torch.bincount(seq_of * num_experts + chosen, minlength=num_seqs * num_experts)
             # One all-reduce over the ranks holding the same sequences: f_e and f_{s,e} of the layer.

@@ -10,6 +10,9 @@ Semantics (SPECS "MoE routing and dispatch"):
   over the k chosen logits (Mixtral); sigmoid scores renormalised over the k choices.
 - BlockFFN router: R = RMSNorm(ReLU(x W_r^T)) with a learnable gain, no top-k: every expert is a
   slot, weighted by R, and slots with R = 0 are skipped.
+- Balance losses: the load fraction f_e counts each token's plain top-k of the unbiased scores over
+  all experts (`Routing.aux_expert`, DeepSeek-V3's indicator): the aux-free bias and the group limit
+  change which experts compute, not f_e, and capacity drops do not change it either.
 - Capacity per expert on a rank: ceil(tokens * k / E * capacity_factor); over-capacity slots are
   dropped by lowest weight (`probs`; ties keep the earlier slot) or latest position (`position`,
   slot order = token order, then choice order).
@@ -43,6 +46,9 @@ class Routing:
     active: torch.Tensor  # [N, k] bool: slot computed (selected, not dropped, nonzero for BlockFFN)
     logits: torch.Tensor  # [N, E] router logits (fp32, or fp64 for fp64 inputs)
     aux_probs: torch.Tensor | None  # [N, E] per-token probabilities the balance losses use (top-k router)
+    # [N, k] the experts the balance losses count for f_e: the plain top-k of the unbiased scores over
+    # all experts (top-k router; equals `expert` unless the aux-free bias or the group limit is on).
+    aux_expert: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -211,7 +217,10 @@ class Router(nn.Module):
             weight = chosen / chosen.sum(-1, keepdim=True)
             aux_probs = scores / scores.sum(-1, keepdim=True)
         active = torch.ones_like(expert, dtype=torch.bool)
-        return Routing(expert=expert, weight=weight, active=active, logits=logits, aux_probs=aux_probs)
+        biased = cfg.aux_free_bias_rate > 0 or cfg.n_group is not None
+        aux_expert = select_topk(scores.detach(), k) if biased else expert
+        return Routing(expert=expert, weight=weight, active=active, logits=logits, aux_probs=aux_probs,
+                       aux_expert=aux_expert)
 
     def _blockffn(self, logits: torch.Tensor) -> Routing:
         r = F.relu(logits)

@@ -96,7 +96,9 @@ def dense_reference(layer: MoELayer, x: torch.Tensor, scale: float) -> tuple[tor
     else:
         s = torch.sigmoid(logits)
         probs = s / s.sum(-1, keepdim=True)
-    chosen = [c for c, _ in routes]
+    # f_e counts each token's plain top-k of the unbiased scores over all experts, whatever the
+    # aux-free bias and the group limit made the token compute.
+    chosen = [sorted(range(num_experts), key=lambda e, t=t: -float(probs[t, e]))[:k] for t in range(n)]
 
     def balance(token_ids):
         f = [sum(chosen[t].count(e) for t in token_ids) / (len(token_ids) * k) for e in range(num_experts)]
@@ -122,6 +124,10 @@ CASES = {
     "aux_losses_and_shared": {"aux_loss_coeff": 0.1, "seq_aux_loss_coeff": 0.05, "z_loss_coeff": 0.01,
                               "num_shared_experts": 2, "shared_ffn_hidden_size": 4},
     "sigmoid_aux": {"score_function": "sigmoid", "aux_loss_coeff": 0.1, "seq_aux_loss_coeff": 0.1},
+    "sigmoid_grouped_biased_aux": {"num_experts": 8, "score_function": "sigmoid", "n_group": 4, "topk_group": 2,
+                                   "aux_free_bias_rate": 0.01, "aux_loss_coeff": 0.1, "seq_aux_loss_coeff": 0.1},
+    "softmax_grouped_aux": {"num_experts": 8, "n_group": 4, "topk_group": 1, "aux_loss_coeff": 0.1,
+                            "seq_aux_loss_coeff": 0.1},
     "blockffn": {"router": "blockffn", "z_loss_coeff": 0.01},
     "capacity_probs": {"capacity_factor": 0.6, "drop_policy": "probs"},
     "capacity_position_padded": {"capacity_factor": 0.6, "drop_policy": "position", "pad_to_capacity": True},
@@ -167,6 +173,9 @@ def test_layer_matches_dense_reference(name):
         torch.testing.assert_close(g, g_ref, **tol, msg=lambda m, p=pname: f"{p}: {m}")
     if cfg.capacity_factor is not None:
         assert layer.last_dropped_slots > 0  # the case really drops
+    if cfg.aux_loss_coeff and cfg.n_group is not None:  # the case really routes off the plain top-k
+        routing = layer.router(x.reshape(-1, HIDDEN))
+        assert (routing.expert.sort(-1).values != routing.aux_expert.sort(-1).values).any()
 
 
 def test_expert_params_are_marked_and_named_by_global_id():

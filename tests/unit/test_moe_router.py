@@ -73,6 +73,30 @@ def test_aux_free_bias_changes_selection_not_weights():
     torch.testing.assert_close(r.weight, torch.ones(1, 1))  # k=1: renormalised weight is 1, bias-free
 
 
+def test_balance_loss_experts_ignore_the_aux_free_bias():
+    """f_e counts the unbiased top-k (DeepSeek-V3): the bias moves the computed expert, not aux_expert."""
+    router = identity_router(score_function="sigmoid", aux_free_bias_rate=0.1, topk=1)
+    router.expert_bias.copy_(torch.tensor([0.0, 0.5, 0.0, 0.0]))
+    r = router(torch.tensor([[2.0, 1.0, 0.0, -1.0]]))
+    assert r.expert.tolist() == [[1]]
+    assert r.aux_expert.tolist() == [[0]]
+
+
+def test_balance_loss_experts_ignore_the_group_limit():
+    # Groups of 2: top-2 sums 0.91, 1.0, 0.89, 0.02 keep group 1 only, so the computed top-2 is {2, 3};
+    # the plain top-2 over all experts is {0, 2}.
+    router = identity_router(num_experts=8, score_function="softmax", n_group=4, topk_group=1)
+    probs = torch.tensor([[0.9, 0.01, 0.55, 0.45, 0.45, 0.44, 0.01, 0.01]])
+    r = router(probs.log())
+    assert sorted(r.expert[0].tolist()) == [2, 3]
+    assert sorted(r.aux_expert[0].tolist()) == [0, 2]
+
+
+def test_balance_loss_experts_are_the_selection_without_bias_or_groups():
+    r = identity_router(topk=2)(torch.tensor([[1.0, 3.0, 2.0, 0.0], [0.0, 0.1, 0.2, 5.0]]))
+    assert r.aux_expert is r.expert
+
+
 def test_aux_free_bias_update_is_rate_times_sign_of_load_error():
     router = identity_router(score_function="sigmoid", aux_free_bias_rate=0.1)
     router.tokens_per_expert.fill_(3.0)

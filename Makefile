@@ -8,7 +8,7 @@ LAYOUT  ?= parallel.tp=2 parallel.sequence_parallel=true parallel.pp=2 data.micr
 ARGS    ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup train test test-all bench lint clean
+.PHONY: setup train test test-fast bench lint clean
 
 setup: $(STAMP)
 
@@ -18,8 +18,13 @@ $(STAMP): pyproject.toml scripts/setup_env.sh
 train: $(STAMP)
 	$(VENV)/bin/torchrun --standalone --nproc-per-node=$(NPROC) launch/train.py +experiment=quickstart $(LAYOUT) $(ARGS)
 
+# Every test in tests/ (unit, multirank, e2e, Triton interpreter): what CI runs.
 test: $(STAMP)
 	$(PYTHON) -m pytest -q -n 2 --dist loadgroup $(PYTEST_ARGS)
+
+# Local iteration only, never CI: skips the torchrun end-to-end runs and the Triton interpreter tests.
+test-fast: $(STAMP)
+	$(PYTHON) -m pytest -q -n 2 --dist loadgroup -m "not e2e and not triton_interpret" $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(PYTHON) bench/overhead.py

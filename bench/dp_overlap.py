@@ -4,7 +4,7 @@ On N gloo ranks (default 2), each rank trains the same model on its own batches,
 per step (the first under no_sync). Modes, timed in alternating rounds in the same run:
 
     none      no gradient communication (the floor)
-    flat      trainer/grad_sync.allreduce_gradients after the last backward (today's trainer)
+    flat      trainer/grad_sync.allreduce_gradients after the last backward (no overlap)
     bucketed  BucketedGradReducer with overlap=False (same buckets, all sent in finish())
     overlap   BucketedGradReducer, buckets launched from the backward hooks
 

@@ -27,12 +27,17 @@ class FastPaths:
     transformer_engine: bool
 
     def describe(self) -> str:
-        def flag(ok: bool) -> str:
-            return "yes" if ok else "no"
+        """Which optional packages are installed and whether anything here uses them.
 
-        triton = flag(self.triton) + ("" if self.cuda or not self.triton else " (no CUDA: torch reference kernels)")
-        return (f"cuda={flag(self.cuda)} triton={triton} apex={flag(self.apex)} "
-                f"transformer_engine={flag(self.transformer_engine)}")
+        apex and Transformer Engine are reported as "installed, not used": no foldtron code calls them.
+        """
+        def installed(ok: bool, use: str) -> str:
+            return f"installed, {use}" if ok else "not installed"
+
+        triton_use = "used on CUDA" if self.cuda else "not used (no CUDA)"
+        return (f"cuda={'yes' if self.cuda else 'no'}, triton={installed(self.triton, triton_use)}, "
+                f"apex={installed(self.apex, 'not used')}, "
+                f"transformer_engine={installed(self.transformer_engine, 'not used')}")
 
 
 def detect_fast_paths() -> FastPaths:

@@ -61,12 +61,12 @@ class DecoderBlock(nn.Module):
 
     @property
     def token_mixer(self) -> nn.Module:
-        """The module mixing information across positions (attention, later GLA, ...)."""
+        """The module mixing information across positions (attention, GLA or ParaRNN)."""
         return getattr(self, self.spec.token_mixer)
 
     @property
     def channel_mixer(self) -> nn.Module:
-        """The module mixing features at each position (MLP, later MoE)."""
+        """The module mixing features at each position (MLP or MoE)."""
         return getattr(self, self.spec.channel_mixer)
 
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:

@@ -75,7 +75,7 @@ class ModelConfig:
     ffn_hidden_size: int | None = None
     # Rounding granule of the Llama rule for ffn_hidden_size.
     ffn_multiple_of: int = 64
-    # Largest position the model is meant to see (documentation for RoPE and the planner).
+    # Largest position the model is meant to see; validation rejects a longer data.seq_len.
     max_position_embeddings: int = 4096
     # RoPE base: frequency i is rope_theta ** (-2i / head_dim).
     rope_theta: float = 10000.0

@@ -136,7 +136,7 @@ def _allocate_on_device(model: nn.Module, device: torch.device, dtype: torch.dty
                 new_dtype = dtype if param.is_floating_point() else param.dtype
                 storage = torch.empty(param.shape, device=device, dtype=new_dtype)
                 new_param = nn.Parameter(storage, requires_grad=param.requires_grad)
-                new_param.__dict__.update(param.__dict__)  # keeps `shard` and future markers
+                new_param.__dict__.update(param.__dict__)  # keeps `shard`, `expert` and every other marker
                 replacements[id(param)] = new_param
             setattr(module, local_name, new_param)
         for local_name, buffer in list(module.named_buffers(recurse=False)):

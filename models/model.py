@@ -113,8 +113,8 @@ class DecoderModel(nn.Module):
     ) -> torch.Tensor:
         """Per-token cross entropy [B, T] in fp32, 0 where labels == -100; no reduction.
 
-        The trainer reduces (sum over tokens / global loss-token count), see SPECS "Loss
-        normalisation". Logits are upcast because bf16 log-softmax over a large vocab is lossy.
+        The trainer reduces (sum over tokens / global loss-token count), see docs/loss_and_layout.md,
+        "Loss normalisation". Logits are upcast because bf16 log-softmax over a large vocab is lossy.
         """
         if self.output is None:
             raise ValueError("token_losses needs the LM head; this model was built with has_head=False")

@@ -1,8 +1,8 @@
 """Per-layer description of the decoder stack.
 
 A layer is a token mixer (mixes across positions), a channel mixer (mixes across features) and a
-residual pattern. `layer_specs` is pure so that the trainer and the planner can reason about a
-stack without building it.
+residual pattern. `layer_specs` is pure, so a stack can be reasoned about (in the model, the
+tests) without building it.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from models.config import ModelConfig
 
-# Names implemented now; the trainer's config validation rejects anything else before building.
+# The implemented names; the trainer's config validation rejects anything else before building.
 TOKEN_MIXERS = ("attention", "gla", "pararnn_gru", "pararnn_lstm")
 CHANNEL_MIXERS = ("mlp", "moe")
 RESIDUALS = ("standard",)
@@ -30,8 +30,8 @@ def layer_specs(cfg: ModelConfig) -> list[LayerSpec]:
     """Spec of every global layer: layer i cycles through token_mixers and channel_mixers; a "moe"
     slot that model.moe's placement (first_k_dense_layers, moe_layer_freq) skips is a dense "mlp".
 
-    Names are not checked against what is implemented (see `check_implemented`), so the pattern of
-    a planned hybrid stack can be computed before its mixers exist.
+    Names are not checked against what is implemented (`check_implemented` does that), so the
+    pattern of any list of names can be computed.
     """
     for field_name in ("token_mixers", "channel_mixers"):
         if len(getattr(cfg, field_name)) == 0:

@@ -6,7 +6,7 @@ them. The experts live on the expert grid: expert e on EP rank e // (E / ep), ea
 FFN width split over ETP. Both grids cover the same ranks, so any (tp, cp, dp) x (etp, ep, edp)
 folding works; only the ep, etp and etp_ep groups are used here.
 
-AllToAllDispatcher (SPECS "MoE routing and dispatch"):
+AllToAllDispatcher (docs/moe.md, "Dispatch and combine"):
   1. permute the active slots to expert-major order (optionally padded to the capacity per expert);
   2. exchange per-expert counts over EP; variable-size all-to-all of the rows over EP;
   3. with etp > 1: all-gather counts and rows over ETP (uneven);

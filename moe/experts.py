@@ -11,8 +11,8 @@ ranks' outputs are partial sums the dispatcher reduce-scatters. Every routed-exp
 
 Grouped GEMM: with `torch._grouped_mm` the local experts' weights are stacked per forward and
 each projection is one call; otherwise a loop over experts, the reference. grouped_gemm="auto"
-takes it on CUDA in bf16 on compute capability >= 9.0 (not yet measured here: no GPU run); on CPU
-it runs in fp32 (torch 2.13) but is about 10% slower than the loop (bench/moe_dispatch.py), so
+takes it on CUDA in bf16 on compute capability >= 9.0 (no GPU timing of it is recorded); on CPU
+it runs in fp32 (torch 2.13) but takes 1.1-1.2x the loop's time (bench/moe_dispatch.py), so
 "auto" keeps the loop there and "grouped_mm" forces it (the tests use that).
 
 Shared experts: one SwiGLU of width num_shared * shared_ffn applied to every token, sharded over

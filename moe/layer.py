@@ -4,10 +4,10 @@ Flow: tokens (attention layout; without sequence parallelism the TP ranks hold t
 so each routes its 1/tp slice and the outputs are all-gathered at the end) -> router -> balance
 losses -> capacity -> dispatcher (experts) -> + shared experts -> back to the attention layout.
 
-Aux-loss contract (SPECS "Loss normalisation"): each balance loss is defined per MoE layer on the
-tokens routed together in one forward call by the ranks that hold parts of the same sequences (the
-tp x cp group; its statistics f_e are all-reduced over that group), and enters the loss exactly
-like token losses do: the layer adds
+Aux-loss contract (docs/loss_and_layout.md, "Loss normalisation"; docs/moe.md, "Balance losses"):
+each balance loss is defined per MoE layer on the tokens routed together in one forward call by
+the ranks that hold parts of the same sequences (the tp x cp group; its statistics f_e are
+all-reduced over that group), and enters the loss exactly like token losses do: the layer adds
 
     aux_sum = aux_loss_coeff     * (Switch loss)         * tokens
             + seq_aux_loss_coeff * (sequence-level loss) * tokens

@@ -1,6 +1,6 @@
 """Token routing: scores, top-k (optionally group-limited, optionally biased), capacity, balance losses.
 
-Semantics (SPECS "MoE routing and dispatch"):
+Semantics (docs/moe.md):
 
 - logits = x W_r^T in fp32; scores = softmax(logits) or sigmoid(logits).
 - Selection: top-k of (scores + aux-free bias); the bias changes which experts are chosen, never

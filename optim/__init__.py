@@ -1,5 +1,5 @@
-"""Optimizers, LR schedules and gradient clipping. Imports only torch/stdlib (and later
-parallel_state/kernels), never models or trainer."""
+"""Optimizers, LR schedules and gradient clipping. Imports only torch and the standard library, never
+another foldtron package (docs/architecture.md, "Packages")."""
 
 from optim.adamw import build_optimizer
 from optim.clip import clip_grad_norm_

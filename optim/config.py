@@ -34,7 +34,7 @@ class LRScheduleConfig:
 
 @dataclass
 class OptimConfig:
-    # Optimizer implementation; only "adamw" today.
+    # Optimizer implementation: "adamw" (the only one implemented).
     name: str = "adamw"
     # Peak learning rate; the schedule scales it each step.
     lr: float = 3e-4
@@ -56,6 +56,10 @@ class OptimConfig:
     schedule: LRScheduleConfig = field(default_factory=LRScheduleConfig)
     # torch.optim.AdamW's foreach switch; None lets torch choose for the device.
     foreach: bool | None = None
+    # torch.optim.AdamW's fused kernel (CUDA, and CPU since torch 2.4): one kernel per step is
+    # faster, but it rounds differently from the for-loop/foreach paths, so it is off by default to
+    # keep the pinned one-process losses. Exclusive with foreach=true (torch refuses both).
+    fused: bool = False
 
 
 def resolved_decay_steps(cfg: LRScheduleConfig, max_steps: int) -> int:

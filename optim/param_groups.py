@@ -1,8 +1,8 @@
 """Split parameters into a weight-decay group and a no-decay group.
 
-Each group keeps the parameter names in "names" (parallel to "params") so logging, tests and the
-later ZeRO-1 sharding can tell what is where. Group order is fixed (decay, then no-decay) and both
-groups always exist, even empty, so optimizer state dicts have the same structure for every model.
+Each group keeps the parameter names in "names" (parallel to "params") so logging and tests can
+tell what is where. Group order is fixed (decay, then no-decay) and both groups always exist, even
+empty, so optimizer state dicts have the same structure for every model.
 """
 
 from __future__ import annotations

@@ -17,6 +17,8 @@ is no module-level counter); the trainer reads `summary()` once per step and cal
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 # The collectives counted and what S means for each (see the module docstring).
@@ -47,10 +49,14 @@ class CommStats:
     bytes_sent: dict[tuple[str, str], float] = field(default_factory=dict)  # (op, group) -> bytes
     calls: dict[tuple[str, str], int] = field(default_factory=dict)  # (op, group) -> number of calls
 
+    paused_depth: int = 0  # > 0 inside `paused()`: calls are not counted
+
     def record(self, op: str, group: str, nbytes: float) -> None:
         """Count one call of `op` on `group` that sent `nbytes` from this rank."""
         if op not in COMM_OPS:
             raise ValueError(f"unknown collective {op!r}; counted ones: {', '.join(COMM_OPS)}")
+        if self.paused_depth:
+            return
         key = (op, group)
         self.bytes_sent[key] = self.bytes_sent.get(key, 0.0) + float(nbytes)
         self.calls[key] = self.calls.get(key, 0) + 1
@@ -65,6 +71,16 @@ class CommStats:
         out = {f"comm/{g}/{o}_bytes": b for (o, g), b in sorted(self.bytes_sent.items())}
         out["comm/total_bytes"] = self.total()
         return out
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Traffic inside the block is not counted: evaluation runs between training steps, and its
+        collectives must not land in the next step's per-step bytes."""
+        self.paused_depth += 1
+        try:
+            yield
+        finally:
+            self.paused_depth -= 1
 
     def reset(self) -> None:
         """Forget everything counted so far (call once per step after logging)."""

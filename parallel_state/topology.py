@@ -23,7 +23,8 @@ DEFAULT_ORDER = "tp-cp-ep-dp-pp"  # Megatron-Core's default
 # The two orders the trainer accepts; any permutation of ORDER_AXES is laid out correctly here.
 STANDARD_ORDERS = ("tp-cp-ep-dp-pp", "tp-cp-ep-pp-dp")
 
-# Group name -> (grid, axes the group spans). Fixed API: later issues take their groups from here.
+# Group name -> (grid, axes the group spans). Every process group of the trainer comes from these
+# tables (docs/loss_and_layout.md, "Rank layout").
 DENSE_GROUPS = {
     "tp": ("tp",),
     "cp": ("cp",),

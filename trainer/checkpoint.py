@@ -7,14 +7,20 @@ that names it.
 Model-parallel runs write one state file per model shard (`state_tp01_pp00.pt`: the TP and PP
 coordinates), each from the first DP x CP replica of that shard, into the same temporary
 directory; the writer adds meta.json (step, layout, shard list) and renames once every shard is
-on disk. A one-shard layout keeps the single `state.pt`. Loading needs the same tp and pp (a
-clear error otherwise; resharding on load is future work).
+on disk. A one-shard layout keeps the single `state.pt`. Loading needs the same tp and pp, and
+under pipeline parallelism the same vpp and per-virtual-stage layer split: another layout is
+refused with an error naming the checkpoint's settings (there is no resharding on load). A
+meta.json without vpp and the split (older format) loads when tp and pp agree.
+
+State files hold only tensors and Python primitives, so they load with `weights_only=True`: reading
+a checkpoint never runs code from it.
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
+import pickle
 import re
 import shutil
 from collections.abc import Callable
@@ -22,6 +28,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from trainer.pipeline_executor import split_layers
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +44,15 @@ def step_dir_name(step: int) -> str:
 
 
 class CheckpointLayoutError(ValueError):
-    """The checkpoint was written by a different model-parallel layout than the run loading it."""
+    """The checkpoint was written by a different model-parallel layout than the run loading it;
+    `fix` names the checkpoint's settings to run with."""
+
+    def __init__(self, problem: str, fix: str):
+        super().__init__(problem)
+        self.fix = fix
+
+    def __reduce__(self):  # pickles with its fix (e.g. back from a worker process)
+        return (type(self), (str(self), self.fix))
 
 
 @dataclass(frozen=True)
@@ -52,14 +68,25 @@ class ShardLayout:
     # axes the dense shards do not); `world` ranks, this one `rank`. None: one file per (tp, pp).
     world: int | None = None
     rank: int = 0
+    # Under pp > 1 the same tp/pp files hold other layers (and chunk keys) for another vpp or layer
+    # split: parallel.vpp and the layer count of each virtual stage. 1 / None without a pipeline,
+    # and None (unknown, not compared) for checkpoints written before they were recorded.
+    vpp: int = 1
+    stage_layers: tuple[int, ...] | None = None
 
     @staticmethod
-    def of(ps: Any, experts_spread: bool = False) -> ShardLayout:
-        """This rank's layout from its ParallelState; `experts_spread` for a model with MoE layers."""
+    def of(ps: Any, experts_spread: bool = False, vpp: int = 1, num_layers: int | None = None,
+           pipeline_layers: list[int] | None = None) -> ShardLayout:
+        """This rank's layout from its ParallelState; `experts_spread` for a model with MoE layers;
+        vpp, num_layers and pipeline_layers (parallel.*, model.num_layers) resolve the pipeline split."""
         per_rank = experts_spread and ps.ep.size * ps.etp.size > 1
+        pipelined = ps.pp.size > 1
+        stage_layers = None
+        if pipelined and num_layers is not None:
+            stage_layers = tuple(len(ids) for ids in split_layers(num_layers, ps.pp.size, vpp, pipeline_layers))
         return ShardLayout(tp_rank=ps.tp.rank, tp=ps.tp.size, pp_rank=ps.pp.rank, pp=ps.pp.size,
                            writes=per_rank or ps.dp_cp.rank == 0, world=ps.world_size if per_rank else None,
-                           rank=ps.rank)
+                           rank=ps.rank, vpp=vpp if pipelined else 1, stage_layers=stage_layers)
 
     def file_name(self, tp_rank: int | None = None, pp_rank: int | None = None) -> str:
         if self.world is not None:
@@ -109,8 +136,10 @@ def save_checkpoint(run_dir: str, step: int, state: dict[str, Any], keep_last: i
         torch.save(state, os.path.join(tmp, layout.file_name()))
     barrier()
     if is_writer:
+        stage_layers = list(layout.stage_layers) if layout.stage_layers is not None else None
         _commit(root, tmp, final, {"step": step, "format": "foldtron-shards-v1", "tp": layout.tp,
-                                   "pp": layout.pp, "world": layout.world, "shards": layout.all_file_names()})
+                                   "pp": layout.pp, "world": layout.world, "vpp": layout.vpp,
+                                   "stage_layers": stage_layers, "shards": layout.all_file_names()})
         if keep_last > 0:
             for stale in list_checkpoints(run_dir)[:-keep_last]:
                 shutil.rmtree(stale[1], ignore_errors=True)
@@ -169,15 +198,54 @@ def load_checkpoint(path: str, layout: ShardLayout = SINGLE_SHARD) -> LoadedChec
             f"checkpoint {path} was saved with parallel.tp={saved[0]} parallel.pp={saved[1]}{per_rank}, but this "
             f"run has tp={layout.tp} pp={layout.pp}"
             + (f" on {layout.world} ranks with experts spread" if layout.world is not None else "")
-            + " (resharding on load is not implemented yet)")
+            + " (resharding on load is not implemented yet)",
+            f"run with the checkpoint's parallel.tp={saved[0]} parallel.pp={saved[1]}"
+            + (f" on {saved[2]} ranks" if saved[2] is not None else "") + ", or a new trainer.run_dir")
+    _check_pipeline_split(path, meta, layout)
     missing = [name for name in meta.get("shards", [STATE_FILE]) if not os.path.isfile(os.path.join(path, name))]
     if missing:
         raise ValueError(f"checkpoint {path} is incomplete (missing {', '.join(missing)})")
     try:
-        state = torch.load(os.path.join(path, layout.file_name()), map_location="cpu", weights_only=False)
+        state = torch.load(os.path.join(path, layout.file_name()), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        # torch's message is a page of advice; the line naming what it refused is what matters
+        # (an object that is not allowlisted, or an opcode of a file that is not a checkpoint).
+        found = [line.strip() for line in str(e).splitlines() if "Unsupported" in line]
+        detail = found[0].split(" Please use")[0] if found else type(e).__name__
+        raise ValueError(f"checkpoint {path} is unreadable by torch.load(weights_only=True), which accepts "
+                         f"only tensors and Python primitives: {detail}") from e
     except Exception as e:
         raise ValueError(f"checkpoint {path} is unreadable: {type(e).__name__}: {e}") from e
     return LoadedCheckpoint(path=path, step=int(meta["step"]), state=state)
+
+
+def _check_pipeline_split(path: str, meta: dict[str, Any], layout: ShardLayout) -> None:
+    """Same vpp and per-virtual-stage layer counts as the checkpoint; a value missing on either side
+    (a checkpoint written before they were recorded) is unknown and not compared."""
+    saved_vpp, saved_layers = meta.get("vpp"), meta.get("stage_layers")
+    vpp_differs = saved_vpp is not None and int(saved_vpp) != layout.vpp
+    layers_differ = (saved_layers is not None and layout.stage_layers is not None
+                     and tuple(saved_layers) != layout.stage_layers)
+    if not (vpp_differs or layers_differ):
+        return
+
+    def describe(vpp: Any, layers: Any) -> str:
+        known = [f"parallel.vpp={vpp}"] if vpp is not None else []
+        if layers is not None:
+            known.append(f"parallel.pipeline_layers={_as_override(layers)}")
+        return " ".join(known)
+
+    saved = describe(saved_vpp, saved_layers)
+    raise CheckpointLayoutError(
+        f"checkpoint {path} was saved with {saved} (layers per virtual stage), but this run has "
+        f"{describe(layout.vpp, layout.stage_layers)}; its pipeline chunks hold other layers "
+        "(resharding on load is not implemented yet)",
+        f"run with the checkpoint's {saved} (and its model.num_layers), or a new trainer.run_dir")
+
+
+def _as_override(values: Any) -> str:
+    """[2,1,1]: a list as a Hydra command-line value (no spaces, so it needs no quoting)."""
+    return "[" + ",".join(str(int(v)) for v in values) + "]"
 
 
 def find_latest_checkpoint(run_dir: str, layout: ShardLayout = SINGLE_SHARD) -> LoadedCheckpoint | None:

@@ -8,8 +8,9 @@ goes on with the earlier layers. `finish()` launches what is left (buckets with 
 step did not use) and waits for every handle.
 
 Contracts:
-- Sum, never mean: the loss contract (SPECS "Loss normalisation") already divides every
-  microbatch's loss by the global token count, so the sum over ranks is the full gradient.
+- Sum, never mean: the loss contract (docs/loss_and_layout.md, "Loss normalisation") already
+  divides every microbatch's loss by the global token count, so the sum over ranks is the full
+  gradient.
 - Gradient accumulation: communication happens in the LAST microbatch's backward only. Run the
   others under `with reducer.no_sync():` (or set `reducer.sync_enabled = False`); their
   gradients accumulate in place in the buckets.

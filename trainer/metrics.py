@@ -58,12 +58,17 @@ def drop_metrics_after(run_dir: str, step: int) -> int:
 
 
 class TensorBoardSink:
-    """TensorBoard scalars under run_dir/tensorboard."""
+    """TensorBoard scalars under run_dir/tensorboard.
 
-    def __init__(self, run_dir: str):
+    `resume_step`: the step a resumed run restarts from. Events of later steps, written before the
+    restart, are purged (TensorBoard's purge_step) so the replayed steps are not shown twice.
+    """
+
+    def __init__(self, run_dir: str, resume_step: int | None = None):
         from torch.utils.tensorboard import SummaryWriter
 
-        self._writer = SummaryWriter(log_dir=os.path.join(run_dir, "tensorboard"))
+        purge_step = None if resume_step is None else resume_step + 1
+        self._writer = SummaryWriter(log_dir=os.path.join(run_dir, "tensorboard"), purge_step=purge_step)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         for key, value in metrics.items():
@@ -94,18 +99,35 @@ def wandb_mode(cfg: LoggerConfig, environ: dict | None = None) -> str:
 
 
 class WandbSink:
-    """A W&B run; offline (synced later with `wandb sync`) when there is no API key."""
+    """A W&B run; offline (synced later with `wandb sync`) when there is no API key.
 
-    def __init__(self, cfg: LoggerConfig, run_dir: str, run_name: str, config: dict[str, Any]):
+    One W&B run per run directory. `resume_step`: the step a resumed run restarts from. Online, the
+    W&B run is rewound to it (`resume_from`), so the replayed steps replace the ones logged before
+    the restart. Offline W&B cannot rewind: the log says so, and metrics.jsonl holds the exact curve.
+    """
+
+    def __init__(self, cfg: LoggerConfig, run_dir: str, run_name: str, config: dict[str, Any],
+                 resume_step: int | None = None):
         import wandb
 
         mode = wandb_mode(cfg)
-        if mode == "offline" and cfg.wandb_mode is None and not os.environ.get("WANDB_MODE"):
+        from_env = cfg.wandb_mode is None and bool(os.environ.get("WANDB_MODE"))
+        if mode == "offline" and cfg.wandb_mode is None and not from_env:
             log.warning("W&B: no API key found, logging offline to %s/wandb (sync later with `wandb sync`)",
                         run_dir)
+        if mode == "disabled":
+            source = "WANDB_MODE=disabled in the environment" if from_env else "logger.wandb_mode=disabled"
+            log.warning("W&B: %s, so logger=wandb logs nothing to W&B (metrics.jsonl is still written)", source)
+        run_id = _stable_run_id(run_dir)
+        where: dict[str, Any] = {"resume": "allow", "id": run_id}
+        if resume_step is not None and mode == "online":
+            where = {"resume_from": f"{run_id}?_step={resume_step}"}
+        elif resume_step is not None and mode == "offline":
+            log.warning("W&B: offline runs cannot rewind to step %d: the steps logged after it before the "
+                        "restart stay in the W&B run and the replayed ones are dropped by W&B until it passes "
+                        "them; metrics.jsonl and TensorBoard show the resumed curve", resume_step)
         self._run = wandb.init(project=cfg.project, entity=cfg.entity, name=run_name, config=config,
-                               dir=run_dir, mode=mode, tags=list(cfg.tags) or None, resume="allow",
-                               id=_stable_run_id(run_dir))
+                               dir=run_dir, mode=mode, tags=list(cfg.tags) or None, **where)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         self._run.log(metrics, step=step)
@@ -121,13 +143,16 @@ def _stable_run_id(run_dir: str) -> str:
     return hashlib.sha1(os.path.abspath(run_dir).encode()).hexdigest()[:16]
 
 
-def build_sinks(cfg: LoggerConfig, run_dir: str, config: dict[str, Any]) -> list[MetricsSink]:
+def build_sinks(cfg: LoggerConfig, run_dir: str, config: dict[str, Any],
+                resume_step: int | None = None) -> list[MetricsSink]:
+    """metrics.jsonl plus the configured backend; `resume_step` is the step a resumed run restarts
+    from (None for a fresh run), which W&B and TensorBoard use to drop the rolled-back steps."""
     sinks: list[MetricsSink] = [JsonlSink(run_dir)]
     run_name = cfg.run_name or os.path.basename(os.path.normpath(run_dir))
     if cfg.backend == "wandb":
-        sinks.append(WandbSink(cfg, run_dir, run_name, config))
+        sinks.append(WandbSink(cfg, run_dir, run_name, config, resume_step))
     elif cfg.backend == "tensorboard":
-        sinks.append(TensorBoardSink(run_dir))
+        sinks.append(TensorBoardSink(run_dir, resume_step))
     return sinks
 
 

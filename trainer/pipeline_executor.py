@@ -5,7 +5,8 @@
     F(c, m)  stage s = c*P + r. Input: microbatch m's dict on virtual stage 0, else the activation
              received from stage s-1 (pp rank (s-1) % P). Runs chunks[c]. On the last virtual stage
              the output goes to loss_sum_fn(output, microbatch); elsewhere it is sent to stage s+1.
-    B(c, m)  On the last stage: backward of loss_sum / num_loss_tokens (the SPECS loss contract).
+    B(c, m)  On the last stage: backward of loss_sum / num_loss_tokens (the loss contract,
+             docs/loss_and_layout.md "Loss normalisation").
              Elsewhere: receive d(output) from stage s+1 and backpropagate it through the chunk.
              Then send d(input) to stage s-1 (unless s == 0).
 

@@ -1,9 +1,12 @@
 """Forward-backward schedules over the microbatches of one global batch.
 
-The loss contract (SPECS.md): each microbatch backpropagates its *sum* of token losses divided by
-the number of loss tokens in the whole global batch (all microbatches, all DP and CP ranks), so the
-accumulated gradient is the same for every microbatch split and layout. Pipeline schedules (1F1B,
-interleaved) join this module with the pipeline issue.
+The loss contract (docs/loss_and_layout.md, "Loss normalisation"): each microbatch backpropagates
+its *sum* of token losses divided by the number of loss tokens in the whole global batch (all
+microbatches, all DP and CP ranks), so the accumulated gradient is the same for every microbatch
+split and layout.
+
+Two parts: `forward_backward_no_pipelining` runs the microbatches on one stage; the pure pipeline
+orders below (1F1B and interleaved 1F1B, docs/pipeline.md) are run by trainer/pipeline_executor.py.
 """
 from __future__ import annotations
 
@@ -41,8 +44,8 @@ def forward_backward_no_pipelining(loss_sum_fn: LossSumFn, microbatches: Sequenc
 #
 # An order is one pipeline rank's sequence of compute actions, `(kind, chunk, microbatch)` with kind
 # "F" (forward) or "B" (backward) and `chunk` the rank-local model chunk. Chunk c of pp rank r is
-# virtual stage c*P + r (SPECS "Pipeline orders"). trainer/pipeline_sim.py checks orders against
-# each other; trainer/pipeline_executor.py runs one with p2p communication.
+# virtual stage c*P + r (docs/pipeline.md, "Virtual stages"). trainer/pipeline_sim.py checks orders
+# against each other; trainer/pipeline_executor.py runs one with p2p communication.
 
 FORWARD, BACKWARD = "F", "B"
 Action = tuple[str, int, int]  # (kind, chunk, microbatch)

@@ -25,6 +25,7 @@ from moe.context import AuxLossScale, MoEContext
 from moe.layer import MoELayer, update_aux_free_biases
 from optim import LRScheduler, build_optimizer, clip_grad_norm_
 from parallel_state import RNGStreams
+from parallel_state.collectives import all_reduce_sum
 from parallel_state.comm_stats import CommStats
 from trainer import distributed, validation
 from trainer.checkpoint import (
@@ -40,7 +41,7 @@ from trainer.data import DataPipeline, load_tokenizer, prepare
 from trainer.data.context_split import zigzag_split
 from trainer.distributed import RuntimeEnv
 from trainer.grad_reducer import BucketedGradReducer, GradReducers
-from trainer.grad_sync import allreduce_sum
+from trainer.kernel_report import describe_kernels, kernel_plan
 from trainer.metrics import build_sinks, console_line, drop_metrics_after
 from trainer.mfu import peak_tflops
 from trainer.pipeline_executor import forward_backward_pipelining
@@ -151,7 +152,9 @@ class Trainer:
         self.dropout_stream = "tp-sharded" if self.tp.sp else "tp-replicated"
         self.moe_layers = [m for m in self.model.modules() if isinstance(m, MoELayer)]
         self.cfg_has_moe = "moe" in cfg.model.channel_mixers
-        self.shard_layout = ShardLayout.of(self.ps, experts_spread=bool(self.moe_layers))
+        self.shard_layout = ShardLayout.of(self.ps, experts_spread=bool(self.moe_layers), vpp=cfg.parallel.vpp,
+                                           num_layers=cfg.model.num_layers,
+                                           pipeline_layers=cfg.parallel.pipeline_layers)
         # Gradients live in flat buckets reduced from backward hooks (before the optimizer exists, so
         # its state follows the parameters, not the buffers): dense ones over DP x CP, expert ones
         # over EDP (their replicas in the expert grid).
@@ -171,7 +174,9 @@ class Trainer:
         self.tokens_per_step = cfg.data.global_batch_size * cfg.data.seq_len
         self.flops_per_token = self.full_model.flops_per_token(cfg.data.seq_len)
         self.peak_tflops, peak_source = peak_tflops(self.device, t.precision, t.peak_tflops)
-        self.sinks = build_sinks(cfg.logger, self.run_dir, dataclasses.asdict(cfg)) if self.env.is_writer else []
+        resume_step = self.step if self.step > 0 else None  # checkpoints are saved after a step, never at 0
+        self.sinks = (build_sinks(cfg.logger, self.run_dir, dataclasses.asdict(cfg), resume_step)
+                      if self.env.is_writer else [])
         log.info("foldtron: run_dir=%s device=%s precision=%s", self.run_dir, self.device, t.precision)
         log.info("layout: %s", self.ps.topology)
         log.info("model: %.2fM parameters (%.2fM without embeddings), %.1f MFLOPs/token (train), vocab %d",
@@ -182,8 +187,8 @@ class Trainer:
                  cfg.data.global_batch_size, cfg.data.seq_len, self.tokens_per_step,
                  self.data.num_microbatches, cfg.data.micro_batch_size, self.dp_size)
         log.info("MFU peak: %.2f TFLOP/s per device (%s)", self.peak_tflops, peak_source)
-        log.info("fast paths: %s; fused kernels: model.kernels.backend=%s (on_missing=%s)",
-                 detect_fast_paths().describe(), cfg.model.kernels.backend, cfg.model.kernels.on_missing)
+        log.info(describe_kernels(kernel_plan(cfg.model, self.device, t.precision, self.ps.etp.size),
+                                  detect_fast_paths()))
 
     # ---- state -------------------------------------------------------------------------------
 
@@ -211,8 +216,7 @@ class Trainer:
         try:
             loaded = self._agreed_latest_checkpoint() if mode == "auto" else load_checkpoint(mode, self.shard_layout)
         except CheckpointLayoutError as e:
-            raise ConfigError("trainer.resume", mode, str(e),
-                              "run with the checkpoint's parallel.tp and parallel.pp, or a new trainer.run_dir") from e
+            raise ConfigError("trainer.resume", mode, str(e), e.fix) from e
         if loaded is None:
             log.info("resume=auto: no complete checkpoint in %s, starting from step 0", self.run_dir)
             return
@@ -267,9 +271,11 @@ class Trainer:
         """One optimizer step on global batch `self.step`; returns its loss, lr and grad norm."""
         self.model.train()
         microbatches = self._local(self.data.train_microbatches(self.step))
-        # Summed over DP x CP: the loss tokens of the global batch (SPECS "Loss normalisation").
+        # Summed over DP x CP: the loss tokens of the global batch (docs/loss_and_layout.md,
+        # "Loss normalisation").
         local_tokens = sum(mb["loss_mask"].sum() for mb in microbatches)
-        num_tokens = allreduce_sum(torch.as_tensor(local_tokens, dtype=torch.float32), self.ps.dp_cp.group)
+        num_tokens = all_reduce_sum(torch.as_tensor(local_tokens, dtype=torch.float32), self.ps.dp_cp,
+                                    self.comm_stats)
         self.aux_loss_scale.value = 1.0 / max(float(num_tokens), 1.0)
         if self.pipelined:
             loss_sum = self._pipeline(microbatches, num_tokens.to(self.device))
@@ -283,7 +289,7 @@ class Trainer:
         allreduce_sequence_parallel_grads(self.model.parameters(), self.ps.tp, self.comm_stats)
         # Each rank counts what it owns uniquely (see _counted_in_norm); the sum over all ranks is global.
         grad_norm = clip_grad_norm_(self.model.parameters(), self.cfg.optim.clip_grad,
-                                    norm_reduce_fn=allreduce_sum, counted=self._counted_in_norm)
+                                    norm_reduce_fn=self._world_sum, counted=self._counted_in_norm)
         loss = (self._global_sum(loss_sum) / num_tokens).item()
         grad_norm = float(grad_norm)
         lr = self.scheduler.apply(self.step)
@@ -311,7 +317,7 @@ class Trainer:
         local = [sum(float(layer.last_aux_sums.get(k, 0.0)) for layer in self.moe_layers) for k in keys]
         local += [float(sum(layer.last_num_tokens for layer in self.moe_layers)), sum(imbalance),
                   float(len(imbalance)), float(sum(layer.last_dropped_slots for layer in self.moe_layers))]
-        totals = allreduce_sum(torch.cat([torch.tensor(local, dtype=torch.float64), expert_counts])).tolist()
+        totals = self._world_sum(torch.cat([torch.tensor(local, dtype=torch.float64), expert_counts])).tolist()
         tokens, imbalance_sum, layers, dropped = totals[3], totals[4], totals[5], totals[6]
         # The layers' per-rank sums over the TP x DP x CP ranks of a stage are counted by each of them.
         layers /= self.ps.tp_dp_cp.size
@@ -337,8 +343,12 @@ class Trainer:
         """A loss sum over the whole global batch: the last pipeline stage has it, DP x CP split it."""
         loss_sum = loss_sum.detach().float().cpu()
         if self.pipelined:
-            loss_sum = allreduce_sum(loss_sum, self.ps.pp.group)
-        return allreduce_sum(loss_sum, self.ps.dp_cp.group)
+            loss_sum = all_reduce_sum(loss_sum, self.ps.pp, self.comm_stats)
+        return all_reduce_sum(loss_sum, self.ps.dp_cp, self.comm_stats)
+
+    def _world_sum(self, value: torch.Tensor) -> torch.Tensor:
+        """A small sum over every rank (grad norm, MoE metrics), counted under comm/world."""
+        return all_reduce_sum(value, None, self.comm_stats)
 
     def _pipeline(self, microbatches: list[dict], num_tokens: torch.Tensor, forward_only: bool = False) -> torch.Tensor:
         """Forward (and backward) of the microbatches through the pipeline; this rank's loss sum."""
@@ -369,9 +379,16 @@ class Trainer:
             f"optim.clip_grad=1.0, trainer.precision=fp32, or check the data; "
             f"trainer.nan_policy=skip skips such steps (up to trainer.max_skipped_steps).")
 
-    @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean token loss over the fixed validation batches (trainer.eval_iters global batches)."""
+        """Mean token loss over the fixed validation batches (trainer.eval_iters global batches).
+
+        Its collectives are not counted: per-step communication bytes describe training steps only.
+        """
+        with self.comm_stats.paused():
+            return self._evaluate()
+
+    @torch.no_grad()
+    def _evaluate(self) -> float:
         self.model.eval()
         loss_sum = torch.zeros((), dtype=torch.float32)
         tokens = torch.zeros((), dtype=torch.float32)
@@ -386,7 +403,7 @@ class Trainer:
                 loss_sum += self._loss_sum(mb).cpu()
         for mb in microbatches:
             tokens += mb["loss_mask"].sum()
-        return (self._global_sum(loss_sum) / allreduce_sum(tokens, self.ps.dp_cp.group)).item()
+        return (self._global_sum(loss_sum) / all_reduce_sum(tokens, self.ps.dp_cp, self.comm_stats)).item()
 
     # ---- loop --------------------------------------------------------------------------------
 
@@ -394,6 +411,7 @@ class Trainer:
         """Train to trainer.max_steps; returns the last logged metrics (with the final val_loss)."""
         t = self.cfg.trainer
         start_step, loop_start = self.step, time.perf_counter()
+        self.comm_stats.reset()  # set-up traffic (resume agreement, process groups) is not a step's
         window: list[dict[str, float]] = []
         window_time, train_time = 0.0, 0.0
         last: dict[str, float] = {}

@@ -302,6 +302,9 @@ def _validate_optim(cfg: Config) -> None:
         value = getattr(o, name)
         _require(0.0 <= value < 1.0, f"optim.{name}", value, "must lie in [0, 1)", "use e.g. 0.9 / 0.95")
     _require(o.clip_grad >= 0, "optim.clip_grad", o.clip_grad, "must be >= 0", "use 1.0, or 0 to disable")
+    _require(not (o.fused and o.foreach), "optim.fused", o.fused,
+             "cannot be combined with optim.foreach=true (torch's AdamW takes one implementation)",
+             "set optim.foreach=null (or false) to use the fused kernel, or optim.fused=false")
     _choice("optim.schedule.name", s.name, SCHEDULE_NAMES)
     _choice("optim.schedule.wsd_decay_shape", s.wsd_decay_shape, WSD_DECAY_SHAPES)
     _require(0 <= s.warmup_steps < max_steps, "optim.schedule.warmup_steps",

@@ -7,7 +7,7 @@ local tokens.
 
 Ring attention (`ring_attention`): K/V blocks (the Hkv heads, never repeated ones) travel around
 the CP ring; each step computes a partial (o, lse) for the block it holds and merges it by
-log-sum-exp (`merge_attention_partials`, SPECS "Context parallelism"). With the zigzag split
+log-sum-exp (`merge_attention_partials`, docs/context_parallel.md). With the zigzag split
 (rank r holds chunks r and 2P-1-r of 2P, positions ascending within the rank) the block plan is
 (`ring_block_plan`; step i holds the K/V of source rank s = (r - i) mod P):
 

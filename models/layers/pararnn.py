@@ -7,14 +7,14 @@ act element-wise, so every channel of the state is independent of the others: a 
 split of the state channels (W_in's dim 1, the recurrent weights' and biases' dim 1, W_out's input
 dim) needs no communication inside the recurrence.
 
-Cells (exact equations in SPECS.md, "ParaRNN"):
+Cells (docs/pararnn.md, "Cells"):
 - GRU, state h [.., N], diagonal Jacobian:
   z = sigmoid(a_z h + u_z); r = sigmoid(a_r h + u_r); c = tanh(a_c (r h) + u_c); h' = z c + (1 - z) h.
 - LSTM with coupled input-forget gate and peepholes, state [c, h] [.., 2, N], 2x2-block Jacobian:
   f = sigmoid(a_f h + u_f + p_f c); c~ = tanh(a_c h + u_c); c' = f c + (1 - f) c~;
   o = sigmoid(a_o h + u_o + p_o c'); h' = o tanh(c').
 
-Initialisation (SPECS): recurrent and peephole weights ~ N(0, (2 / sqrt(5 N))^2); input weights
+Initialisation (docs/pararnn.md): recurrent and peephole weights ~ N(0, (2 / sqrt(5 N))^2); input weights
 with Xavier variance 2 / (hidden + N) per gate (normal, since models.init has no uniform kind);
 biases 0 except the first gate's, which starts at -linspace(0, 1, N). That offset is a fixed,
 non-persistent buffer added to the learned bias (zeros-initialised): with biases exempt from weight
@@ -270,8 +270,8 @@ class _ParaRNN(nn.Module):
                     param.fill_(1.0 if init.kind == "ones" else 0.0)
 
     def reset_buffers(self) -> None:
-        """Recompute the first gate's fixed bias offset -linspace(0, 1, N) (SPECS init), this rank's
-        channels of it under TP."""
+        """Recompute the first gate's fixed bias offset -linspace(0, 1, N) (docs/pararnn.md,
+        "Initialisation"), this rank's channels of it under TP."""
         if self.first_gate_bias_offset.is_meta:
             return
         offset = -torch.linspace(0.0, 1.0, self.state_size)

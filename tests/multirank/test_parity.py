@@ -1,10 +1,11 @@
-"""Layout parity: every parallel layout trains like one process (ARCHITECTURE "Layout invariance").
+"""Layout parity: every parallel layout trains like one process (docs/architecture.md, "Layout invariance").
 
 The real Trainer runs three steps from the same seed and data on one process and on the layout
 under test. Per step, the losses match, and the gradients each rank hands to the optimizer (after
-the DP, TP, PP and EP reductions and the global-norm clipping), assembled from every rank's slices, match
-the one-process gradients, fp32, relative tolerance 1e-5 (see assert_grad_close). Later parallel features (pipeline,
-context, expert) add their layouts to LAYOUTS.
+the DP, TP, PP and EP reductions and the global-norm clipping), assembled from every rank's slices,
+match the one-process gradients, fp32, relative tolerance 1e-5 (see assert_grad_close). LAYOUTS
+covers TP (with and without SP), DP, the GLA and ParaRNN mixers under TP, CP (ring and all-to-all),
+pipelines (1F1B, interleaved, tied embeddings, an explicit split) and MoE folding.
 """
 from __future__ import annotations
 

@@ -85,3 +85,21 @@ def test_tp_replicas_do_not_drift_with_dropout(tmp_path, rank_pools, sp):
     assert a.keys() == b.keys() and any("norm" in name for name in a)
     for name in a:
         assert torch.equal(a[name], b[name]), name
+
+
+def test_resume_with_another_vpp_or_layer_split_is_refused(tmp_path, rank_pools):
+    """pp=2 files of the same names hold other layers under another vpp or pipeline_layers: a
+    one-line error naming the checkpoint's values, not a state_dict key mismatch."""
+    run_dir = tmp_path / "run"
+    base = tiny_overrides(tmp_path, steps=4) + ["parallel.pp=2", "model.num_layers=4",
+                                                f"trainer.run_dir={run_dir}"]
+    pool = rank_pools.get(2)
+    pool.run(train_losses, base + ["parallel.vpp=2", "trainer.save_interval=4"])
+    resume = base + ["trainer.resume=auto"]
+    for error in pool.run(resume_with, resume):  # vpp=1: the same two files, other layers in them
+        assert error.startswith("trainer.resume='auto': checkpoint ") and "saved with parallel.vpp=2" in error
+        assert "this run has parallel.vpp=1 parallel.pipeline_layers=[2,2]" in error
+        assert "Fix: run with the checkpoint's parallel.vpp=2 parallel.pipeline_layers=[1,1,1,1]" in error
+    for error in pool.run(resume_with, resume + ["parallel.vpp=2", "parallel.pipeline_layers=[2,1,0,1]"]):
+        assert "this run has parallel.vpp=2 parallel.pipeline_layers=[2,1,0,1]" in error, error
+    assert pool.run(resume_with, resume + ["parallel.vpp=2"]) == ["", ""]

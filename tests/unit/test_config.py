@@ -128,6 +128,8 @@ BAD_CONFIGS = [
     (["parallel.tp=3"], 4, "parallel.tp", "does not divide world / pp = 4 / 1 = 4", "use one of [1, 2, 4]"),
     (["parallel.order=tp-cp-ep-dp-dp"], 1, "parallel.order", "", "tp"),
     (["optim.lr=0"], 1, "optim.lr", "must be positive", "> 0"),
+    (["optim.fused=true", "optim.foreach=true"], 1, "optim.fused", "cannot be combined with optim.foreach=true",
+     "optim.foreach=null"),
     (["trainer.resume=/definitely/not/here"], 1, "trainer.resume", "does not exist", "existing"),
     (["trainer.resume=auto"], 1, "trainer.resume", "run_dir, which is null", "set trainer.run_dir"),
     (["data.val_fraction=0"], 1, "data.val_fraction", "must lie in (0, 1)", "0.05"),

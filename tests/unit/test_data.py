@@ -405,6 +405,69 @@ def test_tokenizer_from_a_path_and_bad_names(tmp_path):
         load_tokenizer(str(broken))
 
 
+def _word_tokenizer(path: Path, end_token: str, other_specials: list[str]) -> str:
+    """A tokenizer.json over WORDS (plus ".") whose end-of-document token is `end_token`, not id 0."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+
+    vocab = {token: index for index, token in enumerate(["<unk>", *sorted(set(WORDS)), ".", *other_specials])}
+    vocab[end_token] = len(vocab)
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.normalizer = normalizers.Lowercase()
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.add_special_tokens(["<unk>", *other_specials, end_token])
+    tokenizer.save(str(path))
+    return str(path)
+
+
+@pytest.mark.parametrize("end_token,other_specials", [("</s>", ["<s>"]),
+                                                      ("<|end_of_text|>", ["<|begin_of_text|>"])])
+def test_eod_token_separates_documents_through_the_pipeline(tmp_path, text_files, end_token, other_specials):
+    path = _word_tokenizer(tmp_path / "tokenizer.json", end_token, other_specials)
+    cfg = _config(tmp_path, text_files, tokenizer=path, eod_token=end_token)
+    tokenizer = load_tokenizer(path, end_token)
+    eod, unk = tokenizer.eos_id, tokenizer._tokenizer.token_to_id("<unk>")
+    assert eod == len(WORDS) + 2 + len(other_specials) and eod != unk  # not the default's id 0
+
+    data = DataPipeline(cfg, seed=0)
+    assert data.eos_id == data.prepared.eos_id == eod
+    expected: list[int] = []
+    for text_path in text_files:
+        ids = tokenizer.encode(Path(text_path).read_text(encoding="utf-8"))
+        assert unk not in ids and eod not in ids
+        expected += split_document(ids, cfg.val_fraction)[0] + [eod]
+    # The windows the pipeline samples from, in order, are the train stream: documents joined by eod.
+    windows = data.train_windows.gather(np.arange(len(data.train_windows)))
+    stream = np.concatenate([windows[:, :-1].reshape(-1), windows[-1:, -1]]).tolist()
+    assert stream == expected[: len(stream)]
+    assert stream.count(eod) >= NUM_DOCUMENTS - 1
+    rows = _rows(data.train_microbatches(0), "labels")
+    assert rows.max().item() <= eod and unk not in rows.tolist()
+
+
+def test_eod_token_missing_from_the_tokenizer_names_the_field_and_lists_its_specials(tmp_path, text_files):
+    path = _word_tokenizer(tmp_path / "tokenizer.json", "</s>", ["<s>"])
+    pattern = (r"^data\.eod_token='<\|endoftext\|>': not a token of data\.tokenizer='.*tokenizer\.json'.*"
+               r"Fix: set data\.eod_token to .*\['</s>', '<s>', '<unk>'\]")
+    with pytest.raises(ValueError, match=pattern):
+        prepare(_config(tmp_path, text_files, tokenizer=path))  # the default eod_token
+    with pytest.raises(ValueError, match=r"^data\.eod_token='</s>': not a token of data\.tokenizer='gpt2'"):
+        load_tokenizer("gpt2", "</s>")
+    # Sizing the model only needs the vocabulary: without an eod_token nothing is required.
+    assert load_tokenizer(path).eos_id is None and load_tokenizer(path).vocab_size == len(WORDS) + 4
+
+
+def test_default_eod_token_keeps_ids_and_cache_keys(tmp_path, text_files):
+    default = prepare(_config(tmp_path, text_files))
+    assert prepare(_config(tmp_path, text_files, eod_token="<|endoftext|>")) == default
+    assert default.eos_id == load_tokenizer("shakespeare_bpe", "<|endoftext|>").eos_id == 0
+    # A tokenizer with both tokens: another eod_token gives other tokens, so it must not reuse the cache.
+    path = _word_tokenizer(tmp_path / "tokenizer.json", "</s>", ["<|endoftext|>"])
+    a = prepare(_config(tmp_path, text_files, tokenizer=path))
+    b = prepare(_config(tmp_path, text_files, tokenizer=path, eod_token="</s>"))
+    assert a.directory != b.directory and (a.eos_id, b.eos_id) == (len(WORDS) + 2, len(WORDS) + 3)
+    assert [a.eos_id if t == b.eos_id else t for t in b.tokens("train").tolist()] == a.tokens("train").tolist()
+
+
 def test_data_config_is_an_omegaconf_structured_config():
     omegaconf = pytest.importorskip("omegaconf")
     cfg = omegaconf.OmegaConf.structured(DataConfig)

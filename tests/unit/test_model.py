@@ -191,7 +191,7 @@ def test_explicit_positions_match_default_and_follow_tokens_when_reordered():
     positions = torch.arange(9).expand(2, 9)
     reference = model(tokens)
     torch.testing.assert_close(model(tokens, positions), reference, atol=1e-5, rtol=1e-5)
-    # Tokens shuffled together with their original positions (as context parallelism will pass).
+    # Tokens shuffled together with their original positions (as context parallelism passes them).
     order = torch.randperm(9, generator=torch.Generator().manual_seed(3))
     shuffled = model(tokens[:, order], positions[:, order])
     torch.testing.assert_close(shuffled, reference[:, order], atol=1e-5, rtol=1e-5)
@@ -290,7 +290,7 @@ def test_stable_param_seed_is_deterministic_and_name_sensitive():
 
 
 class ShardedLinear(nn.Module):
-    """Stand-in for a future tensor-parallel layer: holds shard `index` of `count` along `dim`."""
+    """A minimal tensor-parallel layer for the init tests: holds shard `index` of `count` along `dim`."""
 
     def __init__(self, full_shape, dim: int, index: int, count: int):
         super().__init__()

@@ -2,7 +2,7 @@
 
 The reference re-derives routing per token from the layer's own weights with plain Python
 sorting, runs every token through each chosen expert's SwiGLU, weights and sums; aux losses are
-the SPECS formulas on whole-batch statistics. Outputs and gradients (input, router, experts,
+the docs/moe.md formulas on whole-batch statistics. Outputs and gradients (input, router, experts,
 shared experts) must match.
 """
 from __future__ import annotations
@@ -31,7 +31,7 @@ def _swiglu(x, w1, w3, w2):
 
 
 def reference_route(logits: torch.Tensor, cfg: MoEConfig, bias: torch.Tensor):
-    """(chosen experts, their weights) for one token's logits [E], by the SPECS rules."""
+    """(chosen experts, their weights) for one token's logits [E], by the docs/moe.md rules."""
     num_experts = cfg.num_experts
     if cfg.router == "blockffn":
         r = torch.relu(logits)

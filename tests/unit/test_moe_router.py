@@ -1,4 +1,4 @@
-"""MoE routing rules against hand-computed examples (SPECS "MoE routing and dispatch")."""
+"""MoE routing rules against hand-computed examples (docs/moe.md)."""
 from __future__ import annotations
 
 import math

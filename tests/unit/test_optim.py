@@ -121,6 +121,34 @@ def test_build_optimizer_hyperparameters():
         assert group["fused"] is False
 
 
+def test_fused_flag_reaches_adamw_and_matches_unfused_steps():
+    """optim.fused=true builds torch's fused AdamW; its steps match the default path to rounding."""
+
+    def run(fused: bool) -> tuple[torch.optim.Optimizer, dict[str, torch.Tensor]]:
+        torch.manual_seed(0)
+        model = TinyModel()
+        init = {n: p.detach().clone() for n, p in model.named_parameters()}
+        opt = build_optimizer(model.named_parameters(), OptimConfig(lr=1e-2, fused=fused))
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(5):
+            tokens = torch.randint(0, 10, (3, 6), generator=gen)
+            logits = model.head(model.norm(model.proj(model.embedding(tokens))))
+            loss = nn.functional.cross_entropy(logits.flatten(0, 1), tokens.flatten())
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        assert not torch.equal(model.proj.weight, init["proj.weight"])  # the steps did something
+        return opt, {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    fused_opt, fused_params = run(True)
+    plain_opt, plain_params = run(False)
+    assert all(group["fused"] is True for group in fused_opt.param_groups)
+    assert all(group["fused"] is False for group in plain_opt.param_groups)
+    for name, value in plain_params.items():
+        assert value.dtype == torch.float32
+        torch.testing.assert_close(fused_params[name], value, rtol=1e-5, atol=1e-6, msg=name)
+
+
 def test_unknown_optimizer_name_error():
     with pytest.raises(ValueError, match=r"optim\.name='sgdd'.*adamw"):
         build_optimizer(TinyModel().named_parameters(), OptimConfig(name="sgdd"))

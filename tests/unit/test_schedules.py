@@ -126,7 +126,8 @@ def test_interleaved_matches_torch_pipelining(P, V, M):
 @pytest.mark.parametrize("P,M", [(2, 4), (4, 8), (3, 5)])
 def test_1f1b_matches_torch_pipelining_except_last_rank(P, M):
     """torch 2.13's offline listing of Schedule1F1B numbers the last rank's microbatches off by
-    one (TESTING.md; the schedule it runs is right), so that rank is compared by hand above."""
+    one (the schedule it runs is right; docs/pipeline.md, "Orders"), so that rank is compared by hand
+    above."""
     theirs = _torch_ops("1F1B", P, M, None)
     for r in range(P - 1):
         assert to_torch_actions(one_f_one_b_order(P, M, r), P, r) == theirs[r]

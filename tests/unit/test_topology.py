@@ -16,7 +16,8 @@ def blocks(start: int, stop: int, size: int) -> list[list[int]]:
 
 
 # ---------------------------------------------------------------------------------------------
-# The layouts of the issue, checked against Megatron-Core's RankGenerator by hand.
+# Four reference layouts (docs/loss_and_layout.md, "Rank layout"), checked against Megatron-Core's
+# RankGenerator by hand.
 
 def test_world8_tp2_pp2():
     t = Topology(8, tp=2, pp=2)
@@ -85,7 +86,7 @@ def test_experts_of():
 
 # ---------------------------------------------------------------------------------------------
 # Properties over random valid configs, against an independent reference: enumerate every
-# coordinate tuple, compute the rank by the formula of SPECS.md and group by the other axes.
+# coordinate tuple, compute the rank by the formula of docs/loss_and_layout.md and group by the other axes.
 
 def reference_layout(world, tp, cp, pp, ep, etp, order):
     """rank -> dense coords and rank -> expert coords from rank = sum coord_i * prod_{j<i} size_j."""

@@ -3,14 +3,17 @@ from __future__ import annotations
 
 import glob
 import json
+import logging
 import os
+import sys
+import types
 
 import pytest
 import torch
 
 from kernels.fast_paths import detect_fast_paths
-from trainer.config import compose
-from trainer.metrics import console_line, format_duration, wandb_mode
+from trainer.config import LoggerConfig, compose
+from trainer.metrics import WandbSink, console_line, format_duration, wandb_mode
 from trainer.mfu import table_peak_tflops
 from trainer.trainer import NonFiniteLossError, Trainer
 
@@ -101,9 +104,85 @@ def test_tensorboard_and_wandb_offline_sinks(tmp_path, tiny, monkeypatch):
     assert glob.glob(str(run / "wandb" / "offline-run-*"))
 
 
-def test_wandb_mode_choice():
-    from trainer.config import LoggerConfig
+def _tensorboard_events(run_dir) -> list[tuple[str, int, str]]:
+    """(file, step, kind) of every raw event, files in write order."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
+    events = []
+    for path in sorted(glob.glob(str(run_dir / "tensorboard" / "events.out.tfevents.*"))):
+        for event in EventFileLoader(path).Load():
+            kind = event.WhichOneof("what")
+            if kind == "session_log":
+                kind = f"session_log:{event.session_log.status}"
+            events.append((path, event.step, kind))
+    return events
+
+
+def test_tensorboard_resume_purges_the_replayed_steps(tmp_path, tiny):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "run"
+    # Logs steps 1-3, saves at step 2 only: a resume replays step 3.
+    Trainer(compose(tiny(run_dir=run, steps=3) + ["logger=tensorboard", "trainer.save_interval=2",
+                                                  "trainer.save_final=false"])).train()
+    Trainer(compose(tiny(run_dir=run, steps=4) + ["logger=tensorboard", "trainer.resume=auto"])).train()
+    events = _tensorboard_events(run)
+    second_file = events[-1][0]
+    start = [step for path, step, kind in events if path == second_file and kind == "session_log:1"]
+    assert start == [3]  # purge_step: TensorBoard drops the first run's events from step 3 on
+    acc = EventAccumulator(str(run / "tensorboard"))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("loss")] == [1, 2, 3, 4]
+
+
+class _FakeWandb(types.ModuleType):
+    """Records wandb.init's arguments (the real one would need a server for online mode)."""
+
+    def __init__(self):
+        super().__init__("wandb")
+        self.inits: list[dict] = []
+
+    def init(self, **kwargs):
+        self.inits.append(kwargs)
+        return types.SimpleNamespace(log=lambda *a, **k: None, finish=lambda: None)
+
+
+@pytest.fixture
+def fake_wandb(monkeypatch):
+    fake = _FakeWandb()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    warnings: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: warnings.append(record.getMessage())
+    logger = logging.getLogger("trainer.metrics")
+    logger.addHandler(handler)
+    yield fake, warnings
+    logger.removeHandler(handler)
+
+
+def test_wandb_resume_rewinds_online_and_says_offline_cannot(tmp_path, fake_wandb):
+    fake, warnings = fake_wandb
+    WandbSink(LoggerConfig(wandb_mode="online"), str(tmp_path), "run", {}, resume_step=7)
+    run_id = fake.inits[0]["resume_from"].split("?")[0]
+    assert fake.inits[0]["resume_from"] == f"{run_id}?_step=7" and "resume" not in fake.inits[0]
+    WandbSink(LoggerConfig(wandb_mode="online"), str(tmp_path), "run", {})  # fresh: continue the same id
+    assert fake.inits[1]["resume"] == "allow" and fake.inits[1]["id"] == run_id
+    assert not warnings
+    WandbSink(LoggerConfig(wandb_mode="offline"), str(tmp_path), "run", {}, resume_step=7)
+    assert fake.inits[2]["id"] == run_id and "resume_from" not in fake.inits[2]
+    assert len(warnings) == 1 and "cannot rewind to step 7" in warnings[0]
+
+
+def test_wandb_disabled_by_the_environment_is_reported_once(tmp_path, tiny, fake_wandb, monkeypatch):
+    fake, warnings = fake_wandb
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    Trainer(compose(tiny(run_dir=tmp_path / "run", steps=3) + ["logger=wandb"])).train()
+    assert fake.inits[0]["mode"] == "disabled"
+    assert [w for w in warnings if "WANDB_MODE=disabled" in w] == warnings and len(warnings) == 1
+
+
+def test_wandb_mode_choice():
     assert wandb_mode(LoggerConfig(), {}) in ("offline", "online")  # online only if `wandb login` was run
     assert wandb_mode(LoggerConfig(), {"WANDB_API_KEY": "x"}) == "online"
     assert wandb_mode(LoggerConfig(), {"WANDB_API_KEY": "x", "WANDB_MODE": "disabled"}) == "disabled"

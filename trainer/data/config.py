@@ -13,6 +13,9 @@ from typing import Optional
 SOURCES = ("shakespeare", "text_files", "hf")
 """Accepted values of `DataConfig.source`."""
 
+DEFAULT_EOD_TOKEN = "<|endoftext|>"
+"""GPT-2's end-of-text token, which the committed shakespeare_bpe shares (as id 0)."""
+
 
 @dataclass
 class DataConfig:
@@ -24,7 +27,14 @@ class DataConfig:
 
     tokenizer: str = "shakespeare_bpe"
     """shakespeare_bpe: the committed 4k byte-level BPE (trainer/data/assets); gpt2: GPT-2's 50257-token
-    BPE; anything else: a path to a `tokenizers` tokenizer.json that has an `<|endoftext|>` token."""
+    BPE; anything else: a path to a `tokenizers` tokenizer.json (e.g. a Hugging Face model's) that has
+    the `eod_token` token."""
+
+    eod_token: str = DEFAULT_EOD_TOKEN
+    """The token written after every document so that packed windows keep documents apart. It must
+    already be in the tokenizer (adding one would change the vocabulary the model is sized for):
+    `<|endoftext|>` for gpt2 and shakespeare_bpe, `<|end_of_text|>` for Llama 3, `</s>` for Llama 2 or
+    Mistral tokenizers."""
 
     seq_len: int = 256
     """Tokens per sample seen by the model; each sample reads seq_len + 1 tokens (labels are shifted)."""

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from trainer.data.config import DataConfig
+from trainer.data.config import DEFAULT_EOD_TOKEN, DataConfig
 from trainer.data.corpus import atomic_write, corpus_identity, load_documents
 from trainer.data.tokenizer import TextTokenizer, load_tokenizer
 
@@ -65,13 +65,17 @@ def prepare(cfg: DataConfig) -> PreparedData:
     files. To avoid the duplicate work, call it on one rank, barrier, and pass the result to the others.
     """
     _check_val_fraction(cfg.val_fraction)
-    tokenizer = load_tokenizer(cfg.tokenizer)
+    tokenizer = load_tokenizer(cfg.tokenizer, cfg.eod_token)
     inputs = {
         "format": FORMAT_VERSION,
         "corpus": corpus_identity(cfg),
         "tokenizer": {"name": cfg.tokenizer, "sha256": tokenizer.fingerprint},
         "val_fraction": cfg.val_fraction,
     }
+    if cfg.eod_token != DEFAULT_EOD_TOKEN:
+        # Only a non-default token enters the key, so caches prepared before data.eod_token existed
+        # (always with the default) keep their keys and are reused.
+        inputs["tokenizer"]["eod_token"] = cfg.eod_token
     key = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode("utf-8")).hexdigest()[:16]
     directory = Path(cfg.cache_dir) / "tokens" / f"{cfg.source}-{_slug(Path(cfg.tokenizer).stem)}-{key}"
     if (directory / META_NAME).is_file():

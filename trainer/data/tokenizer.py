@@ -10,7 +10,8 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-EOS_TOKEN = "<|endoftext|>"
+from trainer.data.config import DEFAULT_EOD_TOKEN
+
 SHAKESPEARE_BPE = "shakespeare_bpe"
 GPT2 = "gpt2"
 NAMED_TOKENIZERS = (SHAKESPEARE_BPE, GPT2)
@@ -18,19 +19,41 @@ SHAKESPEARE_BPE_ASSET = "shakespeare_bpe_4k.json"
 SHAKESPEARE_BPE_VOCAB_SIZE = 4096
 
 
-class TextTokenizer:
-    """Encodes text to ids and back; knows its vocabulary size and end-of-text id."""
+class TokenizerError(ValueError):
+    """A data.tokenizer / data.eod_token that cannot work: the field, the value, the problem and the fix
+    (the same one-line form as the trainer's config errors, so callers can re-raise it as one)."""
 
-    def __init__(self, tokenizer: Tokenizer, name: str):
-        eos_id = tokenizer.token_to_id(EOS_TOKEN)
-        if eos_id is None:
-            raise ValueError(
-                f"data.tokenizer={name!r} has no {EOS_TOKEN} token, which separates documents; "
-                f"add it as a special token or use one of {list(NAMED_TOKENIZERS)}"
+    def __init__(self, field: str, value: object, problem: str, fix: str):
+        self.field, self.value, self.problem, self.fix = field, value, problem, fix
+        super().__init__(f"{field}={value!r}: {problem}. Fix: {fix}")
+
+    def __reduce__(self):  # pickles with its fields (e.g. back from a worker process)
+        return (type(self), (self.field, self.value, self.problem, self.fix))
+
+
+class TextTokenizer:
+    """Encodes text to ids and back; knows its vocabulary size and end-of-document id.
+
+    eod_token is data.eod_token and must be a token of `tokenizer`. None is for callers that only need
+    the vocabulary (e.g. sizing the model): eos_id is then DEFAULT_EOD_TOKEN's id, or None without one.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, name: str, eod_token: str | None = None):
+        token = DEFAULT_EOD_TOKEN if eod_token is None else eod_token
+        eos_id = tokenizer.token_to_id(token)
+        if eos_id is None and eod_token is not None:
+            special = sorted(t.content for t in tokenizer.get_added_tokens_decoder().values() if t.special)
+            has = f"its special tokens are {special[:8]}" if special else "it has no special tokens"
+            raise TokenizerError(
+                "data.eod_token", eod_token,
+                f"not a token of data.tokenizer={name!r}, and documents are separated by it",
+                f"set data.eod_token to the tokenizer's end-of-document token ({has}), "
+                "or add the token to the tokenizer",
             )
         self._tokenizer = tokenizer
         self.name = name
-        self.eos_id: int = eos_id
+        self.eod_token: str = token
+        self.eos_id: int | None = eos_id
         self.vocab_size: int = tokenizer.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str) -> list[int]:
@@ -50,16 +73,20 @@ class TextTokenizer:
         return hashlib.sha256(self._tokenizer.to_str().encode("utf-8")).hexdigest()
 
     def __repr__(self) -> str:
-        return f"TextTokenizer(name={self.name!r}, vocab_size={self.vocab_size}, eos_id={self.eos_id})"
+        return (f"TextTokenizer(name={self.name!r}, vocab_size={self.vocab_size}, eod_token={self.eod_token!r}, "
+                f"eos_id={self.eos_id})")
 
 
-def load_tokenizer(name: str) -> TextTokenizer:
-    """`shakespeare_bpe` (committed asset), `gpt2` (GPT-2's BPE), or a path to a tokenizer.json."""
+def load_tokenizer(name: str, eod_token: str | None = None) -> TextTokenizer:
+    """`shakespeare_bpe` (committed asset), `gpt2` (GPT-2's BPE), or a path to a tokenizer.json.
+
+    eod_token (data.eod_token) must be a token of it; None skips that check (see TextTokenizer).
+    """
     if name == SHAKESPEARE_BPE:
         asset = resources.files("trainer.data").joinpath("assets", SHAKESPEARE_BPE_ASSET)
-        return TextTokenizer(Tokenizer.from_str(asset.read_text(encoding="utf-8")), name)
+        return TextTokenizer(Tokenizer.from_str(asset.read_text(encoding="utf-8")), name, eod_token)
     if name == GPT2:
-        return TextTokenizer(_gpt2_tokenizer(), name)
+        return TextTokenizer(_gpt2_tokenizer(), name, eod_token)
     path = Path(name)
     if not path.is_file():
         raise ValueError(
@@ -72,7 +99,7 @@ def load_tokenizer(name: str) -> TextTokenizer:
         raise ValueError(
             f"data.tokenizer={name!r} could not be read as a tokenizers JSON file: {error}"
         ) from None
-    return TextTokenizer(tokenizer, name)
+    return TextTokenizer(tokenizer, name, eod_token)
 
 
 def _gpt2_tokenizer() -> Tokenizer:
@@ -86,18 +113,18 @@ def _gpt2_tokenizer() -> Tokenizer:
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     # <|endoftext|> is already id 50256 in the vocabulary; registering it keeps it from being split.
-    tokenizer.add_special_tokens([EOS_TOKEN])
+    tokenizer.add_special_tokens([DEFAULT_EOD_TOKEN])
     return tokenizer
 
 
 def train_byte_level_bpe(texts: Iterable[str], vocab_size: int = SHAKESPEARE_BPE_VOCAB_SIZE) -> Tokenizer:
-    """A byte-level BPE trained on `texts`, with EOS_TOKEN as id 0 and all 256 bytes in the vocabulary."""
+    """A byte-level BPE trained on `texts`, with DEFAULT_EOD_TOKEN as id 0 and all 256 bytes in the vocabulary."""
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=[EOS_TOKEN],
+        special_tokens=[DEFAULT_EOD_TOKEN],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )

@@ -39,6 +39,7 @@ from trainer.checkpoint import (
 from trainer.config import Config, to_yaml
 from trainer.data import DataPipeline, load_tokenizer, prepare
 from trainer.data.context_split import zigzag_split
+from trainer.data.tokenizer import TokenizerError
 from trainer.distributed import RuntimeEnv
 from trainer.grad_reducer import BucketedGradReducer, GradReducers
 from trainer.kernel_report import describe_kernels, kernel_plan
@@ -62,7 +63,10 @@ class NonFiniteLossError(RuntimeError):
 
 def resolve_vocab(cfg: Config) -> Config:
     """Fill model.vocab_size from the tokenizer, or check that the configured one can hold it."""
-    vocab = load_tokenizer(cfg.data.tokenizer).vocab_size
+    try:
+        vocab = load_tokenizer(cfg.data.tokenizer, cfg.data.eod_token).vocab_size
+    except TokenizerError as e:
+        raise ConfigError(e.field, e.value, e.problem, e.fix) from e
     if cfg.model.vocab_size is None:
         return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab))
     if cfg.model.vocab_size < vocab:
@@ -201,6 +205,10 @@ class Trainer:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
+        # The saved groups carry their implementation flags; this run's config decides them. Set before
+        # loading, so torch places the step counters for the chosen implementation.
+        for group in state["optimizer"]["param_groups"]:
+            group["fused"], group["foreach"] = self.cfg.optim.fused, self.cfg.optim.foreach
         self.optimizer.load_state_dict(state["optimizer"])
         self.step = int(state["step"])
         self.skipped_in_a_row = int(state.get("skipped_in_a_row", 0))

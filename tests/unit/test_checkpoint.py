@@ -76,6 +76,17 @@ def test_resume_from_explicit_path(tmp_path, tiny):
     assert t.step == 4
 
 
+def test_resume_takes_the_optimizer_implementation_from_this_run(tmp_path, tiny):
+    """The saved param groups carry fused/foreach; a resume with other optim flags uses the new ones."""
+    from trainer.trainer import Trainer
+
+    run = tmp_path / "run"
+    Trainer(compose(tiny(run_dir=run, steps=3))).train()
+    t = Trainer(compose(tiny(run_dir=run, steps=5) + ["trainer.resume=auto", "optim.fused=true"]))
+    assert t.step == 3 and all(g["fused"] is True and g["foreach"] is None for g in t.optimizer.param_groups)
+    t.train()
+
+
 def test_fresh_run_refuses_a_run_dir_with_checkpoints(tmp_path, tiny):
     from trainer.trainer import Trainer
     from trainer.validation import ConfigError

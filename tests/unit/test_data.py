@@ -496,3 +496,15 @@ def test_default_shakespeare_corpus():
     data = DataPipeline(cfg, seed=0, prepared=prepared)
     text = load_tokenizer(cfg.tokenizer).decode(data.train_microbatches(0)[0]["input_ids"][0].tolist())
     assert len(text) > 500 and text.count(" the ") + text.count(" and ") > 0
+
+
+def test_trainer_refuses_a_missing_eod_token_before_the_run_dir_exists(tmp_path, tiny):
+    from trainer.config import compose
+    from trainer.trainer import Trainer
+    from trainer.validation import ConfigError
+
+    path = _word_tokenizer(tmp_path / "tokenizer.json", "</s>", ["<s>"])
+    run = tmp_path / "never"
+    with pytest.raises(ConfigError, match=r"^data\.eod_token='<\|endoftext\|>': not a token of"):
+        Trainer(compose(tiny(run_dir=run) + [f"data.tokenizer={path}"]))
+    assert not run.exists()

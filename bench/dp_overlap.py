@@ -4,7 +4,7 @@ On N gloo ranks (default 2), each rank trains the same model on its own batches,
 per step (the first under no_sync). Modes, timed in alternating rounds in the same run:
 
     none      no gradient communication (the floor)
-    flat      trainer/grad_sync.allreduce_gradients after the last backward (no overlap)
+    flat      optim/grad_sync.allreduce_gradients after the last backward (no overlap)
     bucketed  BucketedGradReducer with overlap=False (same buckets, all sent in finish())
     overlap   BucketedGradReducer, buckets launched from the backward hooks
 
@@ -29,11 +29,11 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from models import ModelConfig, build_model
+from optim.grad_buffers import BucketedGradReducer
+from optim.grad_sync import allreduce_gradients
 from parallel_state.groups import init
 from parallel_state.topology import Topology
 from tests.multirank.harness import RankPool
-from trainer.grad_reducer import BucketedGradReducer
-from trainer.grad_sync import allreduce_gradients
 
 MODES = ("none", "flat", "bucketed", "overlap")
 MICROBATCHES = 2

@@ -1,10 +1,10 @@
 """Pipeline bubble: simulated (and optionally measured) against Megatron's (P-1)/(V*M).
 
 Default (pure, instant): for several (pp P, vpp V, microbatches M) it simulates 1F1B (V = 1) and
-interleaved 1F1B with uniform costs (F = 1, B = 2 per chunk; trainer/pipeline_sim.py) and prints
+interleaved 1F1B with uniform costs (F = 1, B = 2 per chunk; trainer/pipeline/simulator.py) and prints
 the bubble fraction (makespan - ideal) / ideal next to (P-1)/(V*M) and their ratio.
 
-`--real`: runs trainer/pipeline_executor.py on 4 gloo CPU ranks (pp = 4, worker processes from
+`--real`: runs trainer/pipeline/executor.py on 4 gloo CPU ranks (pp = 4, worker processes from
 tests/multirank/harness.RankPool) with a toy model (Linear + tanh layers, 2 per virtual stage) and
 prints each rank's measured idle fraction, time blocked waiting for receives / step time (median
 over steps), next to the simulated per-rank idle fraction (makespan - busy) / makespan. CPU and
@@ -25,8 +25,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from trainer.pipeline_sim import simulate, uniform_cost
-from trainer.schedules import pipeline_orders
+from trainer.pipeline.orders import pipeline_orders
+from trainer.pipeline.simulator import simulate, uniform_cost
 
 SIM_CONFIGS = [(2, 1, 4), (2, 2, 4), (4, 1, 4), (4, 1, 8), (4, 2, 8), (4, 4, 8), (8, 1, 16), (8, 2, 16),
                (8, 4, 32), (4, 2, 12)]
@@ -46,7 +46,7 @@ def _rank_step(vpp: int, num_mb: int, hidden: int, steps: int) -> list[float]:
     """On one rank of the pool: time `steps` pipeline steps; return the idle fraction of each."""
     from parallel_state.groups import init
     from parallel_state.topology import Topology
-    from trainer.pipeline_executor import PipelineTiming, forward_backward_pipelining
+    from trainer.pipeline.executor import PipelineTiming, forward_backward_pipelining
 
     ps = init(Topology(REAL_PP, pp=REAL_PP))
     try:

@@ -71,30 +71,58 @@ def requested_backend(cfg: KernelsConfig | None = None) -> str:
     return value
 
 
+def on_missing_policy(cfg: KernelsConfig | None = None) -> str:
+    """kernels.on_missing ("fallback" when no config is given), checked."""
+    on_missing = cfg.on_missing if cfg is not None else "fallback"
+    if on_missing not in ON_MISSING:
+        raise ValueError(f"kernels.on_missing={on_missing!r}: unknown policy. Fix: use one of "
+                         f"{', '.join(ON_MISSING)}")
+    return on_missing
+
+
+def resolve_backend(device: torch.device, cfg: KernelsConfig | None = None,
+                    has_triton: bool = True) -> tuple[str, str]:
+    """("torch" | "triton", why Triton cannot run) for an op on `device`, without warning.
+
+    The reason is non-empty only when Triton was asked for by name and cannot run here; the torch
+    reference is then the backend, and the caller reports it (`report_missing_triton`).
+    """
+    requested = requested_backend(cfg)
+    on_missing_policy(cfg)
+    usable, why = _triton_usable(device, has_triton)
+    if requested == "torch":
+        return "torch", ""
+    if requested == "auto":
+        return ("triton" if usable and device.type == "cuda" else "torch"), ""
+    if usable:
+        return "triton", ""
+    return "torch", why
+
+
+def report_missing_triton(op_name: str, why: str, cfg: KernelsConfig | None = None, stacklevel: int = 2) -> None:
+    """Triton was requested for `op_name` but cannot run (`why`): raise under on_missing="fail",
+    else warn (KernelBackendWarning) that the torch reference runs; `stacklevel` as in warnings.warn."""
+    message = (f"{op_name}: Triton backend requested ({BACKEND_ENV} or kernels.backend=triton) but {why}")
+    if on_missing_policy(cfg) == "fail":
+        raise RuntimeError(f"{message}. Fix: install triton / run on CUDA, or set kernels.backend=auto")
+    warnings.warn(f"{message}; using the torch reference implementation", KernelBackendWarning,
+                  stacklevel=stacklevel + 1)
+
+
 def select_backend(
     device: torch.device,
     cfg: KernelsConfig | None = None,
     op_name: str = "kernel",
     has_triton: bool = True,
 ) -> str:
-    """Return "torch" or "triton" for an op on `device`; `has_triton` says whether the op has one."""
-    requested = requested_backend(cfg)
-    on_missing = cfg.on_missing if cfg is not None else "fallback"
-    if on_missing not in ON_MISSING:
-        raise ValueError(f"kernels.on_missing={on_missing!r}: unknown policy. Fix: use one of "
-                         f"{', '.join(ON_MISSING)}")
-    usable, why = _triton_usable(device, has_triton)
-    if requested == "torch":
-        return "torch"
-    if requested == "auto":
-        return "triton" if usable and device.type == "cuda" else "torch"
-    if usable:
-        return "triton"
-    message = (f"{op_name}: Triton backend requested ({BACKEND_ENV} or kernels.backend=triton) but {why}")
-    if on_missing == "fail":
-        raise RuntimeError(f"{message}. Fix: install triton / run on CUDA, or set kernels.backend=auto")
-    warnings.warn(f"{message}; using the torch reference implementation", KernelBackendWarning, stacklevel=3)
-    return "torch"
+    """Return "torch" or "triton" for an op on `device`; `has_triton` says whether the op has one.
+
+    A Triton backend requested by name that cannot run warns or raises here (`report_missing_triton`).
+    """
+    backend, missing = resolve_backend(device, cfg, has_triton)
+    if missing:
+        report_missing_triton(op_name, missing, cfg, stacklevel=3)
+    return backend
 
 
 def pick(

@@ -27,25 +27,11 @@ import torch
 import torch.nn.functional as F
 
 from kernels.dispatch import KernelsConfig, pick
+from kernels.shapes import check_gla_shapes
 
 CHUNK_SIZE = 64
 # Secondary chunking halves blocks down to this many positions (pairwise factors below it).
 LEAF_SIZE = 8
-
-
-def _check_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
-                  initial_state: torch.Tensor | None) -> None:
-    if q.dim() != 4 or q.shape != k.shape or q.shape != g.shape:
-        raise ValueError(f"q, k, g must share one [B, T, H, K] shape; got q {tuple(q.shape)}, "
-                         f"k {tuple(k.shape)}, g {tuple(g.shape)}")
-    if v.dim() != 4 or v.shape[:3] != q.shape[:3]:
-        raise ValueError(f"v must be [B, T, H, V] matching q's [B, T, H]; got v {tuple(v.shape)}, "
-                         f"q {tuple(q.shape)}")
-    if initial_state is not None:
-        batch, _, heads, key_dim = q.shape
-        expected = (batch, heads, key_dim, v.shape[-1])
-        if tuple(initial_state.shape) != expected:
-            raise ValueError(f"initial_state must be [B, H, K, V] = {expected}; got {tuple(initial_state.shape)}")
 
 
 def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
@@ -63,7 +49,7 @@ def naive_recurrent_gla(
     output_final_state: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The definition, one step at a time, computed in q's dtype (the float64 test reference)."""
-    _check_shapes(q, k, v, g, initial_state)
+    check_gla_shapes(q, k, v, g, initial_state)
     batch, seq_len, heads, key_dim = q.shape
     scale = key_dim ** -0.5 if scale is None else scale
     dtype = q.dtype
@@ -92,7 +78,7 @@ def fused_recurrent_gla_torch(
     Decays and scaled queries are formed for all steps at once, so each step is one multiply-add of
     the state and one readout.
     """
-    _check_shapes(q, k, v, g, initial_state)
+    check_gla_shapes(q, k, v, g, initial_state)
     batch, seq_len, heads, key_dim = q.shape
     scale = key_dim ** -0.5 if scale is None else scale
     dtype = _compute_dtype(q, k, v, g)
@@ -148,7 +134,7 @@ def chunk_gla_torch(
     chunk_size: int = CHUNK_SIZE,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Chunkwise GLA in pure torch (autograd gives the backward); fp32 accumulation, any T."""
-    _check_shapes(q, k, v, g, initial_state)
+    check_gla_shapes(q, k, v, g, initial_state)
     if chunk_size % LEAF_SIZE or (chunk_size // LEAF_SIZE) & (chunk_size // LEAF_SIZE - 1):
         raise ValueError(f"chunk_size={chunk_size} must be {LEAF_SIZE} times a power of two")
     batch, seq_len, heads, key_dim = q.shape

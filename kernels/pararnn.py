@@ -38,9 +38,17 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from kernels.dispatch import KernelsConfig, pick
-from kernels.pararnn_cpu import fused_adjoint, fused_newton_solve, fused_solver_applies
+from kernels.pararnn_cpu import fused_adjoint, fused_inputs_fit, fused_newton_solve
+from kernels.pararnn_plan import (  # noqa: F401 - compile_available is re-exported for its callers
+    NewtonOptions,
+    SolverPlan,
+    build_solver_plan,
+    compile_available,
+)
+from kernels.shapes import check_scan_shapes
 
-JACOBIAN_STRUCTURES = ("diagonal", "block2")
+# The default Newton options of the solve functions (fixed mode, 3 updates).
+DEFAULT_NEWTON = NewtonOptions()
 
 
 class NewtonNotConvergedWarning(RuntimeWarning):
@@ -145,19 +153,6 @@ def _odd_even_scan(a: torch.Tensor, b: torch.Tensor, compose: Callable, apply: C
     return h
 
 
-def _check_scan_shapes(a: torch.Tensor, b: torch.Tensor, structure: str) -> None:
-    if structure == "diagonal":
-        ok = b.dim() >= 2 and a.shape == b.shape
-        expected = "a and b both [B, T, D]"
-    elif structure == "block2":
-        ok = b.dim() >= 3 and b.shape[-2] == 2 and a.shape == b.shape[:-2] + (2, 2, b.shape[-1])
-        expected = "a [B, T, 2, 2, D] and b [B, T, 2, D]"
-    else:
-        raise ValueError(f"unknown Jacobian structure {structure!r}; available: {', '.join(JACOBIAN_STRUCTURES)}")
-    if not ok:
-        raise ValueError(f"{structure} scan needs {expected}; got a {tuple(a.shape)}, b {tuple(b.shape)}")
-
-
 def _fold_initial_state(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None, structure: str) -> torch.Tensor:
     """b with b_0 += a_0 h0, so the scan can always start from zero."""
     if h0 is None:
@@ -170,14 +165,14 @@ def _fold_initial_state(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | Non
 
 def linear_scan_torch(a: torch.Tensor, b: torch.Tensor, structure: str, h0: torch.Tensor | None = None) -> torch.Tensor:
     """Pure-torch parallel scan for h_t = a_t h_{t-1} + b_t (h_{-1} = h0 or 0), time on dim 1."""
-    _check_scan_shapes(a, b, structure)
+    check_scan_shapes(a, b, structure)
     compose, apply = _SCAN_OPS[structure]
     return _odd_even_scan(a, _fold_initial_state(a, b, h0, structure), compose, apply)
 
 
 def _transposed_linear_scan_torch(a: torch.Tensor, b: torch.Tensor, structure: str) -> torch.Tensor:
     """h_t = a_t^T h_{t-1} + b_t (h_{-1} = 0): `linear_scan_torch` with each map transposed."""
-    _check_scan_shapes(a, b, structure)
+    check_scan_shapes(a, b, structure)
     compose, apply = _TRANSPOSED_SCAN_OPS[structure]
     return _odd_even_scan(a, b, compose, apply)
 
@@ -309,21 +304,21 @@ def linear_scan_blocked(a: torch.Tensor, b: torch.Tensor, structure: str, h0: to
     maps are scanned the same way recursively, and a log-depth (Hillis-Steele) scan inside every
     chunk, started from the state before it, gives all states. Depth O(log T); O(T log chunk) work.
     """
-    _check_scan_shapes(a, b, structure)
+    check_scan_shapes(a, b, structure)
     return _blocked_scan(a, _fold_initial_state(a, b, h0, structure), structure, False, chunk)
 
 
 def _transposed_linear_scan_blocked(a: torch.Tensor, b: torch.Tensor, structure: str,
                                     chunk: int = BLOCKED_SCAN_CHUNK) -> torch.Tensor:
     """h_t = a_t^T h_{t-1} + b_t (h_{-1} = 0) by the blocked scan."""
-    _check_scan_shapes(a, b, structure)
+    check_scan_shapes(a, b, structure)
     return _blocked_scan(a, b, structure, True, chunk)
 
 
 def linear_scan_sequential(a: torch.Tensor, b: torch.Tensor, structure: str,
                            h0: torch.Tensor | None = None) -> torch.Tensor:
     """The reference: one step per t in a Python loop."""
-    _check_scan_shapes(a, b, structure)
+    check_scan_shapes(a, b, structure)
     _, apply = _SCAN_OPS[structure]
     h = torch.zeros_like(b[:, 0]) if h0 is None else h0
     states = []
@@ -389,28 +384,6 @@ def adjoint_scan(jacobians: torch.Tensor, grad: torch.Tensor, structure: str,
 # ---------------------------------------------------------------------------------------------
 # Newton solver.
 # ---------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class NewtonOptions:
-    """How many Newton updates a solve runs and when it counts as converged."""
-
-    # Updates in fixed mode (tol is None); the paper uses 3.
-    iterations: int = 3
-    # Adaptive mode when set: stop once max |residual| <= tol, after at most max_iterations updates.
-    tol: float | None = None
-    # Upper bound on updates in adaptive mode (T updates always reach the exact solution).
-    max_iterations: int = 20
-    # Fixed mode: warn when the final max |residual| is above this.
-    warn_residual: float = 1e-3
-
-    def __post_init__(self) -> None:
-        if self.iterations < 0:
-            raise ValueError(f"newton iterations={self.iterations}: must be >= 0. Fix: use e.g. 3")
-        if self.tol is not None and not self.tol > 0:
-            raise ValueError(f"newton tol={self.tol}: must be > 0. Fix: use e.g. 1e-5, or None for fixed mode")
-        if self.max_iterations < 1:
-            raise ValueError(f"newton max_iterations={self.max_iterations}: must be >= 1. Fix: use e.g. 20")
 
 
 @dataclass(frozen=True)
@@ -588,56 +561,61 @@ def _solver_ops(compiled: bool) -> _SolverOps:
     return _compiled_ops() if compiled else _eager_ops()
 
 
-def _scan(ops: _SolverOps, jacobians: torch.Tensor, b: torch.Tensor, structure: str,
-          kernels: KernelsConfig | None) -> torch.Tensor:
-    impl = pick(SCAN_IMPLS, "pararnn_scan", b.device, kernels)
-    if impl is linear_scan_torch:
+def _scan(ops: _SolverOps, plan: SolverPlan, jacobians: torch.Tensor, b: torch.Tensor, structure: str) -> torch.Tensor:
+    """The plan's scan; the torch one as the solver ops run it (compiled: the blocked form)."""
+    if plan.scan == "torch":
         return ops.scan_torch(jacobians, b, structure)
-    return impl(jacobians, b, structure)
+    return SCAN_IMPLS[plan.scan](jacobians, b, structure)
 
 
-@functools.cache
-def compile_available() -> tuple[bool, str]:
-    """(True, "") when torch.compile can fuse the solver's passes here, else (False, why).
+def plan_for_call(cell: RecurrentCell, u: torch.Tensor, params: Sequence[torch.Tensor],
+                  options: NewtonOptions = DEFAULT_NEWTON, kernels: KernelsConfig | None = None,
+                  compiled: bool = False) -> SolverPlan:
+    """The plan of a call that brings none (a layer brings its own): kernels.pararnn_plan's, for these
+    inputs' device and dtype; inputs the fused kernel cannot read run the torch passes. Missing fast
+    paths are reported here, as kernels.on_missing says."""
+    return build_solver_plan(cell, u.device, u.dtype, options, kernels, compiled,
+                             fused_inputs=fused_inputs_fit(cell, u, params))
 
-    Compiles and runs a tiny function once per process (cached): on CPU inductor needs a working
-    C++ compiler.
-    """
-    try:
-        probe = torch.compile(lambda x: torch.sigmoid(x) * x + 1, dynamic=False)
-        x = torch.linspace(-1, 1, 8, device="cpu")  # explicit: models are built under torch.device("meta")
-        if not torch.allclose(probe(x), torch.sigmoid(x) * x + 1):
-            return False, "torch.compile gave a wrong result on a probe"
-    except Exception as err:  # noqa: BLE001 - any failure means "use eager"; the reason is reported
-        return False, f"{type(err).__name__}: {err}".splitlines()[0]
-    return True, ""
+
+def _check_fused_inputs(plan: SolverPlan, cell: RecurrentCell, u: torch.Tensor,
+                        params: Sequence[torch.Tensor]) -> None:
+    if not fused_inputs_fit(cell, u, params):
+        raise ValueError(f"ParaRNN: the plan runs the fused C kernels but they cannot read these inputs (u "
+                         f"{tuple(u.shape)} {u.dtype}, params {[tuple(p.shape) for p in params]}); build the "
+                         "plan for the cell and the inputs' device and dtype (kernels.pararnn_plan)")
 
 
 def newton_solve(cell: RecurrentCell, u: torch.Tensor, params: Sequence[torch.Tensor],
-                 options: NewtonOptions = NewtonOptions(),
+                 options: NewtonOptions = DEFAULT_NEWTON,
                  kernels: KernelsConfig | None = None,
-                 compiled: bool = False) -> tuple[torch.Tensor, NewtonReport]:
+                 compiled: bool = False, plan: SolverPlan | None = None) -> tuple[torch.Tensor, NewtonReport]:
     """Solve h_t = f(h_{t-1}, u_t) for all t by Newton's method; no autograd graph is recorded.
 
-    `compiled=True` fuses the element-wise passes and the torch scan with torch.compile (needs a
-    C++ compiler on CPU, see `compile_available`); the result is the same up to float rounding.
-    Each (cell class, shape, dtype) compiles once, on first use; past torch's recompile limit
-    (dynamo's recompile_limit, 8 by default) further shapes run eagerly with a torch warning.
-    Warns with NewtonNotConvergedWarning when the final residual is above the tolerance.
+    `plan` (kernels.pararnn_plan.SolverPlan) says what runs: the fused C solve, or the torch passes
+    (eager or compiled) with the Triton or torch scan. Without one, `plan_for_call` builds it from
+    `kernels` and `compiled` for this call. `compiled=True` asks to fuse the element-wise passes
+    and the torch scan with torch.compile (needs a C++ compiler on CPU, see `compile_available`); the
+    result is the same up to float rounding. Each (cell class, shape, dtype) compiles once, on first
+    use; past torch's recompile limit (dynamo's recompile_limit, 8 by default) further shapes run
+    eagerly with a torch warning. Warns with NewtonNotConvergedWarning when the final residual is
+    above the tolerance.
     """
+    if plan is None:
+        plan = plan_for_call(cell, u, params, options, kernels, compiled)
     adaptive = options.tol is not None
     max_updates = options.max_iterations if adaptive else options.iterations
     tolerance = options.tol if adaptive else options.warn_residual
-    ops = _solver_ops(compiled)
-    torch_scan = pick(SCAN_IMPLS, "pararnn_scan", u.device, kernels) is linear_scan_torch
+    ops = _solver_ops(plan.compiled)
     with torch.no_grad():
-        if not adaptive and max_updates > 0 and fused_solver_applies(cell, u, params, kernels):
+        if plan.forward == "fused_c":
+            _check_fused_inputs(plan, cell, u, params)
             h, max_residual = fused_newton_solve(cell, u, params, max_updates)
             updates = max_updates
         elif max_updates == 0:
             h = cell.step(cell.zero_state(u), u, params)
             updates, max_residual = 0, (cell.step(shift_states(h), u, params) - h).abs().max()
-        elif torch_scan and not adaptive and cell.structure in _SCAN_IN_PASS_GRAPH:
+        elif plan.scan == "torch" and not adaptive and cell.structure in _SCAN_IN_PASS_GRAPH:
             h, delta = ops.initial_guess_and_delta(cell, u, params)
             for _ in range(max_updates - 1):
                 h, delta = ops.update_and_delta(cell, h, delta, u, params)
@@ -652,7 +630,7 @@ def newton_solve(cell: RecurrentCell, u: torch.Tensor, params: Sequence[torch.Te
                     max_residual = residual.abs().max()
                     if float(max_residual) <= tolerance:
                         break
-                delta = _scan(ops, jacobians, residual, cell.structure, kernels)
+                delta = _scan(ops, plan, jacobians, residual, cell.structure)
                 updates += 1
                 if updates == max_updates:
                     h, max_residual = ops.final_update(cell, h, delta, u, params)
@@ -672,11 +650,11 @@ def newton_solve(cell: RecurrentCell, u: torch.Tensor, params: Sequence[torch.Te
 
 
 class _AdjointRecurrence(torch.autograd.Function):
-    """Identity on the solved states whose backward is the adjoint of the recurrence."""
+    """Identity on the solved states whose backward is the adjoint of the recurrence (as `plan` says)."""
 
     @staticmethod
-    def forward(ctx, cell, kernels, compiled, u, h, *params):
-        ctx.cell, ctx.kernels, ctx.compiled = cell, kernels, compiled
+    def forward(ctx, cell, plan, u, h, *params):
+        ctx.cell, ctx.plan = cell, plan
         ctx.save_for_backward(u, h, *params)
         return h.view_as(h)
 
@@ -684,41 +662,45 @@ class _AdjointRecurrence(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_h):
         cell: RecurrentCell = ctx.cell
-        ops = _solver_ops(ctx.compiled)
+        plan: SolverPlan = ctx.plan
         # Detached: the passes below record no graph, and compiled ones then see the same guards as forward's.
         u, h, *params = [x.detach() for x in ctx.saved_tensors]
-        wants = (ctx.needs_input_grad[3], *ctx.needs_input_grad[5:])
+        wants = (ctx.needs_input_grad[2], *ctx.needs_input_grad[4:])
         if not any(wants):
-            return (None,) * (5 + len(params))
-        if fused_solver_applies(cell, u, params, ctx.kernels):
+            return (None,) * (4 + len(params))
+        if plan.backward == "fused_c":
+            _check_fused_inputs(plan, cell, u, params)
             grads = fused_adjoint(cell, u, params, h, grad_h)
             grad_u, *grad_params = [g if w else None for g, w in zip(grads, wants)]
-            return (None, None, None, grad_u, None, *grad_params)
+            return (None, None, grad_u, None, *grad_params)
+        ops = _solver_ops(plan.compiled)
         with torch.no_grad():
             # lambda_t = grad_t + A_{t+1}^T lambda_{t+1}, solved forward in reversed time.
-            impl = pick(SCAN_IMPLS, "pararnn_scan", grad_h.device, ctx.kernels)
-            if impl is linear_scan_torch:
+            if plan.scan == "torch":
                 reversed_lam = ops.reversed_adjoint_torch(cell, h, u, params, grad_h)
             else:
                 maps = ops.reversed_adjoint_jacobians(cell, h, u, params)
-                reversed_lam = impl(transpose_jacobian(maps, cell.structure).contiguous(), grad_h.flip(1),
-                                    cell.structure)
+                reversed_lam = SCAN_IMPLS[plan.scan](transpose_jacobian(maps, cell.structure).contiguous(),
+                                                     grad_h.flip(1), cell.structure)
                 del maps
             grad_u, *grad_params = ops.vector_jacobian_product(cell, h, u, params, reversed_lam, wants)
-        return (None, None, None, grad_u, None, *grad_params)
+        return (None, None, grad_u, None, *grad_params)
 
 
 def parallel_recurrence(cell: RecurrentCell, u: torch.Tensor, params: Sequence[torch.Tensor],
-                        options: NewtonOptions = NewtonOptions(),
+                        options: NewtonOptions = DEFAULT_NEWTON,
                         kernels: KernelsConfig | None = None,
-                        compiled: bool = False) -> tuple[torch.Tensor, NewtonReport]:
+                        compiled: bool = False, plan: SolverPlan | None = None) -> tuple[torch.Tensor, NewtonReport]:
     """States h [B, T, ...] of the recurrence, solved by Newton + scans; differentiable by the adjoint.
 
     Gradients flow to `u` and `params`; the backward saves only u and h (plus the parameters).
-    `compiled` as in `newton_solve` (forward and backward).
+    `plan` says what runs forward and backward (a layer passes the one it built); without one,
+    `plan_for_call` builds it once for both from `kernels` and `compiled`, as in `newton_solve`.
     """
-    h, report = newton_solve(cell, u.detach(), [p.detach() for p in params], options, kernels, compiled)
-    return _AdjointRecurrence.apply(cell, kernels, compiled, u, h, *params), report
+    if plan is None:
+        plan = plan_for_call(cell, u, params, options, kernels, compiled)
+    h, report = newton_solve(cell, u.detach(), [p.detach() for p in params], options, plan=plan)
+    return _AdjointRecurrence.apply(cell, plan, u, h, *params), report
 
 
 def sequential_recurrence(cell: RecurrentCell, u: torch.Tensor, params: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -136,33 +136,55 @@ def fused_cell_id(cell: object) -> int | None:
     return CELL_IDS.get(name) if isinstance(name, str) else None
 
 
-def fused_solver_applies(cell: object, u: torch.Tensor, params: Sequence[torch.Tensor],
-                         kernels: KernelsConfig | None) -> bool:
-    """Whether newton_solve's fixed-iteration CPU solve runs here: kernels.backend auto (torch asks for
-    the reference passes), a cell that opts in, CPU float32/float64 inputs of the cell's shapes.
+def fused_solver_status(cell: object, device: torch.device | str, dtype: torch.dtype,
+                        kernels: KernelsConfig | None) -> tuple[bool, str]:
+    """Whether the fused kernels (solve and adjoint) serve `cell` for inputs on (device, dtype), without
+    warning: (True, ""); (False, "") where they do not apply (kernels.backend not auto: torch asks for
+    the reference passes; a cell that does not opt in; not CPU; not float32/float64); (False, why)
+    where they apply but the kernel cannot be built here (`report_missing_fused_solver` says so)."""
+    if (fused_cell_id(cell) is None or requested_backend(kernels) != "auto" or torch.device(device).type != "cpu"
+            or dtype not in _DTYPES):
+        return False, ""
+    return fused_solver_available(dtype)
 
-    When everything applies but the kernel cannot be built: warns (KernelBackendWarning), or raises
-    under kernels.on_missing="fail".
-    """
+
+def fused_inputs_fit(cell: object, u: torch.Tensor, params: Sequence[torch.Tensor]) -> bool:
+    """Whether `u` and `params` are what the kernel reads for `cell`: u [B, T, 3, N], a [3, N] (and
+    p [2, N] for the LSTM), all of one dtype and device."""
     cell_id = fused_cell_id(cell)
-    if (cell_id is None or requested_backend(kernels) != "auto" or u.device.type != "cpu" or u.dim() != 4
-            or u.shape[2] != 3 or u.dtype not in _DTYPES):
+    if cell_id is None or u.dim() != 4 or u.shape[2] != 3:
         return False
     shapes = [(3, u.shape[3])] + ([(2, u.shape[3])] if cell_id == CELL_IDS["lstm"] else [])
-    if len(params) != len(shapes) or any(tuple(p.shape) != s or p.dtype != u.dtype or p.device != u.device
-                                         for p, s in zip(params, shapes)):
-        return False
-    ok, why = fused_solver_available(u.dtype)
-    if ok:
-        return True
+    return len(params) == len(shapes) and all(tuple(p.shape) == s and p.dtype == u.dtype and p.device == u.device
+                                              for p, s in zip(params, shapes))
+
+
+def report_missing_fused_solver(why: str, kernels: KernelsConfig | None, stacklevel: int = 2) -> None:
+    """The fused kernels apply but cannot be built (`why`): raise under kernels.on_missing="fail",
+    else warn (KernelBackendWarning) that the torch passes run; `stacklevel` counted from the caller."""
     missing = f"ParaRNN: the fused CPU Newton solver is unavailable ({why})"
     fix = "Fix: install a C compiler with OpenMP (gcc) or set CC"
     if kernels is not None and kernels.on_missing == "fail":
         raise RuntimeError(f"{missing} and model.kernels.on_missing=fail. {fix}, or set "
                            "model.kernels.on_missing=fallback to run the torch passes")
     warnings.warn(f"{missing}; the torch passes run instead (2-3x slower at T = 4096). {fix}",
-                  KernelBackendWarning, stacklevel=3)
-    return False
+                  KernelBackendWarning, stacklevel=stacklevel + 1)
+
+
+def fused_solver_applies(cell: object, u: torch.Tensor, params: Sequence[torch.Tensor],
+                         kernels: KernelsConfig | None) -> bool:
+    """Whether the fixed-iteration CPU solve can run on these inputs: `fused_inputs_fit` and
+    `fused_solver_status`. (A ParaRNN layer decides once, in its kernels.pararnn_plan.SolverPlan.)
+
+    When everything applies but the kernel cannot be built: warns (KernelBackendWarning), or raises
+    under kernels.on_missing="fail".
+    """
+    if not fused_inputs_fit(cell, u, params):
+        return False
+    ok, why = fused_solver_status(cell, u.device, u.dtype, kernels)
+    if why:
+        report_missing_fused_solver(why, kernels, stacklevel=2)
+    return ok
 
 
 def fused_newton_solve(cell: object, u: torch.Tensor, params: Sequence[torch.Tensor], updates: int,

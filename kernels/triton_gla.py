@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.gla import _check_shapes
+from kernels.shapes import check_gla_shapes
 
 CHUNK_SIZE = 64
 SUB_CHUNK_SIZE = 16
@@ -326,7 +326,7 @@ def chunk_gla_triton(
     output_final_state: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Chunkwise GLA with Triton kernels: (o [B, T, H, V], final state [B, H, K, V] fp32 or None)."""
-    _check_shapes(q, k, v, g, initial_state)
+    check_gla_shapes(q, k, v, g, initial_state)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     o, final_state = _ChunkGLAFunction.apply(q, k, v, g, initial_state, scale, output_final_state)
     return o, (final_state if output_final_state else None)

@@ -26,6 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.shapes import check_scan_shapes
+
 BLOCK_T = 64
 BLOCK_D = 32
 PROGRAMS_PER_SM = 4
@@ -188,9 +190,7 @@ def linear_scan_triton(a: torch.Tensor, b: torch.Tensor, structure: str, h0: tor
 
     `chunk` is the time steps per parallel chunk, a positive multiple of block_t (None: `_auto_chunk`).
     """
-    from kernels.pararnn import _check_scan_shapes
-
-    _check_scan_shapes(a, b, structure)
+    check_scan_shapes(a, b, structure)
     a, b = a.contiguous(), b.contiguous()
     batch, seq_len, channels = b.shape[0], b.shape[1], b.shape[-1]
     h = torch.empty_like(b)

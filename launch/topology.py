@@ -17,7 +17,8 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
 from parallel_state.config import ParallelConfig
-from parallel_state.topology import GROUP_NAMES, Topology, TopologyError
+from parallel_state.errors import ConfigError
+from parallel_state.topology import GROUP_NAMES, Topology
 
 GROUP_HELP = {
     "tp": "tensor parallel", "cp": "context parallel", "dp": "data parallel", "pp": "pipeline stages",
@@ -94,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     pcfg, num_experts = config_from(args, overrides)
     try:
         print(render(Topology.from_config(pcfg, args.world), num_experts))
-    except TopologyError as e:
+    except ConfigError as e:
         print(f"foldtron: error: {e}", file=sys.stderr)
         return 2
     return 0

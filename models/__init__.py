@@ -1,8 +1,8 @@
 """What is computed: the decoder model, its layers, its per-layer specs and its initialisation."""
 
 from models.config import ModelConfig
-from models.init import build_model, materialize, stable_param_seed
-from models.model import DecoderModel
+from models.init import materialize, stable_param_seed
+from models.model import DecoderModel, build_model
 from models.spec import CHANNEL_MIXERS, RESIDUALS, TOKEN_MIXERS, LayerSpec, check_implemented, layer_specs
 
 __all__ = [

@@ -6,31 +6,10 @@ import torch
 from torch import nn
 
 from models.config import ModelConfig
-from models.layers.attention import Attention
-from models.layers.gla import GatedLinearAttention
-from models.layers.mlp import SwiGLUMLP
-from models.layers.moe import MoEMixer
 from models.layers.norm import RMSNorm
-from models.layers.pararnn import ParaGRUMixer, ParaLSTMMixer
+from models.mixers import CHANNEL, TOKEN, mixer_class
 from models.parallel_context import ParallelContext, resolve_context
 from models.spec import LayerSpec
-
-# Implementations behind the names in models.spec (TOKEN_MIXERS, CHANNEL_MIXERS); keep both in step.
-TOKEN_MIXER_CLASSES = {
-    "attention": Attention,
-    "gla": GatedLinearAttention,
-    "pararnn_gru": ParaGRUMixer,
-    "pararnn_lstm": ParaLSTMMixer,
-}
-CHANNEL_MIXER_CLASSES = {"mlp": SwiGLUMLP, "moe": MoEMixer}
-
-
-def _mixer_class(kind: str, field_name: str, classes: dict) -> type:
-    if kind not in classes:
-        raise ValueError(
-            f"model.{field_name} contains {kind!r}, which is not implemented; available: {', '.join(classes)}"
-        )
-    return classes[kind]
 
 
 class DecoderBlock(nn.Module):
@@ -39,7 +18,8 @@ class DecoderBlock(nn.Module):
     The mixers are registered under their kind's name, so parameter names read
     ``layers.3.attention.wq.weight`` / ``layers.3.mlp.w1.weight`` like Llama's.
 
-    Parallel layouts: every mixer is built as ``cls(cfg, par)`` and shards itself. Under sequence
+    Parallel layouts: every mixer is built as ``cls(cfg, par)`` (the class registered under its
+    name in models/mixers.py) and shards itself. Under sequence
     parallelism the block's input, norms, dropout and residual adds work on this rank's chunk of
     the sequence; the norm gains then see only those tokens and are marked for a TP gradient sum.
     """
@@ -49,8 +29,8 @@ class DecoderBlock(nn.Module):
         par = resolve_context(par)
         if spec.residual != "standard":
             raise ValueError(f"model.residual {spec.residual!r} is not implemented; available: standard")
-        token_mixer_class = _mixer_class(spec.token_mixer, "token_mixers", TOKEN_MIXER_CLASSES)
-        channel_mixer_class = _mixer_class(spec.channel_mixer, "channel_mixers", CHANNEL_MIXER_CLASSES)
+        token_mixer_class = mixer_class(spec.token_mixer, TOKEN)
+        channel_mixer_class = mixer_class(spec.channel_mixer, CHANNEL)
         self.spec = spec
         self.token_mixer_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.add_module(spec.token_mixer, token_mixer_class(cfg, par))

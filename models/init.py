@@ -7,9 +7,9 @@ same full model.
 
 Each module declares how its parameters are initialised with ``init_specs() -> {name: ParamInit}``
 (names relative to that module, dotted names reach into children such as ``"wq.weight"``). A
-tensor-parallel shard marks its parameter with ``param.shard = (dim, index, count)``: the full
+tensor-parallel shard records ``shard = (dim, index, count)`` in its metadata (parallel_state.params): the full
 tensor is generated and the shard's slice copied in. A padded parameter (a vocabulary padded to a
-multiple of tp) also carries ``param.unpadded = (dim, real_size)``: only the real entries are
+multiple of tp) also records ``unpadded = (dim, real_size)``: only the real entries are
 generated, the padding is zeros.
 """
 
@@ -18,16 +18,11 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from models.config import ModelConfig
-
-if TYPE_CHECKING:
-    from models.model import DecoderModel
-    from models.parallel_context import ParallelContext
+from parallel_state.params import param_meta
 
 INIT_KINDS = ("normal", "ones", "zeros")
 
@@ -86,7 +81,7 @@ def generate_full_tensor_padded(init: ParamInit, seed: int, name: str, shape: Se
     """`generate_full_tensor`, except that with `unpadded = (dim, size)` only the first `size`
     entries along `dim` are generated (as for a tensor of that size) and the rest are zeros.
 
-    A vocabulary padded to a multiple of tp (param.unpadded = (0, vocab)) thus keeps the
+    A vocabulary padded to a multiple of tp (unpadded = (0, vocab)) thus keeps the
     one-process values in its real rows whatever the padding.
     """
     if unpadded is None:
@@ -103,7 +98,7 @@ def generate_full_tensor_padded(init: ParamInit, seed: int, name: str, shape: Se
 def full_shape(param: torch.Tensor) -> tuple[int, ...]:
     """Shape of the unsharded tensor that `param` (possibly a shard) is a slice of."""
     shape = list(param.shape)
-    shard = getattr(param, "shard", None)
+    shard = param_meta(param).shard
     if shard is not None:
         dim, _, count = shard
         shape[dim] *= count
@@ -164,8 +159,8 @@ def materialize(
         init = specs.get(name)
         if init is None:
             raise ValueError(f"parameter {name!r} has no init spec; declare it in its module's init_specs()")
-        full = generate_full_tensor_padded(init, seed, name, full_shape(param), getattr(param, "unpadded", None))
-        shard = getattr(param, "shard", None)
+        full = generate_full_tensor_padded(init, seed, name, full_shape(param), param_meta(param).unpadded)
+        shard = param_meta(param).shard
         if shard is not None:
             dim, index, count = shard
             full = full.chunk(count, dim)[index]
@@ -175,30 +170,3 @@ def materialize(
         if reset_buffers is not None:
             reset_buffers()
     return model
-
-
-def build_model(
-    cfg: ModelConfig,
-    seed: int,
-    device: str | torch.device = "cpu",
-    dtype: torch.dtype = torch.float32,
-    layer_ids: Sequence[int] | None = None,
-    has_embedding: bool = True,
-    has_head: bool = True,
-    par: ParallelContext | None = None,
-) -> DecoderModel:
-    """Construct (the requested part of) the decoder on meta and materialise it from `seed`.
-
-    With `par` (a models.parallel_context.ParallelContext) this rank's shard of the layout is built:
-    every parameter is its slice of the same full tensor the one-process model gets.
-    """
-    # Imported here because models.model imports this module for ParamInit.
-    from models.model import DecoderModel
-
-    if cfg.vocab_size is None:
-        raise ValueError(
-            "model.vocab_size is None: the trainer must fill it from the tokenizer before build_model"
-        )
-    with torch.device("meta"):
-        model = DecoderModel(cfg, layer_ids=layer_ids, has_embedding=has_embedding, has_head=has_head, par=par)
-    return materialize(model, seed, device=device, dtype=dtype)

@@ -1,4 +1,4 @@
-"""The decoder-only language model."""
+"""The decoder-only language model and `build_model` (build on meta, materialise from the seed)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from torch import nn
 
 from models.block import DecoderBlock
 from models.config import ModelConfig
-from models.init import full_shape, normal_init
+from models.init import full_shape, materialize, normal_init
 from models.layers.norm import RMSNorm
 from models.layers.vocab_parallel import (
     EMBEDDING_WEIGHT_NAME,
@@ -41,7 +41,7 @@ class DecoderModel(nn.Module):
     computed without gathering the logits. Under sequence parallelism the residual stream between
     the embedding and the head is this rank's chunk of the sequence [B, T/tp, hidden].
 
-    Construct through `models.init.build_model`; direct construction leaves torch's default init.
+    Construct through `build_model` (below); direct construction leaves torch's default init.
     """
 
     def __init__(
@@ -150,3 +150,27 @@ class DecoderModel(nn.Module):
         if self.output is not None:
             total += self.output.flops_per_token(seq_len)
         return total
+
+
+def build_model(
+    cfg: ModelConfig,
+    seed: int,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    layer_ids: Sequence[int] | None = None,
+    has_embedding: bool = True,
+    has_head: bool = True,
+    par: ParallelContext | None = None,
+) -> DecoderModel:
+    """Construct (the requested part of) the decoder on meta and materialise it from `seed`.
+
+    With `par` (a models.parallel_context.ParallelContext) this rank's shard of the layout is built:
+    every parameter is its slice of the same full tensor the one-process model gets.
+    """
+    if cfg.vocab_size is None:
+        raise ValueError(
+            "model.vocab_size is None: the trainer must fill it from the tokenizer before build_model"
+        )
+    with torch.device("meta"):
+        model = DecoderModel(cfg, layer_ids=layer_ids, has_embedding=has_embedding, has_head=has_head, par=par)
+    return materialize(model, seed, device=device, dtype=dtype)

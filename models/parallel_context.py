@@ -15,9 +15,8 @@ from typing import Any
 from models.layers.tensor_parallel import TPContext
 from parallel_state.collectives import ResolvedGroup, resolve_group
 from parallel_state.comm_stats import CommStats
+from parallel_state.config import CP_COMMS  # noqa: F401 - re-exported for the layers
 from parallel_state.groups import AxisGroup
-
-CP_COMMS = ("ring", "a2a")
 
 
 @dataclass(frozen=True)

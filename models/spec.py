@@ -10,10 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from models.config import ModelConfig
+from models.mixers import CHANNEL_MIXERS, TOKEN_MIXERS
 
-# The implemented names; the trainer's config validation rejects anything else before building.
-TOKEN_MIXERS = ("attention", "gla", "pararnn_gru", "pararnn_lstm")
-CHANNEL_MIXERS = ("mlp", "moe")
+# The implemented names (TOKEN_MIXERS and CHANNEL_MIXERS come from the registry, models/mixers.py);
+# the config validation rejects anything else before building.
 RESIDUALS = ("standard",)
 
 

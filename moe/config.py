@@ -1,13 +1,15 @@
 """Typed configuration of a mixture-of-experts channel mixer (the `model.moe.*` group).
 
 Field types stay within what an OmegaConf structured config accepts (int, float, str, bool,
-Optional) so that Hydra can compose it directly. `validate(ep=...)` checks every rule that needs
-only this config (and the expert-parallel size) and raises one ValueError naming the field, the
-value and a fix.
+Optional) so that Hydra can compose it directly. `check` holds every `model.moe.*` rule; it runs
+once before anything is built, and the MoE layers trust a checked config.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from parallel_state.errors import ConfigError
+from parallel_state.topology import Topology
 
 SCORE_FUNCTIONS = ("softmax", "sigmoid")
 DROP_POLICIES = ("probs", "position")
@@ -15,15 +17,6 @@ DISPATCHERS = ("alltoall", "allgather")
 ROUTERS = ("topk", "blockffn")
 GROUPED_GEMM_MODES = ("auto", "grouped_mm", "loop")
 PREFIX = "model.moe"
-
-
-class MoEConfigError(ValueError):
-    """A bad model.moe value: the field, the value, the problem and the fix (the trainer's config
-    validation reports it like its own errors)."""
-
-    def __init__(self, field: str, value, problem: str, fix: str):
-        self.field, self.value, self.problem, self.fix = field, value, problem, fix
-        super().__init__(f"{field}={value!r}: {problem}. Fix: {fix}")
 
 
 @dataclass
@@ -95,67 +88,89 @@ class MoEConfig:
         offset = layer_index - self.first_k_dense_layers
         return offset >= 0 and offset % self.moe_layer_freq == 0
 
-    def validate(self, ep: int = 1, etp: int = 1) -> None:
-        """Raise ValueError naming the first inconsistent field, its value and a fix."""
-        def fail(field: str, value, problem: str, fix: str) -> None:
-            raise MoEConfigError(f"{PREFIX}.{field}", value, problem, fix)
 
-        for name, allowed in (("score_function", SCORE_FUNCTIONS), ("drop_policy", DROP_POLICIES),
-                              ("dispatcher", DISPATCHERS), ("router", ROUTERS),
-                              ("grouped_gemm", GROUPED_GEMM_MODES)):
-            if getattr(self, name) not in allowed:
-                fail(name, getattr(self, name), "unknown option", f"use one of {', '.join(allowed)}")
-        for name in ("num_experts", "topk", "ffn_hidden_size", "moe_layer_freq"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                fail(name, value, "must be a positive integer", f"set {PREFIX}.{name} >= 1")
-        for name in ("num_shared_experts", "first_k_dense_layers"):
-            if getattr(self, name) < 0:
-                fail(name, getattr(self, name), "must be >= 0", f"set {PREFIX}.{name} >= 0")
-        for name in ("aux_loss_coeff", "seq_aux_loss_coeff", "z_loss_coeff", "aux_free_bias_rate"):
-            if getattr(self, name) < 0:
-                fail(name, getattr(self, name), "must be >= 0", f"set {PREFIX}.{name} >= 0 (0 turns it off)")
-        if self.num_experts % ep:
-            fail("num_experts", self.num_experts, f"not divisible by parallel.ep={ep}",
-                 f"use a multiple of {ep} experts or an ep that divides {self.num_experts}")
-        if self.ffn_hidden_size % etp:
-            fail("ffn_hidden_size", self.ffn_hidden_size, f"not divisible by parallel.etp={etp}",
-                 f"use a multiple of {etp}")
-        if self.router == "topk" and self.topk > self.num_experts:
-            fail("topk", self.topk, f"more than num_experts={self.num_experts}",
-                 f"choose topk <= {self.num_experts}")
-        if self.topk_then_softmax and self.score_function != "softmax":
-            fail("topk_then_softmax", True, f"only meaningful with score_function='softmax' (got "
-                 f"{self.score_function!r}; sigmoid weights are always renormalised)",
-                 "set topk_then_softmax=false")
-        if (self.n_group is None) != (self.topk_group is None):
-            fail("topk_group" if self.n_group is not None else "n_group",
-                 self.topk_group if self.n_group is not None else self.n_group,
-                 "n_group and topk_group must be set together", "set both or leave both null")
-        if self.n_group is not None:
-            if self.n_group < 1 or self.num_experts % self.n_group:
-                fail("n_group", self.n_group, f"must be a positive divisor of num_experts={self.num_experts}",
-                     f"use a divisor of {self.num_experts}")
-            if not 1 <= self.topk_group <= self.n_group:
-                fail("topk_group", self.topk_group, f"must be in [1, n_group={self.n_group}]",
-                     f"choose topk_group <= {self.n_group}")
-            if self.topk > self.topk_group * (self.num_experts // self.n_group):
-                fail("topk", self.topk, f"more than the {self.topk_group} kept groups of "
-                     f"{self.num_experts // self.n_group} experts hold",
-                     "raise topk_group or lower topk")
-        if self.aux_free_bias_rate > 0 and self.score_function != "sigmoid":
-            fail("aux_free_bias_rate", self.aux_free_bias_rate, "aux-loss-free balancing needs "
-                 f"score_function='sigmoid' (got {self.score_function!r}): a selection bias on softmax "
-                 "probabilities is not the DeepSeek-V3 method", "set score_function=sigmoid or the rate to 0")
-        if self.capacity_factor is not None and self.capacity_factor <= 0:
-            fail("capacity_factor", self.capacity_factor, "must be positive", "use e.g. 1.25, or null for dropless")
-        if self.pad_to_capacity and self.capacity_factor is None:
-            fail("pad_to_capacity", True, "padding needs a capacity", "set capacity_factor or pad_to_capacity=false")
-        if self.router == "blockffn":
-            for name in ("aux_loss_coeff", "seq_aux_loss_coeff", "aux_free_bias_rate"):
-                if getattr(self, name) > 0:
-                    fail(name, getattr(self, name), "the BlockFFN router has no top-k to balance",
-                         f"set {PREFIX}.{name}=0 (z_loss_coeff is allowed)")
-            if self.n_group is not None:
-                fail("n_group", self.n_group, "group-limited routing needs the top-k router",
-                     "leave n_group null with router=blockffn")
+def check(cfg: MoEConfig, topology: Topology, sequence_parallel: bool = False,
+          micro_batch_size: int | None = None, seq_len: int | None = None) -> None:
+    """Raise ConfigError on the first bad `model.moe.*` value for this layout.
+
+    With `micro_batch_size` and `seq_len` (data.*), a microbatch's tokens on one CP rank are checked
+    against tp when they are TP-replicated (no sequence parallelism): each TP rank routes 1/tp of them.
+    """
+    ep, etp = topology.ep, topology.etp
+
+    def fail(field: str, value, problem: str, fix: str) -> None:
+        raise ConfigError(f"{PREFIX}.{field}", value, problem, fix)
+
+    for name, allowed in (("score_function", SCORE_FUNCTIONS), ("drop_policy", DROP_POLICIES),
+                          ("dispatcher", DISPATCHERS), ("router", ROUTERS),
+                          ("grouped_gemm", GROUPED_GEMM_MODES)):
+        if getattr(cfg, name) not in allowed:
+            fail(name, getattr(cfg, name), "unknown option", f"use one of {', '.join(allowed)}")
+    for name in ("num_experts", "topk", "ffn_hidden_size", "moe_layer_freq"):
+        value = getattr(cfg, name)
+        if not isinstance(value, int) or value < 1:
+            fail(name, value, "must be a positive integer", f"set {PREFIX}.{name} >= 1")
+    for name in ("num_shared_experts", "first_k_dense_layers"):
+        if getattr(cfg, name) < 0:
+            fail(name, getattr(cfg, name), "must be >= 0", f"set {PREFIX}.{name} >= 0")
+    for name in ("aux_loss_coeff", "seq_aux_loss_coeff", "z_loss_coeff", "aux_free_bias_rate"):
+        if getattr(cfg, name) < 0:
+            fail(name, getattr(cfg, name), "must be >= 0", f"set {PREFIX}.{name} >= 0 (0 turns it off)")
+    if cfg.num_experts % ep:
+        fail("num_experts", cfg.num_experts, f"not divisible by parallel.ep={ep}",
+             f"use a multiple of {ep} experts or an ep that divides {cfg.num_experts}")
+    if cfg.ffn_hidden_size % etp:
+        fail("ffn_hidden_size", cfg.ffn_hidden_size, f"not divisible by parallel.etp={etp}",
+             f"use a multiple of {etp}")
+    if cfg.router == "topk" and cfg.topk > cfg.num_experts:
+        fail("topk", cfg.topk, f"more than num_experts={cfg.num_experts}",
+             f"choose topk <= {cfg.num_experts}")
+    if cfg.topk_then_softmax and cfg.score_function != "softmax":
+        fail("topk_then_softmax", True, f"only meaningful with score_function='softmax' (got "
+             f"{cfg.score_function!r}; sigmoid weights are always renormalised)",
+             "set topk_then_softmax=false")
+    if (cfg.n_group is None) != (cfg.topk_group is None):
+        fail("topk_group" if cfg.n_group is not None else "n_group",
+             cfg.topk_group if cfg.n_group is not None else cfg.n_group,
+             "n_group and topk_group must be set together", "set both or leave both null")
+    if cfg.n_group is not None:
+        if cfg.n_group < 1 or cfg.num_experts % cfg.n_group:
+            fail("n_group", cfg.n_group, f"must be a positive divisor of num_experts={cfg.num_experts}",
+                 f"use a divisor of {cfg.num_experts}")
+        if not 1 <= cfg.topk_group <= cfg.n_group:
+            fail("topk_group", cfg.topk_group, f"must be in [1, n_group={cfg.n_group}]",
+                 f"choose topk_group <= {cfg.n_group}")
+        if cfg.topk > cfg.topk_group * (cfg.num_experts // cfg.n_group):
+            fail("topk", cfg.topk, f"more than the {cfg.topk_group} kept groups of "
+                 f"{cfg.num_experts // cfg.n_group} experts hold",
+                 "raise topk_group or lower topk")
+    if cfg.aux_free_bias_rate > 0 and cfg.score_function != "sigmoid":
+        fail("aux_free_bias_rate", cfg.aux_free_bias_rate, "aux-loss-free balancing needs "
+             f"score_function='sigmoid' (got {cfg.score_function!r}): a selection bias on softmax "
+             "probabilities is not the DeepSeek-V3 method", "set score_function=sigmoid or the rate to 0")
+    if cfg.capacity_factor is not None and cfg.capacity_factor <= 0:
+        fail("capacity_factor", cfg.capacity_factor, "must be positive", "use e.g. 1.25, or null for dropless")
+    if cfg.pad_to_capacity and cfg.capacity_factor is None:
+        fail("pad_to_capacity", True, "padding needs a capacity", "set capacity_factor or pad_to_capacity=false")
+    if cfg.router == "blockffn":
+        for name in ("aux_loss_coeff", "seq_aux_loss_coeff", "aux_free_bias_rate"):
+            if getattr(cfg, name) > 0:
+                fail(name, getattr(cfg, name), "the BlockFFN router has no top-k to balance",
+                     f"set {PREFIX}.{name}=0 (z_loss_coeff is allowed)")
+        if cfg.n_group is not None:
+            fail("n_group", cfg.n_group, "group-limited routing needs the top-k router",
+                 "leave n_group null with router=blockffn")
+    tp = topology.tp
+    shared = cfg.resolved_shared_ffn_hidden_size()
+    if tp > 1 and shared and shared % tp:
+        field = "shared_ffn_hidden_size" if cfg.shared_ffn_hidden_size is not None else "ffn_hidden_size"
+        fail(field, getattr(cfg, field), f"gives shared experts of width {cfg.num_shared_experts} x "
+             f"{shared // cfg.num_shared_experts} = {shared}, not divisible by parallel.tp={tp} (the shared "
+             "experts are split over TP like the dense MLP)", f"use a per-expert width whose total is a multiple of {tp}")
+    if tp > 1 and not sequence_parallel and micro_batch_size is not None and seq_len is not None:
+        tokens = micro_batch_size * seq_len // topology.cp
+        if tokens % tp:
+            raise ConfigError("data.micro_batch_size", micro_batch_size,
+                              f"a microbatch's {tokens} tokens per CP rank do not split over parallel.tp={tp} "
+                              "(without sequence parallelism each TP rank routes 1/tp of them)",
+                              "use parallel.sequence_parallel=true, or a micro batch size whose tokens divide by tp")

@@ -6,32 +6,46 @@ them. The experts live on the expert grid: expert e on EP rank e // (E / ep), ea
 FFN width split over ETP. Both grids cover the same ranks, so any (tp, cp, dp) x (etp, ep, edp)
 folding works; only the ep, etp and etp_ep groups are used here.
 
-AllToAllDispatcher (docs/moe.md, "Dispatch and combine"):
+Interface (the MoE layer runs the experts in between; docs/moe.md, "Dispatch and combine"):
+
+    rows, meta = dispatcher.dispatch(x, routing, block_rows)   # rows: this rank's expert inputs,
+    y = experts(rows, meta.rows_per_expert)                    #   expert-major
+    out = dispatcher.combine(y, meta)                          # [N, H]: sum_j weight_j * y of slot j
+
+`launch(...)` is `dispatch` split at the token exchange: it returns a `PendingDispatch` as soon
+as the exchange is started, so the caller can compute something else (the shared experts) before
+`wait()` hands over (rows, meta).
+
+AllToAllDispatcher:
   1. permute the active slots to expert-major order (optionally padded to the capacity per expert);
-  2. exchange per-expert counts over EP; variable-size all-to-all of the rows over EP;
-  3. with etp > 1: all-gather counts and rows over ETP (uneven);
-  4. sort the received rows expert-major, grouped expert compute, unsort;
-  5. reverse: reduce-scatter over ETP, all-to-all back over EP, unpermute, and combine:
+  2. exchange per-expert counts over EP; start the variable-size all-to-all of the rows over EP;
+  3. with etp > 1: all-gather counts (while the rows travel) and then rows over ETP (uneven);
+  4. sort the received rows expert-major (only when they come from more than one rank);
+  combine: unsort, reduce-scatter over ETP, all-to-all back over EP, unpermute and
      out[t] = sum over t's active slots of weight * expert output.
 
-AllGatherDispatcher: all-gather tokens and routing over the etp x ep group; each rank computes
-its local experts (its FFN slice) on the slots routed to them and combines into the gathered
-token buffer; a reduce-scatter over etp x ep sums the experts and ETP partials and returns each
-rank its tokens. Needs the same token count on every rank of the group.
+AllGatherDispatcher: all-gather the routing over the etp x ep group, plan the slots of this rank's
+local experts, then all-gather the tokens (started before the plan is needed); combine sums the
+weighted expert outputs into the gathered token buffer and reduce-scatters it over etp x ep
+(summing the experts and ETP partials, returning each rank its tokens). Needs the same token count
+on every rank of the group.
 
-Zero slots for an expert, a rank, or everything work in both. Bytes go to ctx.stats.
+Zero slots for an expert, a rank, or everything work in both. Bytes go to ctx.stats, counted
+exactly as the blocking collectives of parallel_state count them.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 from moe.context import MoEContext
-from moe.experts import GroupedExperts
 from moe.router import Routing
 from parallel_state.collectives import (
     ResolvedGroup,
+    all_gather_async,
     all_to_all,
     gather_from_sequence_parallel_region,
     reduce_scatter_to_sequence_parallel_region,
@@ -45,13 +59,16 @@ def _resolve(group) -> ResolvedGroup:
     return ResolvedGroup(None, 1, 0, "none") if group is None else resolve_group(group)
 
 
+# ---- local permutation: slots <-> expert-major rows ------------------------------------------------
+
+
 @dataclass
 class Permutation:
     """Where each active slot sits in the expert-major buffer."""
 
     token: torch.Tensor  # [A] token index of each active slot (expert-major order)
     slot: torch.Tensor  # [A] flat slot index n * k + j (for its weight)
-    dest: torch.Tensor  # [A] row of the slot in the buffer
+    dest: torch.Tensor | None  # [A] row of the slot in the buffer; None: row i holds slot i (no padding)
     rows_per_expert: list[int]  # [E] rows of each expert's block (the capacity when padded)
 
     @property
@@ -61,53 +78,59 @@ class Permutation:
 
 def permute_plan(expert: torch.Tensor, active: torch.Tensor, num_experts: int,
                  block_rows: int | None = None) -> Permutation:
-    """Expert-major order of the active slots, token order within an expert.
+    """Expert-major order of the active slots, token order (then choice order) within an expert.
 
     block_rows: pad every expert's block to exactly this many rows (pad-to-capacity); the caller
     guarantees no expert has more active slots.
     """
-    k = expert.shape[1]
-    slot = torch.nonzero(active.reshape(-1), as_tuple=True)[0]
-    experts_of_slot = expert.reshape(-1)[slot]
-    order = torch.sort(experts_of_slot, stable=True).indices
-    slot, experts_of_slot = slot[order], experts_of_slot[order]
-    counts = torch.bincount(experts_of_slot, minlength=num_experts)
+    k = expert.shape[1] if expert.dim() == 2 else 1
+    # Inactive slots get the key E and sort after every expert: one stable sort orders the active
+    # slots, and the counts of the keys say how many there are (one host sync).
+    key = torch.where(active.reshape(-1), expert.reshape(-1), num_experts)
+    order = torch.sort(key, stable=True).indices
+    counts = torch.bincount(key, minlength=num_experts + 1)[:num_experts]
+    rows = counts.tolist()
+    slot = order[:sum(rows)]
     if block_rows is None:
-        dest = torch.arange(slot.numel(), device=slot.device)
-        rows = counts.tolist()
-    else:
-        if slot.numel() and int(counts.max()) > block_rows:
-            raise ValueError(f"an expert has {int(counts.max())} slots, more than the padded block of {block_rows}")
-        starts = torch.cumsum(counts, 0) - counts
-        dest = experts_of_slot * block_rows + torch.arange(slot.numel(), device=slot.device) - starts[experts_of_slot]
-        rows = [block_rows] * num_experts
-    return Permutation(token=slot // k, slot=slot, dest=dest, rows_per_expert=rows)
+        return Permutation(token=slot // k, slot=slot, dest=None, rows_per_expert=rows)
+    if max(rows, default=0) > block_rows:
+        raise ValueError(f"an expert has {max(rows)} slots, more than the padded block of {block_rows}")
+    experts_of_slot = key[slot]
+    starts = torch.cumsum(counts, 0) - counts
+    dest = experts_of_slot * block_rows + torch.arange(slot.numel(), device=slot.device) - starts[experts_of_slot]
+    return Permutation(token=slot // k, slot=slot, dest=dest, rows_per_expert=[block_rows] * num_experts)
 
 
 def permute_tokens(x: torch.Tensor, plan: Permutation) -> torch.Tensor:
     """[num_rows, H]: the token of each slot at its row (zeros in padding rows)."""
     rows = x.index_select(0, plan.token)
-    if plan.num_rows == plan.token.numel():
-        return rows  # no padding: dest is the identity
+    if plan.dest is None:
+        return rows
     return x.new_zeros((plan.num_rows, x.shape[1])).index_copy(0, plan.dest, rows)
 
 
 def unpermute_combine(y: torch.Tensor, plan: Permutation, weight: torch.Tensor, num_tokens: int) -> torch.Tensor:
     """out [N, H] (fp32 at least) = sum over each token's active slots of weight * its row of y."""
     dtype = torch.promote_types(y.dtype, torch.float32)
-    rows = y.index_select(0, plan.dest).to(dtype)
+    rows = (y if plan.dest is None else y.index_select(0, plan.dest)).to(dtype)
     weighted = rows * weight.reshape(-1).index_select(0, plan.slot).to(dtype).unsqueeze(-1)
     return y.new_zeros((num_tokens, y.shape[1]), dtype=dtype).index_add(0, plan.token, weighted)
 
 
-def expert_major(counts: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+def expert_major(counts: torch.Tensor) -> torch.Tensor | None:
     """Rows arrive as counts [S, E_local] blocks (source-major); the permutation to expert-major
-    order (stable within an expert) and the rows per local expert."""
+    order (stable within an expert), or None when they already are (a single source)."""
     sources, num_local = counts.shape
+    if sources == 1:
+        return None
     local_expert = torch.arange(num_local, device=counts.device).repeat(sources)
     of_row = torch.repeat_interleave(local_expert, counts.reshape(-1))
-    perm = torch.sort(of_row, stable=True).indices
-    return perm, counts.sum(0).tolist()
+    return torch.sort(of_row, stable=True).indices
+
+
+def _blocks(values: list[int], size: int) -> list[list[int]]:
+    """values cut into consecutive blocks of `size`."""
+    return [values[i:i + size] for i in range(0, len(values), size)]
 
 
 def _inverse(perm: torch.Tensor) -> torch.Tensor:
@@ -116,7 +139,130 @@ def _inverse(perm: torch.Tensor) -> torch.Tensor:
     return inv
 
 
-class AllToAllDispatcher:
+# ---- collectives started without waiting ---------------------------------------------------------
+
+
+class _AllToAllStart(torch.autograd.Function):
+    """Forward: start the uneven all-to-all of x along dim 0 (its handle goes to `holder`); the
+    output is valid after handle.wait(). Backward: the blocking reverse all-to-all. Bytes as
+    parallel_state.collectives.all_to_all counts them."""
+
+    @staticmethod
+    def forward(ctx, x, comm, stats, output_split_sizes, input_split_sizes, holder):
+        ctx.comm, ctx.stats = comm, stats
+        ctx.output_split_sizes, ctx.input_split_sizes = output_split_sizes, input_split_sizes
+        x = x.contiguous()
+        out = x.new_empty((sum(output_split_sizes), *x.shape[1:]))
+        sent_rows = sum(input_split_sizes) - input_split_sizes[comm.rank]
+        comm.count(stats, "all_to_all", sent_rows * x.shape[1:].numel() * x.element_size())
+        holder.append(dist.all_to_all_single(out, x, output_split_sizes=output_split_sizes,
+                                             input_split_sizes=input_split_sizes, group=comm.group,
+                                             async_op=True))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        back = all_to_all(grad, ctx.comm, ctx.stats, output_split_sizes=ctx.input_split_sizes,
+                          input_split_sizes=ctx.output_split_sizes)
+        return back, None, None, None, None, None
+
+
+class _AllGatherStart(torch.autograd.Function):
+    """Forward: start the all-gather of x along dim 0 (handle to `holder`). Backward: the blocking
+    reduce-scatter, as gather_from_sequence_parallel_region(dim=0) does."""
+
+    @staticmethod
+    def forward(ctx, x, comm, stats, holder):
+        ctx.comm, ctx.stats = comm, stats
+        out, handle = all_gather_async(x, comm, stats)
+        holder.append(handle)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        return reduce_scatter_to_sequence_parallel_region(grad, ctx.comm, ctx.stats, dim=0), None, None, None
+
+
+class _Done:
+    """The handle of an exchange that needed no communication."""
+
+    def wait(self) -> bool:
+        return True
+
+
+def start_all_to_all(x: torch.Tensor, comm: ResolvedGroup, stats, output_split_sizes: list[int],
+                     input_split_sizes: list[int]):
+    """(out, handle): an uneven all-to-all along dim 0 in flight; differentiable."""
+    if comm.size == 1:
+        return x, _Done()
+    holder: list = []
+    out = _AllToAllStart.apply(x, comm, stats, output_split_sizes, input_split_sizes, holder)
+    return out, holder[0]
+
+
+def start_all_gather(x: torch.Tensor, comm: ResolvedGroup, stats):
+    """(out, handle): an all-gather along dim 0 in flight; differentiable (backward reduce-scatters)."""
+    if comm.size == 1:
+        return x, _Done()
+    holder: list = []
+    out = _AllGatherStart.apply(x, comm, stats, holder)
+    return out, holder[0]
+
+
+# ---- dispatchers ---------------------------------------------------------------------------------
+
+
+@dataclass
+class DispatchMeta:
+    """What combine needs to reverse a dispatch (common part)."""
+
+    rows_per_expert: list[int]  # rows of each local expert in the dispatched rows, in order
+    plan: Permutation  # slots -> rows of the (send) buffer
+    weight: torch.Tensor  # [N', k] combine weights of the slots the plan indexes
+    num_tokens: int  # N': rows of the combined buffer
+    dtype: torch.dtype  # the tokens' dtype (combine accumulates in fp32 at least)
+
+
+@dataclass
+class AllToAllMeta(DispatchMeta):
+    """Plus the exchange to undo: split sizes over EP and ETP and the expert-major sort."""
+
+    send_splits: list[int]  # rows sent to each EP rank
+    recv_splits: list[int]  # rows received from each EP rank
+    etp_sizes: list[int] | None  # rows held by each ETP rank before the ETP gather (None: etp = 1)
+    expert_order: torch.Tensor | None  # received rows -> expert-major (None: already)
+
+
+class PendingDispatch:
+    """A dispatch whose token exchange may still be in flight; `wait()` -> (rows, meta)."""
+
+    def __init__(self, finish: Callable[[], tuple[torch.Tensor, DispatchMeta]]):
+        self._finish = finish
+
+    def wait(self) -> tuple[torch.Tensor, DispatchMeta]:
+        return self._finish()
+
+
+class TokenDispatcher:
+    """Moves each rank's routed token-slots to the ranks of their experts (`dispatch` / `launch`)
+    and the experts' outputs back, weighted and summed per token (`combine`)."""
+
+    def launch(self, x: torch.Tensor, routing: Routing, block_rows: int | None = None) -> PendingDispatch:
+        raise NotImplementedError
+
+    def combine(self, y: torch.Tensor, meta: DispatchMeta) -> torch.Tensor:
+        raise NotImplementedError
+
+    def dispatch(self, x: torch.Tensor, routing: Routing,
+                 block_rows: int | None = None) -> tuple[torch.Tensor, DispatchMeta]:
+        """(rows [R, H] this rank's local experts process, expert-major, meta for combine).
+
+        block_rows: pad each expert's block of this rank's slots to this many rows (capacity).
+        """
+        return self.launch(x, routing, block_rows).wait()
+
+
+class AllToAllDispatcher(TokenDispatcher):
     """Variable-size all-to-all over EP (+ uneven all-gather over ETP); see the module docstring."""
 
     def __init__(self, num_experts: int, ctx: MoEContext):
@@ -124,31 +270,53 @@ class AllToAllDispatcher:
         self.ep, self.etp = _resolve(ctx.ep), _resolve(ctx.etp)
         self.num_local = num_experts // self.ep.size
 
-    def __call__(self, x: torch.Tensor, routing: Routing, experts: GroupedExperts,
-                 block_rows: int | None = None) -> torch.Tensor:
+    def launch(self, x: torch.Tensor, routing: Routing, block_rows: int | None = None) -> PendingDispatch:
         stats = self.ctx.stats
         plan = permute_plan(routing.expert, routing.active, self.num_experts, block_rows)
         rows = permute_tokens(x, plan)
-        send = torch.tensor(plan.rows_per_expert, dtype=torch.int64, device=x.device).view(self.ep.size, self.num_local)
-        recv = exchange_counts(send, self.ep, stats)  # [ep source, local expert]
-        send_splits, recv_splits = send.sum(1).tolist(), recv.sum(1).tolist()
-        rows = all_to_all(rows, self.ep, stats, output_split_sizes=recv_splits, input_split_sizes=send_splits)
-        counts = recv
-        if self.etp.size > 1:
-            every = gather_counts(recv, self.etp, stats)  # [etp, ep, local expert]
-            etp_sizes = every.sum((1, 2)).tolist()
-            rows = gather_v(rows, self.etp, etp_sizes, stats)
+        send = _blocks(plan.rows_per_expert, self.num_local)  # [EP rank, local expert]
+        recv, counts = self._exchange_counts(send, x.device)
+        send_splits, recv_splits = [sum(r) for r in send], [sum(r) for r in recv]
+        rows, exchange = start_all_to_all(rows, self.ep, stats, recv_splits, send_splits)
+        etp_sizes, sources = None, recv  # sources: rows per (source rank, local expert), as received
+        if self.etp.size > 1:  # the counts travel while the rows do
+            every = gather_counts(counts, self.etp, stats)  # [etp, ep source, local expert]
+            blocks = every.tolist()
+            etp_sizes = [sum(map(sum, block)) for block in blocks]
+            sources = [row for block in blocks for row in block]
             counts = every.reshape(-1, self.num_local)
-        perm, rows_per_local = expert_major(counts.to(x.device))
-        y = experts(rows.index_select(0, perm), rows_per_local)
-        y = y.index_select(0, _inverse(perm))
-        if self.etp.size > 1:
-            y = reduce_scatter_v(y, self.etp, etp_sizes, stats)
-        y = all_to_all(y, self.ep, stats, output_split_sizes=send_splits, input_split_sizes=recv_splits)
-        return unpermute_combine(y, plan, routing.weight, x.shape[0]).to(x.dtype)
+        rows_per_expert = [sum(column) for column in zip(*sources)]
+        order = expert_major(counts)
+
+        def finish() -> tuple[torch.Tensor, AllToAllMeta]:
+            exchange.wait()
+            received = rows if etp_sizes is None else gather_v(rows, self.etp, etp_sizes, stats)
+            meta = AllToAllMeta(rows_per_expert=rows_per_expert, plan=plan, weight=routing.weight,
+                                num_tokens=x.shape[0], dtype=x.dtype, send_splits=send_splits,
+                                recv_splits=recv_splits, etp_sizes=etp_sizes, expert_order=order)
+            return (received if order is None else received.index_select(0, order)), meta
+
+        return PendingDispatch(finish)
+
+    def _exchange_counts(self, send: list[list[int]], device: torch.device) -> tuple[list[list[int]], torch.Tensor]:
+        """Rows each EP rank sends this one per local expert, as a list and as a tensor [ep, E_local]."""
+        counts = torch.tensor(send, dtype=torch.int64, device=device)
+        if self.ep.size == 1:  # nothing to exchange: skip the host sync
+            return send, counts
+        recv = exchange_counts(counts, self.ep, self.ctx.stats)
+        return recv.tolist(), recv
+
+    def combine(self, y: torch.Tensor, meta: AllToAllMeta) -> torch.Tensor:
+        stats = self.ctx.stats
+        if meta.expert_order is not None:
+            y = y.index_select(0, _inverse(meta.expert_order))
+        if meta.etp_sizes is not None:
+            y = reduce_scatter_v(y, self.etp, meta.etp_sizes, stats)
+        y = all_to_all(y, self.ep, stats, output_split_sizes=meta.send_splits, input_split_sizes=meta.recv_splits)
+        return unpermute_combine(y, meta.plan, meta.weight, meta.num_tokens).to(meta.dtype)
 
 
-class AllGatherDispatcher:
+class AllGatherDispatcher(TokenDispatcher):
     """All-gather over etp x ep, local experts only, reduce-scatter back; see the module docstring."""
 
     def __init__(self, num_experts: int, ctx: MoEContext):
@@ -161,22 +329,31 @@ class AllGatherDispatcher:
     def _gather_plain(self, t: torch.Tensor) -> torch.Tensor:
         return gather_counts(t, self.group, self.ctx.stats).reshape(-1, *t.shape[1:])
 
-    def __call__(self, x: torch.Tensor, routing: Routing, experts: GroupedExperts,
-                 block_rows: int | None = None) -> torch.Tensor:
+    def launch(self, x: torch.Tensor, routing: Routing, block_rows: int | None = None) -> PendingDispatch:
         stats, g = self.ctx.stats, self.group
-        x_all = gather_from_sequence_parallel_region(x, g, stats, dim=0)
+        # The routing first (small): the plan of the local experts' slots is made while x travels.
         weight_all = gather_from_sequence_parallel_region(routing.weight, g, stats, dim=0)
         expert_all = self._gather_plain(routing.expert.contiguous())
         active_all = self._gather_plain(routing.active.to(torch.uint8)).bool()
+        x_all, exchange = start_all_gather(x, g, stats)
         local = active_all & (expert_all >= self.first) & (expert_all < self.first + self.num_local)
         plan = permute_plan((expert_all - self.first).clamp(0, self.num_local - 1), local, self.num_local,
                             None if block_rows is None else block_rows * g.size)
-        y = experts(permute_tokens(x_all, plan), plan.rows_per_expert)
-        out = unpermute_combine(y, plan, weight_all, x_all.shape[0]).to(x.dtype)
-        return reduce_scatter_to_sequence_parallel_region(out, g, stats, dim=0)
+
+        def finish() -> tuple[torch.Tensor, DispatchMeta]:
+            exchange.wait()
+            meta = DispatchMeta(rows_per_expert=plan.rows_per_expert, plan=plan, weight=weight_all,
+                                num_tokens=x_all.shape[0], dtype=x.dtype)
+            return permute_tokens(x_all, plan), meta
+
+        return PendingDispatch(finish)
+
+    def combine(self, y: torch.Tensor, meta: DispatchMeta) -> torch.Tensor:
+        out = unpermute_combine(y, meta.plan, meta.weight, meta.num_tokens).to(meta.dtype)
+        return reduce_scatter_to_sequence_parallel_region(out, self.group, self.ctx.stats, dim=0)
 
 
-def make_dispatcher(kind: str, num_experts: int, ctx: MoEContext):
+def make_dispatcher(kind: str, num_experts: int, ctx: MoEContext) -> TokenDispatcher:
     """The dispatcher named by MoEConfig.dispatcher."""
     if kind == "alltoall":
         return AllToAllDispatcher(num_experts, ctx)

@@ -5,9 +5,9 @@ models/layers/mlp.py) with full weights w1_e, w3_e [F, H] and w2_e [H, F]. One p
 expert, named by its GLOBAL id (`w1.5`), so an EP rank holding experts 4..7 has the same parameter
 names as the one-process model and `models.init.materialize` generates the same full tensors from
 (seed, name). Expert tensor parallelism (ETP) keeps a slice of each: w1/w3 rows (column parallel,
-`param.shard = (0, etp_rank, etp)`) and w2 columns (row parallel, `(1, etp_rank, etp)`); the ETP
+`shard = (0, etp_rank, etp)` in its metadata, parallel_state.params) and w2 columns (row parallel, `(1, etp_rank, etp)`); the ETP
 ranks' outputs are partial sums the dispatcher reduce-scatters. Every routed-expert parameter has
-`param.expert = True`: its gradient is reduced over EDP, not with the dense parameters.
+`expert=True` in its metadata: its gradient is reduced over EDP, not with the dense parameters.
 
 Grouped GEMM: with `torch._grouped_mm` the local experts' weights are stacked per forward and
 each projection is one call; otherwise a loop over experts, the reference. grouped_gemm="auto"
@@ -32,15 +32,15 @@ from parallel_state.collectives import (
 )
 from parallel_state.comm_stats import CommStats
 from parallel_state.groups import AxisGroup
+from parallel_state.params import mark_shard, set_param_meta
 
 GROUPED_MM_ALIGN_BYTES = 16  # torch._grouped_mm needs row strides that are multiples of 16 bytes
 
 
 def _mark(param: nn.Parameter, dim: int, index: int, count: int, expert: bool) -> nn.Parameter:
-    if count > 1:
-        param.shard = (dim, index, count)  # the models.layers.tensor_parallel.mark_shard convention
+    mark_shard(param, dim, index, count)
     if expert:
-        param.expert = True
+        set_param_meta(param, expert=True)
     return param
 
 
@@ -88,9 +88,6 @@ class GroupedExperts(nn.Module):
                  output_init_std: float, ep_rank: int = 0, ep_size: int = 1, etp_rank: int = 0,
                  etp_size: int = 1, grouped_gemm: str = "auto"):
         super().__init__()
-        if num_experts % ep_size or ffn_hidden_size % etp_size:
-            raise ValueError(f"{num_experts} experts / ep={ep_size} or ffn {ffn_hidden_size} / etp={etp_size} "
-                             "does not divide; see MoEConfig.validate")
         self.num_local = num_experts // ep_size
         self.first_expert = ep_rank * self.num_local
         self.expert_ids = list(range(self.first_expert, self.first_expert + self.num_local))

@@ -2,7 +2,8 @@
 
 Flow: tokens (attention layout; without sequence parallelism the TP ranks hold the same tokens,
 so each routes its 1/tp slice and the outputs are all-gathered at the end) -> router -> balance
-losses -> capacity -> dispatcher (experts) -> + shared experts -> back to the attention layout.
+losses -> capacity -> dispatch -> routed experts -> combine (+ shared experts, computed while the
+dispatch exchange is in flight) -> back to the attention layout.
 
 Aux-loss contract (docs/loss_and_layout.md, "Loss normalisation"; docs/moe.md, "Balance losses"):
 each balance loss is defined per MoE layer on the tokens routed together in one forward call by
@@ -55,6 +56,7 @@ from parallel_state.collectives import (
 )
 from parallel_state.comm_stats import CommStats
 from parallel_state.groups import AxisGroup
+from parallel_state.params import set_param_meta
 
 
 class AuxLossAutoScaler(torch.autograd.Function):
@@ -75,7 +77,7 @@ class AuxLossAutoScaler(torch.autograd.Function):
 
 
 class MoELayer(nn.Module):
-    """Router + dispatcher + grouped experts (+ shared experts); see the module docstring.
+    """Router, dispatcher (dispatch / combine), grouped experts and shared experts; see the module docstring.
 
     `init_std` for the router and the expert/shared w1, w3; `output_init_std` for w2 (the scaled
     output init). `ctx` None means one process.
@@ -85,14 +87,13 @@ class MoELayer(nn.Module):
                  ctx: MoEContext | None = None):
         super().__init__()
         ctx = ctx or MoEContext()
-        cfg.validate(ep=ctx.ep_size, etp=ctx.etp_size)
         self.cfg, self.ctx, self.hidden_size = cfg, ctx, hidden_size
         self.router = Router(cfg, hidden_size, init_std)
         if ctx.tp_size > 1:
             # Each TP rank routes different tokens: the replicated router's grads are partial sums
             # over TP (summed by allreduce_sequence_parallel_grads in models.layers.tensor_parallel).
             for p in self.router.parameters():
-                p.tp_partial_grad = True
+                set_param_meta(p, tp_partial_grad=True)
         self.experts = GroupedExperts(cfg.num_experts, hidden_size, cfg.ffn_hidden_size, init_std, output_init_std,
                                       ep_rank=ctx.ep_rank, ep_size=ctx.ep_size, etp_rank=ctx.etp_rank,
                                       etp_size=ctx.etp_size, grouped_gemm=cfg.grouped_gemm)
@@ -119,15 +120,25 @@ class MoELayer(nn.Module):
         routing = self.router(tokens)
         aux_sum = self._aux_losses(routing, seq_index, batch)
         block_rows = self._apply_capacity(routing)
-        out = self.dispatcher(tokens, routing, self.experts, block_rows)
-        if self.shared is not None:
-            out = out + self.shared(tokens)
+        out = self._experts(tokens, routing, block_rows)
         if aux_sum is not None:
             out = AuxLossAutoScaler.apply(out, aux_sum, ctx.aux_loss_scale)
         if split:
             out = gather_from_sequence_parallel_region(out, ctx.tp, ctx.stats, dim=0,
                                                        tensor_parallel_output_grad=False)
         return out.reshape(batch, seq, hidden)
+
+    def _experts(self, tokens: torch.Tensor, routing: Routing, block_rows: int | None) -> torch.Tensor:
+        """Routed experts between dispatch and combine, plus the shared experts, [N, H].
+
+        The shared experts need no routed token, so they run while the dispatch exchange is in
+        flight (between `launch` and `wait`).
+        """
+        pending = self.dispatcher.launch(tokens, routing, block_rows)
+        shared = self.shared(tokens) if self.shared is not None else None
+        rows, meta = pending.wait()
+        out = self.dispatcher.combine(self.experts(rows, meta.rows_per_expert), meta)
+        return out if shared is None else out + shared
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token (3 x forward): router + k routed SwiGLUs + the shared SwiGLU.

@@ -13,7 +13,7 @@ from collections.abc import Iterable
 
 import torch
 
-from optim.config import OPTIMIZER_NAMES, OptimConfig
+from optim.config import OptimConfig
 from optim.param_groups import build_param_groups
 
 
@@ -21,10 +21,6 @@ def build_optimizer(
     named_params: Iterable[tuple[str, torch.nn.Parameter]], cfg: OptimConfig
 ) -> torch.optim.Optimizer:
     """AdamW over the decay / no-decay groups of build_param_groups, initial lr = cfg.lr."""
-    if cfg.name not in OPTIMIZER_NAMES:
-        raise ValueError(
-            f"optim.name={cfg.name!r} is not a known optimizer; choose one of {list(OPTIMIZER_NAMES)}"
-        )
     groups = build_param_groups(named_params, cfg)
     if not any(group["params"] for group in groups):
         raise ValueError(

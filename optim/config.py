@@ -63,18 +63,6 @@ class OptimConfig:
 
 
 def resolved_decay_steps(cfg: LRScheduleConfig, max_steps: int) -> int:
-    """Number of decay steps after warmup: cfg.decay_steps, or max_steps - warmup_steps when None."""
-    if cfg.decay_steps is not None:
-        if cfg.decay_steps < 0:
-            raise ValueError(
-                f"optim.schedule.decay_steps={cfg.decay_steps} is negative; "
-                "set it to a count >= 0 or null (= max_steps - warmup_steps)"
-            )
-        return int(cfg.decay_steps)
-    decay_steps = max_steps - cfg.warmup_steps
-    if decay_steps < 0:
-        raise ValueError(
-            f"optim.schedule.warmup_steps={cfg.warmup_steps} exceeds max_steps={max_steps}; "
-            "lower warmup_steps or raise max_steps"
-        )
-    return decay_steps
+    """Number of decay steps after warmup: cfg.decay_steps, or max_steps - warmup_steps when None
+    (optim.check has made sure both fit in max_steps)."""
+    return int(cfg.decay_steps) if cfg.decay_steps is not None else max_steps - cfg.warmup_steps

@@ -3,6 +3,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# Context-parallel attention: the K/V ring, or Ulysses all-to-all (sequence <-> heads).
+CP_COMMS = ("ring", "a2a")
+
 
 @dataclass
 class ParallelConfig:

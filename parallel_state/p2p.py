@@ -7,7 +7,7 @@ reuses or frees their buffers.
 
 Message matching: no tags are used (NCCL has none), so between two ranks the k-th send of one
 meets the k-th receive of the other. Callers must post receives from a peer in the order that
-peer posts its sends (trainer/pipeline_executor.py derives that order from the peer's schedule).
+peer posts its sends (trainer/pipeline/executor.py derives that order from the peer's schedule).
 
 Bytes: each send adds its tensor's bytes to `stats` as op "send" on the group's name ("pp" for
 ParallelState.pp). The receiver counts nothing, following comm_stats' "bytes sent by one rank".

@@ -14,9 +14,9 @@ Nothing here touches torch.distributed; parallel_state.groups turns these lists 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 from parallel_state.config import ParallelConfig
+from parallel_state.errors import ConfigError
 
 ORDER_AXES = ("tp", "cp", "ep", "dp", "pp")  # the names an order string is made of
 DEFAULT_ORDER = "tp-cp-ep-dp-pp"  # Megatron-Core's default
@@ -44,17 +44,6 @@ EXPERT_GROUPS = {
 }
 # Every name `Topology.groups` answers, in the order process groups are created on every rank.
 GROUP_NAMES = tuple(DENSE_GROUPS) + ("embedding",) + tuple(EXPERT_GROUPS)
-
-
-class TopologyError(ValueError):
-    """A parallel layout that cannot be built, naming the config field, the sizes and valid values."""
-
-    def __init__(self, field: str, value: Any, problem: str, fix: str):
-        self.field, self.value, self.problem, self.fix = field, value, problem, fix
-        super().__init__(f"{field}={value!r}: {problem}. Fix: {fix}")
-
-    def __reduce__(self):  # pickles with its fields (e.g. back from a worker process)
-        return (type(self), (self.field, self.value, self.problem, self.fix))
 
 
 def divisors(n: int) -> list[int]:
@@ -130,20 +119,20 @@ def parse_order(order: str) -> tuple[str, ...]:
     unknown = [a for a in axes if a not in ORDER_AXES]
     fix = f"use a permutation of {'-'.join(ORDER_AXES)}, e.g. {' or '.join(STANDARD_ORDERS)}"
     if unknown:
-        raise TopologyError("parallel.order", order, f"unknown axis {unknown[0]!r} (axes are "
+        raise ConfigError("parallel.order", order, f"unknown axis {unknown[0]!r} (axes are "
                             f"{', '.join(ORDER_AXES)})", fix)
     repeated = sorted({a for a in axes if axes.count(a) > 1})
     if repeated:
-        raise TopologyError("parallel.order", order, f"axis {repeated[0]!r} appears more than once", fix)
+        raise ConfigError("parallel.order", order, f"axis {repeated[0]!r} appears more than once", fix)
     missing = [a for a in ORDER_AXES if a not in axes]
     if missing:
-        raise TopologyError("parallel.order", order, f"axis {missing[0]!r} is missing", fix)
+        raise ConfigError("parallel.order", order, f"axis {missing[0]!r} is missing", fix)
     return axes
 
 
 def check_sizes(world_size: int, tp: int = 1, cp: int = 1, pp: int = 1, ep: int = 1,
                 etp: int | None = None, dp: int | None = None) -> None:
-    """Raise TopologyError unless the sizes tile `world_size` ranks on both grids.
+    """Raise ConfigError unless the sizes tile `world_size` ranks on both grids.
 
     Checked in a fixed order so that the first problem a user meets is always the same one; each
     message lists the values that would work for this world size.
@@ -151,29 +140,29 @@ def check_sizes(world_size: int, tp: int = 1, cp: int = 1, pp: int = 1, ep: int 
     etp = tp if etp is None else etp
     for field, value in (("tp", tp), ("cp", cp), ("pp", pp), ("ep", ep), ("etp", etp)):
         if not isinstance(value, int) or value < 1:
-            raise TopologyError(f"parallel.{field}", value, "must be a positive integer", f"set parallel.{field} >= 1")
+            raise ConfigError(f"parallel.{field}", value, "must be a positive integer", f"set parallel.{field} >= 1")
     if world_size < 1:
-        raise TopologyError("world_size", world_size, "must be a positive integer", "launch at least one rank")
+        raise ConfigError("world_size", world_size, "must be a positive integer", "launch at least one rank")
     if world_size % pp:
-        raise TopologyError("parallel.pp", pp, f"does not divide the world size {world_size}",
+        raise ConfigError("parallel.pp", pp, f"does not divide the world size {world_size}",
                             f"use one of {divisors(world_size)} or launch a multiple of {pp} ranks")
     per_stage = world_size // pp
     if per_stage % cp:
-        raise TopologyError("parallel.cp", cp, f"does not divide world / pp = {world_size} / {pp} = {per_stage}",
+        raise ConfigError("parallel.cp", cp, f"does not divide world / pp = {world_size} / {pp} = {per_stage}",
                             f"use one of {divisors(per_stage)}")
     if per_stage % (tp * cp):
-        raise TopologyError("parallel.tp", tp, f"tp * cp = {tp} * {cp} does not divide world / pp = "
+        raise ConfigError("parallel.tp", tp, f"tp * cp = {tp} * {cp} does not divide world / pp = "
                             f"{world_size} / {pp} = {per_stage}",
                             f"use one of {divisors(per_stage // cp)} (the divisors of world / (cp * pp))")
     dense_dp = per_stage // (tp * cp)
     if dp is not None and dp != dense_dp:
-        raise TopologyError("parallel.dp", dp, f"tp * cp * dp * pp = {tp * cp * dp * pp} but the world size is "
+        raise ConfigError("parallel.dp", dp, f"tp * cp * dp * pp = {tp * cp * dp * pp} but the world size is "
                             f"{world_size}", f"leave parallel.dp null (it is inferred as {dense_dp})")
     if per_stage % etp:
-        raise TopologyError("parallel.etp", etp, f"does not divide tp * cp * dp = world / pp = {per_stage}",
+        raise ConfigError("parallel.etp", etp, f"does not divide tp * cp * dp = world / pp = {per_stage}",
                             f"use one of {divisors(per_stage)}, or null for etp = tp = {tp}")
     if per_stage % (ep * etp):
-        raise TopologyError("parallel.ep", ep, f"ep * etp = {ep} * {etp} does not divide tp * cp * dp = "
+        raise ConfigError("parallel.ep", ep, f"ep * etp = {ep} * {etp} does not divide tp * cp * dp = "
                             f"{tp} * {cp} * {dense_dp} = {per_stage}",
                             f"with etp={etp} use ep in {divisors(per_stage // etp)}")
 
@@ -182,7 +171,7 @@ class Topology:
     """The rank layout of one job: group lists and coordinates on the dense and expert grids.
 
     `Topology(world_size, tp, cp, pp, ep, etp=None, order)` with etp=None meaning etp = tp. Derived
-    sizes: dp = world / (tp*cp*pp) and edp = world / (etp*ep*pp). Raises TopologyError for sizes
+    sizes: dp = world / (tp*cp*pp) and edp = world / (etp*ep*pp). Raises ConfigError for sizes
     that do not tile the world, a bad order string, or expert pipeline groups that differ from the
     dense ones.
     """
@@ -206,7 +195,7 @@ class Topology:
                            tuple(expert_sizes[a] for a in axes if a != "cp"))
         dense_pp, expert_pp = self.dense.groups(("pp",)), self.expert.groups(("pp",))
         if dense_pp != expert_pp:
-            raise TopologyError(
+            raise ConfigError(
                 "parallel.order", order,
                 f"the expert grid (etp={self.etp}, ep={ep}, edp={self.edp}, pp={pp}) gives pipeline groups "
                 f"{_preview(expert_pp)} but the dense grid (tp={tp}, cp={cp}, dp={self.dp}, pp={pp}) gives "
@@ -279,7 +268,7 @@ class Topology:
     def experts_of(self, rank: int, num_experts: int) -> range:
         """Global expert ids held by `rank`: expert e lives on EP rank e // (num_experts / ep)."""
         if num_experts % self.ep:
-            raise TopologyError("model.num_experts", num_experts, f"not divisible by parallel.ep={self.ep}",
+            raise ConfigError("model.num_experts", num_experts, f"not divisible by parallel.ep={self.ep}",
                                 f"use a multiple of {self.ep}")
         per_rank = num_experts // self.ep
         ep_rank = self.coords(rank).ep

@@ -29,7 +29,8 @@ from typing import Any
 
 import torch
 
-from trainer.pipeline_executor import split_layers
+from parallel_state.errors import ConfigError
+from trainer.pipeline.orders import split_layers
 
 log = logging.getLogger(__name__)
 
@@ -43,16 +44,15 @@ def step_dir_name(step: int) -> str:
     return f"step_{step:06d}"
 
 
-class CheckpointLayoutError(ValueError):
-    """The checkpoint was written by a different model-parallel layout than the run loading it;
-    `fix` names the checkpoint's settings to run with."""
+class CheckpointLayoutError(ConfigError):
+    """The checkpoint at `path` was written by a different model-parallel layout than the run loading
+    it; `fix` names the checkpoint's settings to run with."""
 
-    def __init__(self, problem: str, fix: str):
-        super().__init__(problem)
-        self.fix = fix
+    def __init__(self, path: str, problem: str, fix: str):
+        super().__init__("trainer.resume", path, problem, fix)
 
-    def __reduce__(self):  # pickles with its fix (e.g. back from a worker process)
-        return (type(self), (str(self), self.fix))
+    def __reduce__(self):  # pickles with its fields (e.g. back from a worker process)
+        return (type(self), (self.value, self.problem, self.fix))
 
 
 @dataclass(frozen=True)
@@ -195,7 +195,7 @@ def load_checkpoint(path: str, layout: ShardLayout = SINGLE_SHARD) -> LoadedChec
     if saved != (layout.tp, layout.pp, layout.world):
         per_rank = f" and one file per rank of {saved[2]}" if saved[2] is not None else ""
         raise CheckpointLayoutError(
-            f"checkpoint {path} was saved with parallel.tp={saved[0]} parallel.pp={saved[1]}{per_rank}, but this "
+            path, f"checkpoint {path} was saved with parallel.tp={saved[0]} parallel.pp={saved[1]}{per_rank}, but this "
             f"run has tp={layout.tp} pp={layout.pp}"
             + (f" on {layout.world} ranks with experts spread" if layout.world is not None else "")
             + " (resharding on load is not implemented yet)",
@@ -237,7 +237,7 @@ def _check_pipeline_split(path: str, meta: dict[str, Any], layout: ShardLayout) 
 
     saved = describe(saved_vpp, saved_layers)
     raise CheckpointLayoutError(
-        f"checkpoint {path} was saved with {saved} (layers per virtual stage), but this run has "
+        path, f"checkpoint {path} was saved with {saved} (layers per virtual stage), but this run has "
         f"{describe(layout.vpp, layout.stage_layers)}; its pipeline chunks hold other layers "
         "(resharding on load is not implemented yet)",
         f"run with the checkpoint's {saved} (and its model.num_layers), or a new trainer.run_dir")

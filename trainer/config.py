@@ -6,6 +6,7 @@ structured-config checks reject unknown keys and wrong types with the key's full
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 from omegaconf import DictConfig, OmegaConf
@@ -14,6 +15,7 @@ from omegaconf.errors import ConfigKeyError
 from models.config import ModelConfig
 from optim.config import OptimConfig
 from parallel_state.config import ParallelConfig
+from parallel_state.errors import require, require_choice, require_positive
 from trainer.data.config import DataConfig
 
 
@@ -50,6 +52,52 @@ class LoggerConfig:
     run_name: str | None = None  # W&B / TensorBoard run name; null: the run directory's name
     wandb_mode: str | None = None  # online | offline | disabled; null: online with a key, else offline
     tags: list[str] = field(default_factory=list)  # W&B tags
+
+
+PRECISIONS = ("fp32", "bf16")
+DEVICES = ("auto", "cpu", "cuda")
+NAN_POLICIES = ("stop", "skip")
+LOGGER_BACKENDS = ("none", "wandb", "tensorboard")
+WANDB_MODES = ("online", "offline", "disabled")
+
+
+def check_trainer(t: TrainerConfig) -> None:
+    """Raise ConfigError on the first bad `trainer.*` value (a resume target must exist, and a fresh
+    run must not overwrite a run directory that holds checkpoints)."""
+    from trainer.checkpoint import list_checkpoints  # the checkpoint module imports the pipeline
+
+    require_positive("trainer.max_steps", t.max_steps)
+    require_positive("trainer.log_interval", t.log_interval)
+    require_positive("trainer.eval_iters", t.eval_iters)
+    for name in ("eval_interval", "save_interval", "keep_last", "max_skipped_steps"):
+        value = getattr(t, name)
+        require(value >= 0, f"trainer.{name}", value, "must be >= 0", f"set trainer.{name}=0 to disable")
+    require_choice("trainer.precision", t.precision, PRECISIONS)
+    require_choice("trainer.device", t.device, DEVICES)
+    require_choice("trainer.nan_policy", t.nan_policy, NAN_POLICIES)
+    if t.peak_tflops is not None:
+        require_positive("trainer.peak_tflops", t.peak_tflops)
+    if t.resume not in ("none", "auto"):
+        require(os.path.isdir(t.resume), "trainer.resume", t.resume, "checkpoint directory does not exist",
+                "point it at an existing checkpoints/step_XXXXXX directory, or use auto / none")
+    if t.resume == "none" and t.run_dir is not None:
+        existing = list_checkpoints(t.run_dir)
+        require(not existing, "trainer.resume", t.resume,
+                f"trainer.run_dir={t.run_dir} already holds checkpoints (newest: step "
+                f"{existing[-1][0] if existing else 0}); a fresh run there would overwrite them and mix its "
+                "metrics with the old ones",
+                "use trainer.resume=auto to continue that run, or choose a new trainer.run_dir")
+    if t.resume == "auto":
+        require(t.run_dir is not None, "trainer.resume", t.resume,
+                "auto resumes from trainer.run_dir, which is null (a fresh timestamped directory)",
+                "set trainer.run_dir to the directory of the run to continue")
+
+
+def check_logger(cfg: LoggerConfig) -> None:
+    """Raise ConfigError on a bad `logger.*` value."""
+    require_choice("logger.backend", cfg.backend, LOGGER_BACKENDS)
+    if cfg.wandb_mode is not None:
+        require_choice("logger.wandb_mode", cfg.wandb_mode, WANDB_MODES)
 
 
 @dataclass
@@ -108,8 +156,6 @@ def to_yaml(cfg: Config) -> str:
 
 def default_conf_dir() -> str:
     """conf/ of the checkout this package runs from."""
-    import os
-
     return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
 
 

@@ -2,36 +2,32 @@
 
 The line must name what really runs (the fused C ParaRNN solver on CPU, Triton only on CUDA, the
 expert GEMM path), decided from the config and the device with the same rules the layers apply at
-their first call, so a missing fast path is visible before training starts.
+their first call, so a missing fast path is visible before training starts. ParaRNN's line is the
+description of the kernels.pararnn_plan.SolverPlan its layers build, from the same function.
 """
 from __future__ import annotations
 
 import torch
 
-from kernels.dispatch import requested_backend, select_backend
+from kernels.dispatch import select_backend
 from kernels.fast_paths import FastPaths
-from kernels.pararnn import compile_available
-from kernels.pararnn_cpu import fused_solver_available
+from kernels.pararnn_plan import plan_solver
 from models.config import ModelConfig
+from models.layers.pararnn import PARARNN_CELLS, newton_options, recurrence_dtype
 from moe.experts import grouped_mm_supported
 
-PARARNN_MIXERS = ("pararnn_gru", "pararnn_lstm")
+PARARNN_MIXERS = tuple(PARARNN_CELLS)
 
 
 def _pararnn_kernel(model: ModelConfig, device: torch.device) -> str:
-    p, kernels = model.pararnn, model.kernels
-    unavailable, fused = "", False
-    if device.type == "cpu" and requested_backend(kernels) == "auto":
-        fused, why = fused_solver_available(torch.float32)  # the recurrence runs in fp32 under any precision
-        unavailable = "" if fused else f" (fused C solver unavailable: {why})"
-    passes = "compiled torch passes" if p.compile and compile_available()[0] else "torch passes"
-    torch_solver = f"{passes} + {select_backend(device, kernels, 'pararnn_scan')} scan"
-    if not fused:
-        return torch_solver + unavailable
-    if p.newton_tol is None and p.newton_iterations > 0:
-        return "fused C Newton solver and adjoint (kernels/pararnn_cpu.c)"
-    # The C solver runs a fixed number of updates; adaptive Newton keeps the torch passes forward.
-    return f"{torch_solver} forward, fused C adjoint backward (kernels/pararnn_cpu.c)"
+    """The plan the model's ParaRNN layers build on `device` (kernels.pararnn_plan, the same function
+    they call), described. The recurrence runs in fp32 under any precision."""
+    described = {name: plan_solver(PARARNN_CELLS[name](), device, recurrence_dtype(torch.float32),
+                                   newton_options(model), model.kernels, model.pararnn.compile).describe()
+                 for name in dict.fromkeys(model.token_mixers) if name in PARARNN_CELLS}
+    if len(set(described.values())) == 1:
+        return next(iter(described.values()))
+    return "; ".join(f"{name}: {text}" for name, text in described.items())
 
 
 def _gla_kernel(model: ModelConfig, device: torch.device) -> str:

@@ -19,15 +19,16 @@ import torch
 import parallel_state
 from kernels.fast_paths import detect_fast_paths
 from models import DecoderModel, build_model
-from models.layers.tensor_parallel import TPContext, allreduce_sequence_parallel_grads, is_tp_duplicate
+from models.layers.tensor_parallel import TPContext
 from models.parallel_context import CPContext, ParallelContext
 from moe.context import AuxLossScale, MoEContext
-from moe.layer import MoELayer, update_aux_free_biases
-from optim import LRScheduler, build_optimizer, clip_grad_norm_
-from parallel_state import RNGStreams
+from moe.layer import MoELayer
+from moe.metrics import step_metrics as moe_step_metrics
+from optim.step import BucketedOptimizerStep, OptimizerStepFactory, StepInputs
+from parallel_state import RNGStreams, Topology
 from parallel_state.collectives import all_reduce_sum
 from parallel_state.comm_stats import CommStats
-from trainer import distributed, validation
+from trainer import distributed
 from trainer.checkpoint import (
     CheckpointLayoutError,
     ShardLayout,
@@ -39,15 +40,16 @@ from trainer.checkpoint import (
 from trainer.config import Config, to_yaml
 from trainer.data import DataPipeline, load_tokenizer, prepare
 from trainer.data.context_split import zigzag_split
-from trainer.data.tokenizer import TokenizerError
 from trainer.distributed import RuntimeEnv
-from trainer.grad_reducer import BucketedGradReducer, GradReducers
 from trainer.kernel_report import describe_kernels, kernel_plan
 from trainer.metrics import build_sinks, console_line, drop_metrics_after
 from trainer.mfu import peak_tflops
-from trainer.pipeline_executor import forward_backward_pipelining
-from trainer.pipeline_model import PipelineChunks
-from trainer.schedules import forward_backward_no_pipelining, pipeline_orders
+from trainer.pipeline import (
+    PipelineChunks,
+    forward_backward_no_pipelining,
+    forward_backward_pipelining,
+    pipeline_orders,
+)
 from trainer.validation import ConfigError, validate
 
 log = logging.getLogger("foldtron")
@@ -63,10 +65,7 @@ class NonFiniteLossError(RuntimeError):
 
 def resolve_vocab(cfg: Config) -> Config:
     """Fill model.vocab_size from the tokenizer, or check that the configured one can hold it."""
-    try:
-        vocab = load_tokenizer(cfg.data.tokenizer, cfg.data.eod_token).vocab_size
-    except TokenizerError as e:
-        raise ConfigError(e.field, e.value, e.problem, e.fix) from e
+    vocab = load_tokenizer(cfg.data.tokenizer, cfg.data.eod_token).vocab_size
     if cfg.model.vocab_size is None:
         return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab))
     if cfg.model.vocab_size < vocab:
@@ -103,39 +102,60 @@ def setup_logging(run_dir: str | None, env: RuntimeEnv) -> None:
 class Trainer:
     """One training run. `Trainer(cfg).train()` does everything `launch/train.py` promises."""
 
-    def __init__(self, cfg: Config, env: RuntimeEnv | None = None):
+    def __init__(self, cfg: Config, env: RuntimeEnv | None = None,
+                 optimizer_step: OptimizerStepFactory = BucketedOptimizerStep):
+        """Validate, then build in a fixed order: layout, run directory, data, model, optimizer step,
+        resume, logging. `optimizer_step` builds the step from `StepInputs` (optim/step.py)."""
         self.env = env or RuntimeEnv.from_environ()
-        validate(cfg, self.env.world_size)
+        topology = validate(cfg, self.env.world_size)
         self.cfg = cfg = resolve_vocab(cfg)
-        t = cfg.trainer
+        self._build_layout(topology)
+        self._build_run_dir()
+        self._build_data()
+        self._build_model()
+        self._build_optimizer_step(optimizer_step)
+        self.step = 0  # optimizer steps completed
+        self.skipped_in_a_row = 0
+        self.resume()
+        self._build_logging()
 
+    def _build_layout(self, topology: Topology) -> None:
+        """Device, process groups, RNG streams and the communication counters."""
+        t = self.cfg.trainer
         self.device = distributed.select_device(self.env, t.device)
         if self.device.type == "cpu":
             torch.set_num_threads(t.num_threads or max(1, (os.cpu_count() or 1) // self.env.local_world_size))
-        distributed.init_world(self.env, self.device, cfg.parallel.timeout_s)
-        self.ps = parallel_state.init(validation.topology(cfg, self.env.world_size), device=self.device,
-                                      timeout_s=cfg.parallel.timeout_s)
-        self.rng = RNGStreams(cfg.seed, self.ps.coords, self.device)
-        self.run_dir = distributed.broadcast_from_writer(t.run_dir or default_run_dir(cfg))
+        distributed.init_world(self.env, self.device, self.cfg.parallel.timeout_s)
+        self.ps = parallel_state.init(topology, device=self.device, timeout_s=self.cfg.parallel.timeout_s)
+        self.rng = RNGStreams(self.cfg.seed, self.ps.coords, self.device)
+        self.comm_stats = CommStats()
+        self.dp_rank, self.dp_size = self.ps.dp.rank, self.ps.dp.size
+
+    def _build_run_dir(self) -> None:
+        """The run directory every rank agrees on, the log files and the resolved config."""
+        self.run_dir = distributed.broadcast_from_writer(self.cfg.trainer.run_dir or default_run_dir(self.cfg))
         if self.env.is_writer:
             os.makedirs(self.run_dir, exist_ok=True)
         distributed.barrier()
         setup_logging(self.run_dir, self.env)
         if self.env.is_writer:
             with open(os.path.join(self.run_dir, "config.yaml"), "w") as f:
-                f.write(to_yaml(cfg))
+                f.write(to_yaml(self.cfg))
 
-        self.dp_rank, self.dp_size = self.ps.dp.rank, self.ps.dp.size
-        # Fetch + tokenize on one rank; the others wait and then find it cached.
-        prepared = prepare(cfg.data) if self.env.is_writer else None
+    def _build_data(self) -> None:
+        """Fetch and tokenize on one rank; the others wait and then find it cached."""
+        data_cfg = self.cfg.data
+        prepared = prepare(data_cfg) if self.env.is_writer else None
         distributed.barrier()
-        self.data = DataPipeline(cfg.data, seed=cfg.seed, dp_rank=self.dp_rank, dp_size=self.dp_size,
-                                 prepared=prepared or prepare(cfg.data))
+        self.data = DataPipeline(data_cfg, seed=self.cfg.seed, dp_rank=self.dp_rank, dp_size=self.dp_size,
+                                 prepared=prepared or prepare(data_cfg))
 
+    def _build_model(self) -> None:
+        """This rank's model chunks, the meta-device full model (counts, FLOPs) and the MoE layers."""
+        cfg = self.cfg
         # Weights are seeded by parameter name inside build_model; dropout draws from self.rng's
         # streams. The default generator is seeded too so no stray draw depends on the process' past.
         torch.manual_seed(cfg.seed)
-        self.comm_stats = CommStats()
         self.tp = TPContext(self.ps.tp, cfg.parallel.sequence_parallel, self.comm_stats, self.rng)
         self.cp = CPContext(self.ps.cp, cfg.parallel.cp_comm, self.comm_stats)
         # MoE aux losses receive the loss contract's factor (1 / global loss tokens), set per step.
@@ -159,22 +179,20 @@ class Trainer:
         self.shard_layout = ShardLayout.of(self.ps, experts_spread=bool(self.moe_layers), vpp=cfg.parallel.vpp,
                                            num_layers=cfg.model.num_layers,
                                            pipeline_layers=cfg.parallel.pipeline_layers)
-        # Gradients live in flat buckets reduced from backward hooks (before the optimizer exists, so
-        # its state follows the parameters, not the buffers): dense ones over DP x CP, expert ones
-        # over EDP (their replicas in the expert grid).
-        self.grad_reducer = GradReducers([
-            BucketedGradReducer(self.model.parameters(), group, bucket_size_mb=cfg.parallel.dp_bucket_mb,
-                                stats=self.comm_stats, experts=experts)
-            for group, experts in ((self.ps.dp_cp, False), (self.ps.edp, True))])
-        self.optimizer = build_optimizer(self.model.named_parameters(), cfg.optim)
-        self.scheduler = LRScheduler(self.optimizer, cfg.optim.lr, cfg.optim.schedule, t.max_steps)
         self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16)
-                         if t.precision == "bf16" else nullcontext())
+                         if cfg.trainer.precision == "bf16" else nullcontext())
 
-        self.step = 0  # optimizer steps completed
-        self.skipped_in_a_row = 0
-        self.resume()
+    def _build_optimizer_step(self, factory: OptimizerStepFactory) -> None:
+        cfg = self.cfg
+        self.optim_step = factory(StepInputs(
+            named_params=list(self.model.named_parameters()), cfg=cfg.optim, max_steps=cfg.trainer.max_steps,
+            ps=self.ps, stats=self.comm_stats, bucket_size_mb=cfg.parallel.dp_bucket_mb,
+            tied_weight=self.model.tied_weight() if self.pipelined else None))
+        self.optimizer = self.optim_step.optimizer
 
+    def _build_logging(self) -> None:
+        """Throughput and MFU inputs, the metric sinks, and the start-up report."""
+        cfg, t = self.cfg, self.cfg.trainer
         self.tokens_per_step = cfg.data.global_batch_size * cfg.data.seq_len
         self.flops_per_token = self.full_model.flops_per_token(cfg.data.seq_len)
         self.peak_tflops, peak_source = peak_tflops(self.device, t.precision, t.peak_tflops)
@@ -200,16 +218,12 @@ class Trainer:
         rng = {"torch": torch.get_rng_state(), "streams": self.rng.state_dict()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "step": self.step,
+        return {"model": self.model.state_dict(), "optimizer": self.optim_step.state_dict(), "step": self.step,
                 "skipped_in_a_row": self.skipped_in_a_row, "rng": rng, "config": to_yaml(self.cfg)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
-        # The saved groups carry their implementation flags; this run's config decides them. Set before
-        # loading, so torch places the step counters for the chosen implementation.
-        for group in state["optimizer"]["param_groups"]:
-            group["fused"], group["foreach"] = self.cfg.optim.fused, self.cfg.optim.foreach
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.optim_step.load_state_dict(state["optimizer"])
         self.step = int(state["step"])
         self.skipped_in_a_row = int(state.get("skipped_in_a_row", 0))
         torch.set_rng_state(state["rng"]["torch"])
@@ -224,7 +238,7 @@ class Trainer:
         try:
             loaded = self._agreed_latest_checkpoint() if mode == "auto" else load_checkpoint(mode, self.shard_layout)
         except CheckpointLayoutError as e:
-            raise ConfigError("trainer.resume", mode, str(e), e.fix) from e
+            raise ConfigError("trainer.resume", mode, e.problem, e.fix) from e
         if loaded is None:
             log.info("resume=auto: no complete checkpoint in %s, starting from step 0", self.run_dir)
             return
@@ -289,63 +303,25 @@ class Trainer:
             loss_sum = self._pipeline(microbatches, num_tokens.to(self.device))
         else:
             loss_sum = forward_backward_no_pipelining(self._loss_sum, microbatches, num_tokens.to(self.device),
-                                                      no_sync=self.grad_reducer.no_sync)
-        self.grad_reducer.finish()
-        if self.pipelined:
-            self.model.sync_tied_embedding_grads(self.ps, self.comm_stats)
-        # TP-replicated params that saw only part of the work (norm gains under SP, replicated GQA K/V).
-        allreduce_sequence_parallel_grads(self.model.parameters(), self.ps.tp, self.comm_stats)
-        # Each rank counts what it owns uniquely (see _counted_in_norm); the sum over all ranks is global.
-        grad_norm = clip_grad_norm_(self.model.parameters(), self.cfg.optim.clip_grad,
-                                    norm_reduce_fn=self._world_sum, counted=self._counted_in_norm)
+                                                      no_sync=self.optim_step.no_sync)
+        grad_norm = self.optim_step.reduce_and_clip()
         loss = (self._global_sum(loss_sum) / num_tokens).item()
-        grad_norm = float(grad_norm)
-        lr = self.scheduler.apply(self.step)
-        if math.isfinite(loss) and math.isfinite(grad_norm):
-            self.optimizer.step()
+        update = math.isfinite(loss) and math.isfinite(grad_norm)
+        if update:
             self.skipped_in_a_row = 0
         else:
             self._handle_non_finite(loss, grad_norm)
-        self.grad_reducer.zero_grad()  # keeps .grad views into the buckets (never set_to_none)
+        lr = self.optim_step.apply(self.step, update)
+        self.optim_step.zero_grad()
         self.step += 1
         return {"loss": loss, "lr": lr, "grad_norm": grad_norm, **self._moe_step()}
 
     def _moe_step(self) -> dict[str, float]:
-        """Once per global batch: the aux-loss-free bias step and the MoE metrics (every rank joins
-        the all-reduces, with zeros where it holds no MoE layer)."""
+        """Once per global batch: the aux-loss-free bias step and the MoE metrics (moe.metrics)."""
         if not self.cfg_has_moe:
             return {}
-        num_experts = self.cfg.model.moe.num_experts
-        # Per-expert routed slots summed over this rank's MoE layers, before the bias step resets them.
-        expert_counts = sum((layer.router.tokens_per_expert.double().cpu() for layer in self.moe_layers),
-                            torch.zeros(num_experts, dtype=torch.float64))
-        imbalance = update_aux_free_biases(self.moe_layers, self.ps.tp_dp_cp, self.comm_stats)
-        # Aux-loss sums, routed tokens and dropped slots are the last microbatch's (what the layers keep).
-        keys = ("load_balancing", "seq_load_balancing", "z_loss")
-        local = [sum(float(layer.last_aux_sums.get(k, 0.0)) for layer in self.moe_layers) for k in keys]
-        local += [float(sum(layer.last_num_tokens for layer in self.moe_layers)), sum(imbalance),
-                  float(len(imbalance)), float(sum(layer.last_dropped_slots for layer in self.moe_layers))]
-        totals = self._world_sum(torch.cat([torch.tensor(local, dtype=torch.float64), expert_counts])).tolist()
-        tokens, imbalance_sum, layers, dropped = totals[3], totals[4], totals[5], totals[6]
-        # The layers' per-rank sums over the TP x DP x CP ranks of a stage are counted by each of them.
-        layers /= self.ps.tp_dp_cp.size
-        imbalance_sum /= self.ps.tp_dp_cp.size
-        metrics = {f"moe/{k}": v / max(tokens, 1.0) for k, v in zip(keys, totals[:3])}
-        metrics["moe/load_imbalance"] = imbalance_sum / max(layers, 1.0)
-        # Capacity mode: the share of routed token-slots dropped (last microbatch, all MoE layers).
-        metrics["moe/dropped_fraction"] = dropped / max(tokens * self.cfg.model.moe.experts_per_token(), 1.0)
-        if num_experts <= MAX_LOGGED_EXPERTS:  # routed token-slots per expert, all MoE layers together
-            metrics.update({f"moe/tokens_per_expert/{e}": count for e, count in enumerate(totals[7:])})
-        return metrics
-
-    def _counted_in_norm(self, param: torch.Tensor) -> bool:
-        """Each parameter once in the global grad norm (summed over all ranks): dense ones on the first
-        DP x CP replica, TP replicas on TP rank 0, a tied head copy never; expert ones on the first
-        EDP replica, ETP replicas on ETP rank 0."""
-        if getattr(param, "expert", False):
-            return self.ps.edp.rank == 0 and (getattr(param, "shard", None) is not None or self.ps.etp.rank == 0)
-        return (self.ps.dp_cp.rank == 0 and not is_tp_duplicate(param, self.ps.tp.rank)
-                and not getattr(param, "tied_copy", False))
+        return moe_step_metrics(self.moe_layers, self.cfg.model.moe, self.ps.tp_dp_cp, self.comm_stats,
+                                max_logged_experts=MAX_LOGGED_EXPERTS)
 
     def _global_sum(self, loss_sum: torch.Tensor) -> torch.Tensor:
         """A loss sum over the whole global batch: the last pipeline stage has it, DP x CP split it."""
@@ -372,7 +348,7 @@ class Trainer:
             return forward_backward_pipelining(
                 self.pp_orders, self.model.stage_fns(), [self._to_device(mb) for mb in microbatches], loss_sum_fn,
                 num_tokens, self.ps.pp, cfg.parallel.vpp, shape, torch.float32, self.device, stats=self.comm_stats,
-                forward_only=forward_only, no_sync=self.grad_reducer.no_sync)
+                forward_only=forward_only, no_sync=self.optim_step.no_sync)
 
     def _handle_non_finite(self, loss: float, grad_norm: float) -> None:
         t = self.cfg.trainer

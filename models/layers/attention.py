@@ -11,23 +11,16 @@ from torch import nn
 from models.config import ModelConfig
 from models.init import normal_init
 from models.layers.context_parallel import ring_attention, ulysses_attention
+from models.layers.masks import causal_mask_from_positions
 from models.layers.rope import RotaryEmbedding, apply_rotary
 from models.layers.tensor_parallel import ColumnParallelLinear, divide_exactly
 from models.parallel_context import ParallelContext, resolve_context
+from parallel_state.params import set_param_meta
 
 
 def repeat_kv_heads(x: torch.Tensor, groups: int) -> torch.Tensor:
     """[B, kv_heads, T, D] -> [B, kv_heads * groups, T, D]; query head h reads kv head h // groups."""
     return x if groups == 1 else x.repeat_interleave(groups, dim=1)
-
-
-def causal_mask_from_positions(query_pos: torch.Tensor, key_pos: torch.Tensor) -> torch.Tensor:
-    """Boolean [B, 1, Tq, Tk] mask, True where key position <= query position.
-
-    Equals the ordinary causal mask for positions 0..T-1 and stays correct when tokens are
-    reordered (e.g. zigzag context-parallel chunks carrying their original positions).
-    """
-    return (key_pos.unsqueeze(-2) <= query_pos.unsqueeze(-1)).unsqueeze(1)
 
 
 def kv_heads_per_rank(num_kv_heads: int, tp: int) -> tuple[int, bool]:
@@ -81,7 +74,8 @@ class Attention(nn.Module):
         if kv_replicated:
             self.wk = ColumnParallelLinear(self.hidden_size, kv_width, None, init=std)
             self.wv = ColumnParallelLinear(self.hidden_size, kv_width, None, init=std)
-            self.wk.weight.tp_partial_grad = self.wv.weight.tp_partial_grad = True
+            for weight in (self.wk.weight, self.wv.weight):
+                set_param_meta(weight, tp_partial_grad=True)
         else:
             self.wk = tp.column(self.hidden_size, kv_width, std)
             self.wv = tp.column(self.hidden_size, kv_width, std)

@@ -50,6 +50,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from models.layers.masks import causal_mask_from_positions
 from parallel_state.collectives import (
     ResolvedGroup,
     all_gather_async,
@@ -363,8 +364,6 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cp, pos
     gathered positions. Returns [B, Hq, T_local, D]. Bytes are counted by the collectives under
     the group's name.
     """
-    from models.layers.attention import causal_mask_from_positions  # attention.py imports this module
-
     _check_qkv(q, k, v)
     comm = resolve_group(cp)
     repeats = ulysses_kv_replication(q.shape[1], k.shape[1], comm.size)

@@ -26,8 +26,9 @@ from torch import nn
 from kernels.gla import chunk_gla, fused_recurrent_gla
 from models.config import ModelConfig
 from models.init import ParamInit, normal_init, ones_init
-from models.layers.tensor_parallel import ColumnParallelLinear, mark_shard
+from models.layers.tensor_parallel import ColumnParallelLinear
 from models.parallel_context import ParallelContext, resolve_context
+from parallel_state.params import mark_shard, set_param_meta
 
 GLA_MODES = {"chunk": chunk_gla, "fused_recurrent": fused_recurrent_gla}
 
@@ -85,7 +86,7 @@ class GatedLinearAttention(nn.Module):
             tp.column(gla.gate_low_rank_dim, self.key_dim, std, bias=True),
         )
         if tp.size > 1:
-            self.gk_proj[0].weight.tp_partial_grad = True
+            set_param_meta(self.gk_proj[0].weight, tp_partial_grad=True)
         self.g_norm_weight = mark_shard(nn.Parameter(torch.empty(self.heads_per_rank, self.head_v_dim)),
                                         0, tp.rank, tp.size)
         self.o_proj = tp.row(self.value_dim, self.hidden_size, output_std)

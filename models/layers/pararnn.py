@@ -23,7 +23,6 @@ decay (the default) training is identical to initialising the bias at the offset
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable, Sequence
 
 import torch
@@ -31,17 +30,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels.dispatch import KernelsConfig
-from kernels.pararnn import (
-    NewtonOptions,
-    NewtonReport,
-    compile_available,
-    parallel_recurrence,
-    sequential_recurrence,
-)
+from kernels.pararnn import NewtonReport, parallel_recurrence, sequential_recurrence
+from kernels.pararnn_plan import NewtonOptions, SolverPlan, build_solver_plan
 from models.config import ModelConfig
 from models.init import ParamInit, normal_init, zeros_init
-from models.layers.tensor_parallel import TPContext, mark_shard, resolve_tp, tp_region_input
+from models.layers.tensor_parallel import TPContext, resolve_tp, tp_region_input
 from models.parallel_context import ParallelContext, resolve_context
+from parallel_state.params import mark_shard
 
 MODES = ("parallel", "sequential")
 
@@ -202,6 +197,11 @@ class _ParaRNN(nn.Module):
     and the recurrent vectors sliced on dim 1, w_out row-parallel), reads the full input (all-gathered
     along the sequence under SP) and runs the recurrence on its channels only. `state_size` is the
     full N (for init and FLOPs); `state_per_rank` this rank's share.
+
+    Backends: the first parallel forward on a (device, compute dtype) builds the layer's
+    kernels.pararnn_plan.SolverPlan (fused C kernels, compiled or eager torch passes, Triton or
+    torch scan; missing fast paths warn or raise there, per kernels.on_missing) and keeps it in
+    `solver_plans`; every solve, forward and backward, runs that plan.
     """
 
     def __init__(self, cell, hidden_size: int, num_gates: int, num_recurrent_vectors: dict[str, int],
@@ -209,7 +209,8 @@ class _ParaRNN(nn.Module):
                  kernels: KernelsConfig | None, mode: str, tp: TPContext | None = None, compiled: bool = False):
         super().__init__()
         tp = tp or TPContext()
-        self.compiled = compiled and _compile_or_fallback(kernels)
+        # torch.compile asked for (model.pararnn.compile); whether it runs is the plan's to say.
+        self.compile_requested = compiled
         self.cell = cell
         self.hidden_size = hidden_size
         self.state_size = hidden_size if state_size is None else state_size
@@ -253,11 +254,22 @@ class _ParaRNN(nn.Module):
         self.reset_buffers()
         # The most recent parallel solve (iterations, residual); None before the first one.
         self.last_newton_report: NewtonReport | None = None
+        # (device, compute dtype) -> the plan its solves run, built on the first forward there.
+        self.solver_plans: dict[tuple[torch.device, torch.dtype], SolverPlan] = {}
+
+    def solver_plan(self, device: torch.device, dtype: torch.dtype) -> SolverPlan:
+        """The plan of this layer's solves on (device, compute dtype): built once, then kept."""
+        key = (torch.device(device), dtype)
+        plan = self.solver_plans.get(key)
+        if plan is None:
+            plan = build_solver_plan(self.cell, key[0], dtype, self.newton, self.kernels, self.compile_requested)
+            self.solver_plans[key] = plan
+        return plan
 
     def reset_parameters(self) -> None:
         """Draw every parameter from its init spec with torch's global RNG (standalone use).
 
-        A model built by models.init.build_model is re-initialised there from (seed, global name).
+        A model built by models.build_model is re-initialised there from (seed, global name).
         """
         if self.w_in.is_meta:
             return
@@ -309,12 +321,12 @@ class _ParaRNN(nn.Module):
             x = tp_region_input(x, self.tp_group, self.sequence_parallel, self.tp_stats)
         u = self.input_projections(x)
         # The recurrence runs in fp32 (or fp64) even under bf16 autocast: Newton needs the precision.
-        compute_dtype = torch.float64 if u.dtype == torch.float64 else torch.float32
+        compute_dtype = recurrence_dtype(u.dtype)
         u = u.to(compute_dtype)
         params = [getattr(self, name).to(compute_dtype) for name in self.recurrent_names]
         if mode == "parallel":
-            states, self.last_newton_report = parallel_recurrence(self.cell, u, params, self.newton, self.kernels,
-                                                                  compiled=self.compiled)
+            plan = self.solver_plan(u.device, compute_dtype)
+            states, self.last_newton_report = parallel_recurrence(self.cell, u, params, self.newton, plan=plan)
         elif mode == "sequential":
             states = sequential_recurrence(self.cell, u, params)
         else:
@@ -361,27 +373,24 @@ class ParaLSTM(_ParaRNN):
                          compiled=compiled)
 
 
+def newton_options(cfg: ModelConfig) -> NewtonOptions:
+    """The Newton options of model.pararnn.*."""
+    p = cfg.pararnn
+    return NewtonOptions(iterations=p.newton_iterations, tol=p.newton_tol,
+                         max_iterations=p.newton_max_iterations, warn_residual=p.newton_warn_residual)
+
+
+def recurrence_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the recurrence runs in for inputs of `dtype`: fp32 (also under bf16 autocast), fp64 for fp64."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def _from_model_config(cfg: ModelConfig) -> dict:
     """Constructor arguments of a ParaRNN token mixer from model.* and model.pararnn.*."""
     p = cfg.pararnn
-    newton = NewtonOptions(iterations=p.newton_iterations, tol=p.newton_tol,
-                           max_iterations=p.newton_max_iterations, warn_residual=p.newton_warn_residual)
     output_std = cfg.output_init_std()
-    return {"state_size": p.state_size, "newton": newton, "output_init_std": output_std, "mode": p.mode,
-            "kernels": cfg.kernels, "compiled": p.compile}
-
-
-def _compile_or_fallback(kernels: KernelsConfig | None) -> bool:
-    """Whether the compiled solver can run; model.kernels.on_missing decides what a missing one does."""
-    ok, why = compile_available()
-    if ok:
-        return True
-    if kernels is not None and kernels.on_missing == "fail":
-        raise RuntimeError(f"model.pararnn.compile=true but torch.compile does not work here ({why}). Fix: set "
-                           "model.pararnn.compile=false, or model.kernels.on_missing=fallback to run eager")
-    warnings.warn(f"model.pararnn.compile=true but torch.compile does not work here ({why}); "
-                  "the ParaRNN solver runs eager (model.kernels.on_missing=fallback)", stacklevel=3)
-    return False
+    return {"state_size": p.state_size, "newton": newton_options(cfg), "output_init_std": output_std,
+            "mode": p.mode, "kernels": cfg.kernels, "compiled": p.compile}
 
 
 class ParaGRUMixer(ParaGRU):
@@ -396,3 +405,7 @@ class ParaLSTMMixer(ParaLSTM):
 
     def __init__(self, cfg: ModelConfig, par: ParallelContext | None = None):
         super().__init__(cfg.hidden_size, **_from_model_config(cfg), tp=resolve_context(par).tp)
+
+
+# The cell of each ParaRNN token mixer (the kernel report plans a solve for it without a layer).
+PARARNN_CELLS = {"pararnn_gru": GRUCell, "pararnn_lstm": LSTMCell}

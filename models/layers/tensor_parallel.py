@@ -1,7 +1,7 @@
 """Column- and row-parallel linear layers (Megatron-LM), and the gradient sync of TP-replicated params.
 
 Each sharded weight is a slice of the full weight a one-process model gets: the parameter carries
-`param.shard = (dim, index, count)` and models.init.materialize generates the FULL tensor from
+`shard = (dim, index, count)` in its metadata (parallel_state.params) and models.init.materialize generates the FULL tensor from
 (seed, global name) and copies this rank's slice. With tp = 1 both layers are ordinary linears.
 
     ColumnParallelLinear  W [out/tp, in]: y_r = x W_r^T        (output split over TP)
@@ -20,14 +20,13 @@ communicated even inside a multi-rank job; contrast the collectives, where None 
 Several Column layers reading the same input (q/k/v, gate/up) should share one input collective:
 `x_tp = first.prepare_input(x)` then `layer(x_tp, input_prepared=True)` for each.
 
-Parameters replicated over TP whose gradient is a partial sum under SP (norm gains, the Row
-bias) are marked `param.sequence_parallel = True` (a replicated GQA K/V projection with
-kv_heads < tp: `param.tp_partial_grad = True`); `allreduce_sequence_parallel_grads` sums their
-gradients over TP after backward so the replicas never drift.
+Parameters replicated over TP whose gradient is a partial sum (norm gains and the Row bias under
+SP, a replicated GQA K/V projection with kv_heads < tp) are marked `tp_partial_grad` in their
+metadata; the optimizer step (optim/step.py) sums their gradients over TP after backward so the
+replicas never drift.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
@@ -38,7 +37,6 @@ from torch import nn
 from models.init import ParamInit, zeros_init
 from parallel_state.collectives import (
     ResolvedGroup,
-    all_reduce_grads_coalesced,
     copy_to_tp_region,
     gather_from_sequence_parallel_region,
     gather_from_tp_region,
@@ -49,6 +47,7 @@ from parallel_state.collectives import (
 )
 from parallel_state.comm_stats import CommStats
 from parallel_state.groups import AxisGroup
+from parallel_state.params import mark_shard, set_param_meta
 from parallel_state.rng import RNGStreams
 
 
@@ -75,13 +74,6 @@ def tp_region_input(x: torch.Tensor, tp: AxisGroup | ResolvedGroup | None, seque
     if sequence_parallel:
         return gather_from_sequence_parallel_region(x, tp, stats, tensor_parallel_output_grad=True)
     return copy_to_tp_region(x, tp, stats)
-
-
-def mark_shard(param: nn.Parameter, dim: int, index: int, count: int) -> nn.Parameter:
-    """Record that `param` is slice `index` of `count` equal slices of the full tensor along `dim`."""
-    if count > 1:
-        param.shard = (dim, index, count)
-    return param
 
 
 @dataclass(frozen=True)
@@ -137,7 +129,7 @@ class TPContext:
         """Mark TP-replicated params that see only this rank's tokens under SP (norm gains)."""
         if self.sp:
             for p in params:
-                p.sequence_parallel = True
+                set_param_meta(p, tp_partial_grad=True)
 
 
 class _TPLinear(nn.Module):
@@ -223,7 +215,7 @@ class RowParallelLinear(_TPLinear):
         if bias:
             self.bias = nn.Parameter(torch.empty(out_features))
             # Under SP each rank adds the bias to its own tokens only: its gradient is partial.
-            self.bias.sequence_parallel = self.sequence_parallel
+            set_param_meta(self.bias, tp_partial_grad=self.sequence_parallel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.input_is_parallel:
@@ -239,34 +231,3 @@ class RowParallelLinear(_TPLinear):
         return (f"in={self.in_features} ({self.in_per_rank} per rank), out={self.out_features}, "
                 f"bias={self.bias is not None}, input_is_parallel={self.input_is_parallel}, "
                 f"sp={self.sequence_parallel}")
-
-
-# Markers of parameters replicated over TP whose per-rank gradient is only a partial sum:
-# `sequence_parallel` (norm gains and Row biases under SP: each rank sees its tokens only) and
-# `tp_partial_grad` (a replicated projection each rank uses only in part, e.g. the K/V projection
-# of GQA with kv_heads < tp, where each rank reads only the KV head its query heads need).
-TP_PARTIAL_GRAD_MARKERS = ("sequence_parallel", "tp_partial_grad")
-
-
-def sequence_parallel_params(params: Iterable[nn.Parameter]) -> list[nn.Parameter]:
-    """The parameters carrying a TP_PARTIAL_GRAD_MARKERS marker, whose grads must be summed over TP."""
-    return [p for p in params if any(getattr(p, m, False) for m in TP_PARTIAL_GRAD_MARKERS)]
-
-
-def allreduce_sequence_parallel_grads(params: Iterable[nn.Parameter], tp: AxisGroup | None,
-                                      stats: CommStats | None = None) -> None:
-    """Sum the grads of marked params over TP in one flat buffer (after backward, before clipping).
-
-    Every TP rank must call this with the same parameter list. A missing grad counts as zeros.
-    """
-    comm = resolve_tp(tp)
-    if comm.size > 1:
-        all_reduce_grads_coalesced(sequence_parallel_params(params), comm, stats)
-
-
-def is_tp_duplicate(param: nn.Parameter, tp_rank: int) -> bool:
-    """Whether `param` is a TP replica that another rank already counts (for a global grad norm).
-
-    Sharded params (with `shard`) are counted on every TP rank; replicated ones on TP rank 0 only.
-    """
-    return getattr(param, "shard", None) is None and tp_rank != 0

@@ -2,7 +2,7 @@
 
 The vocabulary is padded to a multiple of tp (times an optional alignment) and split into tp
 contiguous row ranges; rank r holds rows [r * V_p / tp, (r + 1) * V_p / tp) of the padded
-[V_p, hidden] matrix. Padding rows are zeros (param.unpadded tells models.init to generate only
+[V_p, hidden] matrix. Padding rows are zeros (the `unpadded` metadata tells models.init to generate only
 the real rows, so they equal the one-process model's), are never looked up, and their logits are
 masked out of the loss, so they neither change it nor receive gradient.
 
@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.init import ParamInit
-from models.layers.tensor_parallel import ColumnParallelLinear, mark_shard, resolve_tp
+from models.layers.tensor_parallel import ColumnParallelLinear, resolve_tp
 from parallel_state.collectives import (
     ResolvedGroup,
     all_reduce_max,
@@ -26,6 +26,7 @@ from parallel_state.collectives import (
 )
 from parallel_state.comm_stats import CommStats
 from parallel_state.groups import AxisGroup
+from parallel_state.params import mark_shard, set_param_meta
 
 IGNORE_INDEX = -100  # label of tokens without a loss (same as F.cross_entropy's default)
 # Global name of the embedding matrix; a tied head on a stage without the embedding seeds from it.
@@ -50,7 +51,7 @@ def vocab_range(padded_vocab: int, rank: int, tp: int) -> tuple[int, int]:
 
 def _mark_padding(param: nn.Parameter, vocab_size: int, padded: int) -> None:
     if padded != vocab_size:
-        param.unpadded = (0, vocab_size)
+        set_param_meta(param, unpadded=(0, vocab_size))
 
 
 class VocabParallelEmbedding(nn.Module):

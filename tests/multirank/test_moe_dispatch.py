@@ -22,6 +22,7 @@ from moe import AuxLossScale, MoEConfig, MoEContext, MoELayer
 from moe.layer import update_aux_free_biases
 from parallel_state.comm_stats import CommStats
 from parallel_state.groups import init
+from parallel_state.params import param_meta
 from parallel_state.topology import Topology
 
 pytestmark = pytest.mark.xdist_group("rank_pool")
@@ -90,9 +91,9 @@ def run_rank(topo_kwargs: dict, cfg_kwargs: dict, sp: bool, forward_only: bool =
                "ep_ranks": ps.ep.ranks, "etp_ranks": ps.etp.ranks, "etp_ep_ranks": ps.etp_ep.ranks}
         if not forward_only:
             (y * local_slice(g_full, ps.topology, ps.rank, sp)).sum().backward()
-            out["router_marked"] = all(getattr(p, "tp_partial_grad", False) for p in layer.router.parameters())
+            out["router_marked"] = all(param_meta(p).tp_partial_grad for p in layer.router.parameters())
             out["x_grad"] = x.grad
-            out["grads"] = {n: (getattr(p, "shard", None), p.grad) for n, p in layer.named_parameters()}
+            out["grads"] = {n: (param_meta(p).shard, p.grad) for n, p in layer.named_parameters()}
         return out
     finally:
         ps.destroy()

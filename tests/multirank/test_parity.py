@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from parallel_state.params import param_meta
 from tests.conftest import tiny_overrides
 from trainer.config import compose
 from trainer.distributed import RuntimeEnv
@@ -50,8 +51,8 @@ def train_and_capture(overrides: list[str], env: RuntimeEnv | None = None) -> di
 
     trainer.optimizer.step = capturing_step
     metrics = [trainer.train_step() for _ in range(STEPS)]
-    shards = {name: getattr(p, "shard", None) for name, p in params.items()}
-    padded = {name: p.unpadded for name, p in params.items() if hasattr(p, "unpadded")}
+    shards = {name: param_meta(p).shard for name, p in params.items()}
+    padded = {name: param_meta(p).unpadded for name, p in params.items() if param_meta(p).unpadded}
     ps = trainer.ps
     return {"losses": [m["loss"] for m in metrics], "grad_norms": [m["grad_norm"] for m in metrics], "grads": grads, "shards": shards, "padded": padded,
             "tp": (ps.tp.rank, ps.tp.size), "dp": (ps.dp.rank, ps.dp.size), "cp": (ps.cp.rank, ps.cp.size),

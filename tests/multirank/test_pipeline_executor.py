@@ -16,8 +16,8 @@ import torch
 from parallel_state.comm_stats import CommStats
 from parallel_state.groups import AxisGroup, init
 from parallel_state.topology import Topology
-from trainer.pipeline_executor import forward_backward_pipelining, split_layers
-from trainer.schedules import pipeline_orders
+from trainer.pipeline.executor import forward_backward_pipelining
+from trainer.pipeline.orders import pipeline_orders, split_layers
 
 pytestmark = pytest.mark.xdist_group("rank_pool")
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from parallel_state.params import param_meta
 from tests.conftest import tiny_overrides
 from trainer.config import compose
 from trainer.distributed import RuntimeEnv
@@ -71,7 +72,7 @@ def replicated_params_after_training(overrides: list[str]) -> dict:
     for _ in range(3):
         trainer.train_step()
     return {name: p.detach().clone() for name, p in trainer.model.named_parameters()
-            if getattr(p, "shard", None) is None}
+            if param_meta(p).shard is None}
 
 
 @pytest.mark.parametrize("sp", [False, True], ids=["nosp", "sp"])

@@ -25,10 +25,7 @@ from models.layers.tensor_parallel import (
     ColumnParallelLinear,
     RowParallelLinear,
     TPContext,
-    allreduce_sequence_parallel_grads,
     divide_exactly,
-    is_tp_duplicate,
-    sequence_parallel_params,
 )
 from models.layers.vocab_parallel import (
     IGNORE_INDEX,
@@ -38,6 +35,7 @@ from models.layers.vocab_parallel import (
     vocab_parallel_cross_entropy,
     vocab_range,
 )
+from optim.step import allreduce_tp_partial_grads
 from parallel_state.collectives import (
     gather_from_sequence_parallel_region,
     resolve_group,
@@ -45,6 +43,7 @@ from parallel_state.collectives import (
 )
 from parallel_state.comm_stats import CommStats
 from parallel_state.groups import init
+from parallel_state.params import is_tp_duplicate, param_meta, set_param_meta, tp_partial_grad_params
 from parallel_state.topology import Topology
 
 pytestmark = pytest.mark.xdist_group("rank_pool")
@@ -84,7 +83,8 @@ class TPAttention(nn.Module):
         self.wk = ColumnParallelLinear(hidden, kv_width, kv_tp, init=normal_init(std))
         self.wv = ColumnParallelLinear(hidden, kv_width, kv_tp, init=normal_init(std))
         if self.kv_select is not None:
-            self.wk.weight.tp_partial_grad = self.wv.weight.tp_partial_grad = True
+            for weight in (self.wk.weight, self.wv.weight):
+                set_param_meta(weight, tp_partial_grad=True)
         self.wo = RowParallelLinear(cfg.num_heads * cfg.head_dim, hidden, tp, init=normal_init(out_std),
                                     sequence_parallel=sp, stats=stats)
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
@@ -175,11 +175,11 @@ def block_on_rank(num_kv_heads: int, sp: bool) -> dict:
     out.backward(g)
     backward_bytes = dict(stats.bytes_sent)
     stats.reset()
-    allreduce_sequence_parallel_grads(block.parameters(), ps.tp, stats)
+    allreduce_tp_partial_grads(block.parameters(), ps.tp, stats)
     sync_bytes = dict(stats.bytes_sent)
-    synced_numel = sum(p.numel() for p in sequence_parallel_params(block.parameters()))
+    synced_numel = sum(p.numel() for p in tp_partial_grad_params(block.parameters()))
     grads = {name: p.grad.clone() for name, p in block.named_parameters()}
-    shards = {name: getattr(p, "shard", None) for name, p in block.named_parameters()}
+    shards = {name: param_meta(p).shard for name, p in block.named_parameters()}
     duplicates = [name for name, p in block.named_parameters() if is_tp_duplicate(p, ps.tp.rank)]
     # Global grad norm: each rank sums the squares of what it owns, one all-reduce over TP.
     owned_sq = sum(p.grad.double().square().sum() for p in block.parameters() if not is_tp_duplicate(p, ps.tp.rank))
@@ -302,11 +302,11 @@ def bias_mlp_on_rank(sp: bool, gathered: bool) -> dict:
     x.requires_grad_()
     out = model(x)
     out.backward(g)
-    allreduce_sequence_parallel_grads(model.parameters(), ps.tp)
+    allreduce_tp_partial_grads(model.parameters(), ps.tp)
     ps.destroy()
     return {"out": out.detach(), "x_grad": x.grad, "grads": {k: p.grad for k, p in model.named_parameters()},
-            "shards": {k: getattr(p, "shard", None) for k, p in model.named_parameters()},
-            "sp_marked": [k for k, p in model.named_parameters() if getattr(p, "sequence_parallel", False)]}
+            "shards": {k: param_meta(p).shard for k, p in model.named_parameters()},
+            "sp_marked": [k for k, p in model.named_parameters() if param_meta(p).tp_partial_grad]}
 
 
 @pytest.mark.parametrize("n", [2, 4])
@@ -477,7 +477,7 @@ def test_one_rank_layers_are_plain_and_padding_is_masked():
     row = RowParallelLinear(4, 6, None, init=normal_init(1.0), bias=True, input_is_parallel=False, stats=stats)
     for layer in (column, row):
         materialize(layer, SEED)
-        assert getattr(layer.weight, "shard", None) is None
+        assert param_meta(layer.weight).shard is None
         x = torch.randn(2, 3, layer.in_features)
         torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))
     assert not stats.bytes_sent

@@ -17,15 +17,13 @@ from models.config import GLAConfig, ModelConfig, ParaRNNConfig
 from models.init import materialize
 from models.layers.gla import GatedLinearAttention
 from models.layers.pararnn import ParaGRUMixer, ParaLSTMMixer
-from models.layers.tensor_parallel import (
-    TPContext,
-    allreduce_sequence_parallel_grads,
-    sequence_parallel_params,
-)
+from models.layers.tensor_parallel import TPContext
 from models.parallel_context import ParallelContext
+from optim.step import allreduce_tp_partial_grads
 from parallel_state.collectives import ResolvedGroup
 from parallel_state.comm_stats import CommStats
 from parallel_state.groups import init
+from parallel_state.params import param_meta, tp_partial_grad_params
 from parallel_state.topology import Topology
 
 pytestmark = pytest.mark.xdist_group("rank_pool")
@@ -82,12 +80,12 @@ def mixer_on_rank(kind: str, sp: bool, mode: str) -> dict:
     stats.reset()
     out.backward(g)
     backward_bytes = dict(stats.bytes_sent)
-    allreduce_sequence_parallel_grads(mixer.parameters(), ps.tp)
+    allreduce_tp_partial_grads(mixer.parameters(), ps.tp)
     ps.destroy()
     return {"init": init_params, "out": out.detach(), "x_grad": x.grad,
             "grads": {name: p.grad.clone() for name, p in mixer.named_parameters()},
-            "shards": {name: getattr(p, "shard", None) for name, p in mixer.named_parameters()},
-            "synced": [name for name, p in mixer.named_parameters() if sequence_parallel_params([p])],
+            "shards": {name: param_meta(p).shard for name, p in mixer.named_parameters()},
+            "synced": [name for name, p in mixer.named_parameters() if tp_partial_grad_params([p])],
             "buffers": {name: b.clone() for name, b in mixer.named_buffers()},
             "forward": forward_bytes, "backward": backward_bytes, "flops": mixer.flops_per_token(T)}
 
@@ -163,12 +161,12 @@ def test_shard_shapes_and_markers():
         lstm = ParaLSTMMixer(mixer_cfg(), ParallelContext(tp=fake_tp(4, 3)))
     assert (gla.num_heads, gla.heads_per_rank) == (4, 1)
     assert gla.q_proj.weight.shape == (4, HIDDEN) and gla.o_proj.weight.shape == (HIDDEN, 8)
-    assert gla.g_norm_weight.shape == (1, 8) and gla.g_norm_weight.shard == (0, 3, 4)
-    assert gla.gk_proj[0].weight.shape == (16, HIDDEN) and gla.gk_proj[0].weight.tp_partial_grad
-    assert gla.gk_proj[1].bias.shard == (0, 3, 4)
+    assert gla.g_norm_weight.shape == (1, 8) and param_meta(gla.g_norm_weight).shard == (0, 3, 4)
+    assert gla.gk_proj[0].weight.shape == (16, HIDDEN) and param_meta(gla.gk_proj[0].weight).tp_partial_grad
+    assert param_meta(gla.gk_proj[1].bias).shard == (0, 3, 4)
     assert (lstm.state_size, lstm.state_per_rank) == (24, 6)
-    assert lstm.w_in.shape == (3, 6, HIDDEN) and lstm.w_in.shard == (1, 3, 4)
-    assert lstm.peephole.shard == (1, 3, 4) and lstm.w_out.weight.shard == (1, 3, 4)
+    assert lstm.w_in.shape == (3, 6, HIDDEN) and param_meta(lstm.w_in).shard == (1, 3, 4)
+    assert param_meta(lstm.peephole).shard == (1, 3, 4) and param_meta(lstm.w_out.weight).shard == (1, 3, 4)
 
 
 @pytest.mark.parametrize("kind,overrides,match", [

@@ -141,6 +141,12 @@ BAD_CONFIGS = [
      "model.pararnn.newton_iterations", "must be at least 1", "use 3"),
     (["model.token_mixers=[gla]", "model.gla.num_heads=3"], 1, "model.gla.expand_k",
      "not divisible by the 3 GLA heads", "model.gla.num_heads"),
+    # A MoE model's dense layers (first_k_dense_layers) and shared experts are split over TP too.
+    (["model.channel_mixers=[moe]", "model.moe.first_k_dense_layers=1", "model.ffn_hidden_size=33",
+      "parallel.tp=2"], 2, "model.ffn_hidden_size", "the MLP inner width (the dense layers of the MoE model)",
+     "multiple of 2"),
+    (["model.channel_mixers=[moe]", "model.moe.num_shared_experts=1", "model.moe.shared_ffn_hidden_size=33",
+      "parallel.tp=2"], 2, "model.moe.shared_ffn_hidden_size", "not divisible by parallel.tp=2", "multiple of 2"),
 ]
 
 

@@ -9,8 +9,9 @@ import torch.nn.functional as F
 
 from kernels.dispatch import BACKEND_ENV, KernelBackendWarning, KernelsConfig, select_backend
 from kernels.gla import chunk_gla, chunk_gla_torch, fused_recurrent_gla, naive_recurrent_gla
+from models import build_model
 from models.config import GLAConfig, ModelConfig
-from models.init import build_model, collect_init_specs
+from models.init import collect_init_specs
 from models.layers.gla import GatedLinearAttention
 
 SEQ_LENS = (1, 63, 64, 65, 200)

@@ -1,12 +1,18 @@
 """The start-up kernel line names what really runs (checked against the calls a forward makes)."""
 from __future__ import annotations
 
+import warnings
+
+import pytest
 import torch
 
 import kernels.pararnn as pararnn_kernels
 import trainer.kernel_report as report
+from kernels import pararnn_cpu
+from kernels.dispatch import KernelBackendWarning
 from kernels.fast_paths import FastPaths
 from models.layers.pararnn import ParaGRUMixer
+from models.mixers import MIXERS
 from trainer.config import compose
 
 CPU = torch.device("cpu")
@@ -48,9 +54,27 @@ def test_adaptive_newton_reports_torch_forward_and_fused_adjoint(monkeypatch):
 
 
 def test_pararnn_says_why_the_fused_solver_is_missing(monkeypatch):
-    monkeypatch.setattr(report, "fused_solver_available", lambda dtype: (False, "cc: not found"))
+    monkeypatch.setattr(pararnn_cpu, "fused_solver_available", lambda dtype: (False, "cc: not found"))
     text = report.kernel_plan(model_cfg(), CPU, "fp32")["pararnn"]
     assert text == "torch passes + torch scan (fused C solver unavailable: cc: not found)"
+
+
+@pytest.mark.parametrize("fused_missing", [False, True])
+@pytest.mark.parametrize("overrides", [(), ("model.pararnn.newton_tol=1e-5",),
+                                       ("model.token_mixers=[pararnn_lstm]",)])
+def test_pararnn_line_describes_the_plan_the_layer_builds(monkeypatch, overrides, fused_missing):
+    """One source of truth: the line is the description of the plan a layer's first forward builds."""
+    if fused_missing:
+        monkeypatch.setattr(pararnn_cpu, "fused_solver_available", lambda dtype: (False, "cc: not found"))
+    cfg = model_cfg(*overrides)
+    layer = MIXERS[cfg.token_mixers[0]].cls(cfg)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        layer(torch.randn(1, 4, cfg.hidden_size))
+    assert any(issubclass(w.category, KernelBackendWarning) for w in caught) == fused_missing
+    (plan,) = layer.solver_plans.values()
+    assert report.kernel_plan(cfg, CPU, "fp32")["pararnn"] == plan.describe()
+    assert (plan.backward == "fused_c") != fused_missing
 
 
 def test_plan_lists_only_the_ops_the_model_has():

@@ -20,9 +20,10 @@ from models import (
     materialize,
     stable_param_seed,
 )
-from models.block import CHANNEL_MIXER_CLASSES, TOKEN_MIXER_CLASSES
 from models.init import generate_full_tensor, normal_init
 from models.layers.rope import RotaryEmbedding, apply_rotary
+from models.mixers import CHANNEL_MIXER_CLASSES, TOKEN_MIXER_CLASSES
+from parallel_state.params import mark_shard, param_meta
 
 VOCAB = 61
 SEED = 1234
@@ -297,7 +298,7 @@ class ShardedLinear(nn.Module):
         shape = list(full_shape)
         shape[dim] //= count
         self.weight = nn.Parameter(torch.empty(shape, device="meta"))
-        self.weight.shard = (dim, index, count)
+        mark_shard(self.weight, dim, index, count)
 
     def init_specs(self):
         return {"weight": normal_init(0.02)}
@@ -311,7 +312,7 @@ def test_sharded_parameter_gets_its_slice_of_the_full_tensor(dim):
         holder = nn.Module()
         holder.proj = ShardedLinear(full_shape, dim, index, count)
         materialize(holder, SEED)
-        assert holder.proj.weight.shard == (dim, index, count)
+        assert param_meta(holder.proj.weight).shard == (dim, index, count)
         assert torch.equal(holder.proj.weight, full.chunk(count, dim)[index])
 
 

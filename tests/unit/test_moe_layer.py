@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from models.init import materialize
 from moe import AuxLossScale, MoEConfig, MoEContext, MoELayer
+from parallel_state.params import param_meta
 
 HIDDEN, BATCH, SEQ = 16, 2, 6
 
@@ -98,7 +99,7 @@ def dense_reference(layer: MoELayer, x: torch.Tensor, scale: float) -> tuple[tor
         probs = s / s.sum(-1, keepdim=True)
     # f_e counts each token's plain top-k of the unbiased scores over all experts, whatever the
     # aux-free bias and the group limit made the token compute.
-    chosen = [sorted(range(num_experts), key=lambda e, t=t: -float(probs[t, e]))[:k] for t in range(n)]
+    chosen = [sorted(range(num_experts), key=lambda e, t=t: -float(probs[t, e].detach()))[:k] for t in range(n)]
 
     def balance(token_ids):
         f = [sum(chosen[t].count(e) for t in token_ids) / (len(token_ids) * k) for e in range(num_experts)]
@@ -180,10 +181,10 @@ def test_layer_matches_dense_reference(name):
 
 def test_expert_params_are_marked_and_named_by_global_id():
     layer = build_layer(MoEConfig(num_experts=4, topk=2, ffn_hidden_size=8, num_shared_experts=1))
-    expert_names = {n for n, p in layer.named_parameters() if getattr(p, "expert", False)}
+    expert_names = {n for n, p in layer.named_parameters() if param_meta(p).expert}
     assert expert_names == {f"experts.{w}.{e}" for w in ("w1", "w2", "w3") for e in range(4)}
-    assert not getattr(layer.router.weight, "expert", False)
-    assert not getattr(layer.shared.w1, "expert", False)
+    assert not param_meta(layer.router.weight).expert
+    assert not param_meta(layer.shared.w1).expert
 
 
 def test_zero_tokens_and_unused_experts():

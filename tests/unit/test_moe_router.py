@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from moe.config import MoEConfig
+from moe.config import MoEConfig, check
 from moe.router import (
     Router,
     apply_capacity,
@@ -18,6 +18,7 @@ from moe.router import (
     switch_aux_sum,
     z_loss_sum,
 )
+from parallel_state import ConfigError, Topology
 
 
 def identity_router(**overrides) -> Router:
@@ -205,13 +206,22 @@ def test_load_imbalance():
     ({"dispatcher": "ring"}, "dispatcher"),
     ({"router": "blockffn", "aux_loss_coeff": 0.01}, "aux_loss_coeff"),
 ])
-def test_validate_names_field_value_and_fix(overrides, field):
-    with pytest.raises(ValueError, match=rf"model\.moe\.{field}=.*Fix: "):
-        MoEConfig(**{"num_experts": 8, "topk": 2, **overrides}).validate(ep=4)
+def test_check_names_field_value_and_fix(overrides, field):
+    with pytest.raises(ConfigError, match=rf"model\.moe\.{field}=.*Fix: "):
+        check(MoEConfig(**{"num_experts": 8, "topk": 2, **overrides}), Topology(8, ep=4))
 
 
-def test_validate_accepts_a_good_config_and_placement_rule():
+def test_check_shared_experts_and_token_split_over_tp():
+    with pytest.raises(ConfigError, match=r"model\.moe\.shared_ffn_hidden_size=3: gives shared experts of "
+                                          r"width 2 x 3 = 6, not divisible by parallel\.tp=4"):
+        check(MoEConfig(num_shared_experts=2, shared_ffn_hidden_size=3), Topology(4, tp=4))
+    with pytest.raises(ConfigError, match=r"data\.micro_batch_size=1: a microbatch's 6 tokens per CP rank"):
+        check(MoEConfig(), Topology(4, tp=4), sequence_parallel=False, micro_batch_size=1, seq_len=6)
+    check(MoEConfig(), Topology(4, tp=4), sequence_parallel=True, micro_batch_size=1, seq_len=6)
+
+
+def test_check_accepts_a_good_config_and_placement_rule():
     cfg = MoEConfig(num_experts=8, topk=2, score_function="sigmoid", n_group=4, topk_group=2,
                     aux_free_bias_rate=0.001, capacity_factor=1.25, first_k_dense_layers=1, moe_layer_freq=2)
-    cfg.validate(ep=4, etp=2)
+    check(cfg, Topology(8, tp=2, ep=4, etp=2))
     assert [i for i in range(6) if cfg.is_moe_layer(i)] == [1, 3, 5]

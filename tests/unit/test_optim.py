@@ -15,10 +15,12 @@ from optim import (
     OptimConfig,
     build_optimizer,
     build_param_groups,
+    check,
     clip_grad_norm_,
     lr_at,
     resolved_decay_steps,
 )
+from parallel_state.errors import ConfigError
 
 
 class TinyModel(nn.Module):
@@ -150,8 +152,8 @@ def test_fused_flag_reaches_adamw_and_matches_unfused_steps():
 
 
 def test_unknown_optimizer_name_error():
-    with pytest.raises(ValueError, match=r"optim\.name='sgdd'.*adamw"):
-        build_optimizer(TinyModel().named_parameters(), OptimConfig(name="sgdd"))
+    with pytest.raises(ConfigError, match=r"optim\.name='sgdd'.*adamw"):
+        check(OptimConfig(name="sgdd"), max_steps=10)
 
 
 def test_config_is_omegaconf_structured():
@@ -263,13 +265,13 @@ def test_scheduler_sets_groups_with_lr_mult():
 
 
 def test_schedule_config_errors_name_the_field():
-    with pytest.raises(ValueError, match=r"optim\.schedule\.name='exp'"):
-        lr_at(0, LR, LRScheduleConfig(name="exp"), MAX)
-    with pytest.raises(ValueError, match=r"optim\.schedule\.wsd_decay_shape='cubic'"):
-        lr_at(0, LR, LRScheduleConfig(name="wsd", wsd_decay_shape="cubic"), MAX)
-    opt = torch.optim.AdamW([nn.Parameter(torch.zeros(1))])
-    with pytest.raises(ValueError, match=r"optim\.schedule\.warmup_steps=200 exceeds max_steps=110"):
-        LRScheduler(opt, LR, LRScheduleConfig(warmup_steps=200), MAX)
+    with pytest.raises(ConfigError, match=r"optim\.schedule\.name='exp'"):
+        check(OptimConfig(schedule=LRScheduleConfig(name="exp")), MAX)
+    with pytest.raises(ConfigError, match=r"optim\.schedule\.wsd_decay_shape='cubic'"):
+        check(OptimConfig(schedule=LRScheduleConfig(name="wsd", wsd_decay_shape="cubic")), MAX)
+    with pytest.raises(ConfigError, match=r"optim\.schedule\.warmup_steps=200: must be smaller than "
+                                          r"trainer\.max_steps=110"):
+        check(OptimConfig(schedule=LRScheduleConfig(warmup_steps=200)), MAX)
 
 
 # ----------------------------------------------------------------------------------------- clipping

@@ -5,6 +5,7 @@ with plain autograd) and torch.func Jacobians of one cell step, in float64.
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import warnings
@@ -12,6 +13,8 @@ import warnings
 import pytest
 import torch
 
+from kernels import pararnn_cpu
+from kernels.dispatch import KernelBackendWarning, KernelsConfig
 from kernels.pararnn import (
     NewtonNotConvergedWarning,
     NewtonOptions,
@@ -26,6 +29,7 @@ from kernels.pararnn import (
     parallel_recurrence,
     sequential_recurrence,
 )
+from kernels.pararnn_plan import SolverPlan, build_solver_plan, plan_solver
 from models.layers.pararnn import GRUCell, LSTMCell, ParaGRU, ParaLSTM
 
 F64 = torch.float64
@@ -371,8 +375,8 @@ def test_init_follows_specs():
 
 @pytest.mark.parametrize("mixer", ["pararnn_gru", "pararnn_lstm"])
 def test_model_with_pararnn_mixers_builds_and_trains_a_step(mixer):
+    from models import build_model
     from models.config import ModelConfig
-    from models.init import build_model
 
     cfg = ModelConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4,
                       token_mixers=[mixer, "attention"])
@@ -410,8 +414,8 @@ def test_layer_runs_under_bf16_autocast_with_fp32_recurrence():
 
 
 def test_model_parallel_and_sequential_modes_give_the_same_loss_and_gradients():
+    from models import build_model
     from models.config import ModelConfig, ParaRNNConfig
-    from models.init import build_model
 
     def loss_and_grads(mode: str):
         cfg = ModelConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4,
@@ -430,28 +434,109 @@ def test_model_parallel_and_sequential_modes_give_the_same_loss_and_gradients():
         torch.testing.assert_close(grads_par[name], grads_seq[name], rtol=1e-5, atol=1e-5, msg=name)
 
 
-def test_compile_flag_reaches_the_solver_and_missing_compile_follows_on_missing(monkeypatch):
-    """model.pararnn.compile is handed to the solver; without a working torch.compile the layer warns
-    and runs eager (on_missing=fallback) or refuses (on_missing=fail), never silently."""
+def test_compile_flag_reaches_the_solver_plan_and_missing_compile_follows_on_missing(monkeypatch):
+    """model.pararnn.compile reaches the layer's solver plan; without a working torch.compile the plan
+    runs eager with a warning (on_missing=fallback) or is refused (on_missing=fail), never silently."""
+    import kernels.pararnn_plan as plan_module
     import models.layers.pararnn as layer_module
     from kernels.dispatch import KernelsConfig
 
     seen = []
     real = layer_module.parallel_recurrence
 
-    def spy(*args, compiled=False, **kwargs):
-        seen.append(compiled)
-        return real(*args, compiled=False, **kwargs)
+    def spy(*args, plan, **kwargs):
+        seen.append(plan.forward)
+        # Run eager: the compiled passes have their own test; here only the decision matters.
+        return real(*args, plan=dataclasses.replace(plan, forward="eager"), **kwargs)
 
     monkeypatch.setattr(layer_module, "parallel_recurrence", spy)
-    monkeypatch.setattr(layer_module, "compile_available", lambda: (True, ""))
-    ParaGRU(8, compiled=True)(torch.randn(1, 5, 8))
-    assert seen == [True]
+    monkeypatch.setattr(plan_module, "compile_available", lambda: (True, ""))
+    torch_passes = KernelsConfig(backend="torch")  # where the fused C kernels run, the flag has no effect
+    ParaGRU(8, compiled=True, kernels=torch_passes)(torch.randn(1, 5, 8))
+    assert seen == ["compiled"]
 
-    monkeypatch.setattr(layer_module, "compile_available", lambda: (False, "no C++ compiler"))
+    monkeypatch.setattr(plan_module, "compile_available", lambda: (False, "no C++ compiler"))
+    layer = ParaGRU(8, compiled=True, kernels=KernelsConfig(backend="torch", on_missing="fallback"))
     with pytest.warns(UserWarning, match="runs eager"):
-        layer = ParaGRU(8, compiled=True, kernels=KernelsConfig(on_missing="fallback"))
-    layer(torch.randn(1, 5, 8))
-    assert seen == [True, False]
+        layer(torch.randn(1, 5, 8))
+    assert seen == ["compiled", "eager"]
+    layer = ParaGRU(8, compiled=True, kernels=KernelsConfig(on_missing="fail"))
     with pytest.raises(RuntimeError, match="model.pararnn.compile=true.*no C\\+\\+ compiler"):
-        ParaGRU(8, compiled=True, kernels=KernelsConfig(on_missing="fail"))
+        layer(torch.randn(1, 5, 8))
+
+
+# ---------------------------------------------------------------------------------------- solver plan
+
+
+def _plan(cell=None, device="cpu", dtype=torch.float32, options=None, **kernels):
+    return plan_solver(cell or GRUCell(), device, dtype, options or NewtonOptions(),
+                       KernelsConfig(**kernels) if kernels else None)
+
+
+def test_plan_names_what_runs(monkeypatch):
+    monkeypatch.setattr(pararnn_cpu, "fused_solver_available", lambda dtype: (True, ""))
+
+    def parts(plan: SolverPlan) -> tuple[str, str, str]:
+        return plan.forward, plan.scan, plan.backward
+
+    assert parts(_plan()) == ("fused_c", "torch", "fused_c")
+    assert parts(_plan(LSTMCell(), dtype=F64)) == ("fused_c", "torch", "fused_c")
+    # The C solve runs a fixed number of updates: adaptive mode (and 0 updates) keep the torch passes.
+    assert parts(_plan(options=NewtonOptions(tol=1e-6))) == ("eager", "torch", "fused_c")
+    assert parts(_plan(options=NewtonOptions(iterations=0))) == ("eager", "torch", "fused_c")
+    assert parts(_plan(backend="torch")) == ("eager", "torch", "torch")
+    assert parts(_plan(dtype=torch.bfloat16)) == ("eager", "torch", "torch")
+    assert parts(_plan(device="meta")) == ("eager", "torch", "torch")
+
+    class ScaledGRU(GRUCell):
+        """A subclass may change f: it does not inherit the kernel."""
+
+    assert parts(_plan(ScaledGRU())) == ("eager", "torch", "torch")
+
+
+def test_plan_records_missing_fast_paths_and_the_build_reports_them(monkeypatch):
+    monkeypatch.setattr(pararnn_cpu, "fused_solver_available", lambda dtype: (False, "no C compiler: 'cc'"))
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # plan_solver itself is pure
+        plan = _plan()
+        triton_plan = _plan(backend="triton")
+    assert (plan.forward, plan.backward, plan.fused_unavailable) == ("eager", "torch", "no C compiler: 'cc'")
+    assert plan.describe() == "torch passes + torch scan (fused C solver unavailable: no C compiler: 'cc')"
+    assert triton_plan.scan == "torch" and triton_plan.triton_unavailable
+    with pytest.warns(KernelBackendWarning, match="fused CPU Newton solver is unavailable"):
+        assert build_solver_plan(GRUCell(), "cpu", torch.float32) == plan
+    with pytest.raises(RuntimeError, match="on_missing=fail"):
+        build_solver_plan(GRUCell(), "cpu", torch.float32, kernels=KernelsConfig(on_missing="fail"))
+    with pytest.warns(KernelBackendWarning, match="pararnn_scan: Triton backend requested"):
+        build_solver_plan(GRUCell(), "cpu", torch.float32, kernels=KernelsConfig(backend="triton"))
+    with pytest.raises(RuntimeError, match="Triton backend requested"):
+        build_solver_plan(GRUCell(), "cpu", torch.float32, kernels=KernelsConfig(backend="triton", on_missing="fail"))
+
+
+def test_plan_refuses_inconsistent_parts():
+    with pytest.raises(ValueError, match="forward='fast'"):
+        SolverPlan(forward="fast")
+    with pytest.raises(ValueError, match="fused_c forward needs the fused_c backward"):
+        SolverPlan(forward="fused_c", backward="torch")
+
+
+def test_layer_decides_once_and_every_solve_runs_its_plan(monkeypatch):
+    """The backends are chosen once per (device, dtype) on the first forward; later forwards and the
+    backward ask nothing again, and the plan reaches the solver unchanged."""
+    import kernels.pararnn as pararnn_module
+    decisions, solves = [], []
+    real_status, real_solve = pararnn_cpu.fused_solver_status, pararnn_module.newton_solve
+    monkeypatch.setattr(pararnn_cpu, "fused_solver_status",
+                        lambda *a, **k: decisions.append(1) or real_status(*a, **k))
+    monkeypatch.setattr(pararnn_module, "newton_solve",
+                        lambda *a, plan=None, **k: solves.append(plan) or real_solve(*a, plan=plan, **k))
+    layer = ParaLSTM(8, state_size=6)
+    for _ in range(3):
+        layer(torch.randn(2, 5, 8)).sum().backward()
+    assert len(decisions) == 1 and len(layer.solver_plans) == 1
+    (plan,) = layer.solver_plans.values()
+    assert solves == [plan] * 3
+    layer.double()(torch.randn(1, 4, 8, dtype=F64))  # another compute dtype: its own plan
+    assert len(decisions) == 2 and set(layer.solver_plans) == {(torch.device("cpu"), torch.float32),
+                                                                (torch.device("cpu"), F64)}

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from trainer.schedules import (
+from trainer.pipeline.orders import (
     check_interleaved,
     interleaved_1f1b_order,
     one_f_one_b_order,

@@ -47,7 +47,7 @@ def test_loss_is_sum_over_global_batch_tokens_not_mean_of_microbatch_means(tmp_p
         losses.append(t.train_step()["loss"])
         mbs = t.data.train_microbatches(0)
         n = sum(mb["loss_mask"].sum() for mb in mbs)
-        with t.grad_reducer.no_sync():  # one process: nothing to reduce, accumulate only
+        with t.optim_step.no_sync():  # one process: nothing to reduce, accumulate only
             for mb in mbs:
                 (t._loss_sum(mb) / n).backward()
         grads.append(torch.cat([p.grad.flatten() for p in t.model.parameters()]))

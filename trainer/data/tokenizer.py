@@ -10,6 +10,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from parallel_state.errors import ConfigError
 from trainer.data.config import DEFAULT_EOD_TOKEN
 
 SHAKESPEARE_BPE = "shakespeare_bpe"
@@ -17,18 +18,6 @@ GPT2 = "gpt2"
 NAMED_TOKENIZERS = (SHAKESPEARE_BPE, GPT2)
 SHAKESPEARE_BPE_ASSET = "shakespeare_bpe_4k.json"
 SHAKESPEARE_BPE_VOCAB_SIZE = 4096
-
-
-class TokenizerError(ValueError):
-    """A data.tokenizer / data.eod_token that cannot work: the field, the value, the problem and the fix
-    (the same one-line form as the trainer's config errors, so callers can re-raise it as one)."""
-
-    def __init__(self, field: str, value: object, problem: str, fix: str):
-        self.field, self.value, self.problem, self.fix = field, value, problem, fix
-        super().__init__(f"{field}={value!r}: {problem}. Fix: {fix}")
-
-    def __reduce__(self):  # pickles with its fields (e.g. back from a worker process)
-        return (type(self), (self.field, self.value, self.problem, self.fix))
 
 
 class TextTokenizer:
@@ -44,7 +33,7 @@ class TextTokenizer:
         if eos_id is None and eod_token is not None:
             special = sorted(t.content for t in tokenizer.get_added_tokens_decoder().values() if t.special)
             has = f"its special tokens are {special[:8]}" if special else "it has no special tokens"
-            raise TokenizerError(
+            raise ConfigError(
                 "data.eod_token", eod_token,
                 f"not a token of data.tokenizer={name!r}, and documents are separated by it",
                 f"set data.eod_token to the tokenizer's end-of-document token ({has}), "

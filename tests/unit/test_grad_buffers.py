@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from models import ModelConfig, build_model
-from trainer.grad_reducer import BucketedGradReducer, assign_buckets
+from optim.grad_buffers import BucketedGradReducer, assign_buckets
+from parallel_state.params import set_param_meta
 
 
 def test_assign_buckets_fills_in_order_and_closes_at_capacity():
@@ -77,7 +78,7 @@ def test_buckets_hold_each_trainable_dense_param_once_in_backward_order():
     model = tiny_model(tied=True)
     params = list(model.parameters())
     model.norm.weight.requires_grad_(False)
-    params[1].expert = True  # the first block's first parameter, as if it were an expert weight
+    set_param_meta(params[1], expert=True)  # the first block's first parameter, as if it were an expert weight
     reducer = BucketedGradReducer(params + [model.output.weight], group=None, bucket_size_mb=0.01)
     held = [p for b in reducer.buckets for p in b.params]
     expected = [p for p in params if p.requires_grad and p is not params[1]][::-1]

@@ -2,7 +2,7 @@
 
 Each rank trains the same tiny model on its own data, 2 microbatches per step, loss normalised by
 the global token count (the loss contract). The reduced gradients must equal (fp32, rel 1e-6)
-the plain post-backward flat all-reduce of trainer/grad_sync.py on the same rank and the sum the
+the plain post-backward flat all-reduce of optim/grad_sync.py on the same rank and the sum the
 test process computes by running every rank's microbatches itself. Also checked: every bucket
 launched once per step in order, nothing sent during the non-last microbatch, the first buckets
 launched before backward reaches the embedding (overlap), a layer used on rank 0 only still
@@ -15,11 +15,11 @@ import torch
 import torch.distributed as dist
 
 from models import ModelConfig, build_model
+from optim.grad_buffers import BucketedGradReducer
+from optim.grad_sync import allreduce_gradients
 from parallel_state.comm_stats import CommStats
 from parallel_state.groups import init
 from parallel_state.topology import Topology
-from trainer.grad_reducer import BucketedGradReducer
-from trainer.grad_sync import allreduce_gradients
 
 pytestmark = pytest.mark.xdist_group("rank_pool")
 

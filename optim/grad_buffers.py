@@ -20,7 +20,7 @@ Contracts:
   and keeps `param.grad` a view into them. A hook that finds `param.grad` detached from its bucket
   raises with that fix.
 - A parameter passed twice (tied embedding and head) is one parameter; requires_grad=False
-  parameters are skipped; expert parameters (`param.expert = True`) are left out: their replicas
+  parameters are skipped; expert parameters (`param_meta(p).expert`) are left out: their replicas
   are the EDP group, so they get a second reducer (`experts=True`) built over `ps.edp`;
   `GradReducers` drives both.
 """
@@ -36,6 +36,7 @@ import torch
 from parallel_state.collectives import all_reduce_inplace
 from parallel_state.comm_stats import CommStats
 from parallel_state.groups import AxisGroup
+from parallel_state.params import param_meta
 
 BYTES_PER_MB = 1024 * 1024
 
@@ -123,8 +124,8 @@ class BucketedGradReducer:
             unique.setdefault(id(p), p)
         trainable = [p for p in unique.values() if p.requires_grad]
         # `experts` selects the expert parameters instead (their reducer runs over ps.edp).
-        self.excluded = [p for p in trainable if getattr(p, "expert", False) != experts]
-        self.params = [p for p in trainable if getattr(p, "expert", False) == experts]
+        self.excluded = [p for p in trainable if param_meta(p).expert != experts]
+        self.params = [p for p in trainable if param_meta(p).expert == experts]
 
         backward_order = self.params[::-1]
         element_bytes = max((p.element_size() for p in backward_order), default=4)

@@ -1,51 +1,14 @@
-"""Forward-backward schedules over the microbatches of one global batch.
+"""Pipeline orders and virtual stages (pure: no processes, no tensors; docs/pipeline.md).
 
-The loss contract (docs/loss_and_layout.md, "Loss normalisation"): each microbatch backpropagates
-its *sum* of token losses divided by the number of loss tokens in the whole global batch (all
-microbatches, all DP and CP ranks), so the accumulated gradient is the same for every microbatch
-split and layout.
-
-Two parts: `forward_backward_no_pipelining` runs the microbatches on one stage; the pure pipeline
-orders below (1F1B and interleaved 1F1B, docs/pipeline.md) are run by trainer/pipeline_executor.py.
+An order is one pipeline rank's sequence of compute actions, `(kind, chunk, microbatch)` with kind
+"F" (forward) or "B" (backward) and `chunk` the rank-local model chunk. Chunk c of pp rank r is
+virtual stage c*P + r (docs/pipeline.md, "Virtual stages"); `split_layers` gives each virtual stage
+its layers. trainer/pipeline/simulator.py checks orders against each other;
+trainer/pipeline/executor.py runs one with p2p communication.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager, nullcontext
-
-import torch
-
-LossSumFn = Callable[[dict], torch.Tensor]
-
-
-def forward_backward_no_pipelining(loss_sum_fn: LossSumFn, microbatches: Sequence[dict],
-                                   num_loss_tokens: torch.Tensor | float, forward_only: bool = False,
-                                   no_sync: Callable[[], AbstractContextManager] = nullcontext) -> torch.Tensor:
-    """Run every microbatch forward (and backward); return the detached sum of their token losses.
-
-    `loss_sum_fn(microbatch)` returns the microbatch's sum of masked token losses (a scalar).
-    Every backward but the last runs under `no_sync()`, so the gradient reduction (launched from
-    backward hooks) communicates once per step, overlapped with the last microbatch's backward.
-    """
-    total = torch.zeros((), dtype=torch.float32)
-    for i, microbatch in enumerate(microbatches):
-        if forward_only:
-            with torch.no_grad():
-                loss_sum = loss_sum_fn(microbatch)
-        else:
-            with no_sync() if i < len(microbatches) - 1 else nullcontext():
-                loss_sum = loss_sum_fn(microbatch)
-                (loss_sum / num_loss_tokens).backward()
-        total = total.to(loss_sum.device) + loss_sum.detach().float()
-    return total
-
-
-# ---- pipeline orders (pure: no processes, no tensors) -------------------------------------------
-#
-# An order is one pipeline rank's sequence of compute actions, `(kind, chunk, microbatch)` with kind
-# "F" (forward) or "B" (backward) and `chunk` the rank-local model chunk. Chunk c of pp rank r is
-# virtual stage c*P + r (docs/pipeline.md, "Virtual stages"). trainer/pipeline_sim.py checks orders
-# against each other; trainer/pipeline_executor.py runs one with p2p communication.
+from collections.abc import Sequence
 
 FORWARD, BACKWARD = "F", "B"
 Action = tuple[str, int, int]  # (kind, chunk, microbatch)
@@ -76,7 +39,7 @@ def check_interleaved(pp_size: int, vpp_size: int, num_microbatches: int, group_
     Rules (Megatron): P <= G <= M, and M % G == 0 or M % G >= P. A group (the last, shorter one
     included) must cover the pipeline depth: with fewer than P microbatches a rank reaches chunk
     c+1 of a microbatch before the last rank has produced it, and the orders deadlock (e.g. P=4,
-    V=3, M=9, G=4) or at least lose the (P-1)/(V*M) bubble (trainer/pipeline_sim.py shows which).
+    V=3, M=9, G=4) or at least lose the (P-1)/(V*M) bubble (trainer/pipeline/simulator.py shows which).
     """
     P, V, M = pp_size, vpp_size, num_microbatches
     G = P if group_size is None else group_size
@@ -149,6 +112,32 @@ def pipeline_orders(pp_size: int, vpp_size: int, num_microbatches: int, group_si
 def virtual_stage(chunk: int, pp_rank: int, pp_size: int) -> int:
     """The virtual pipeline stage of chunk `chunk` on pp rank `pp_rank`: chunk*P + rank."""
     return chunk * pp_size + pp_rank
+
+
+def split_layers(num_layers: int, pp_size: int, vpp_size: int = 1,
+                 explicit: Sequence[int] | None = None) -> list[list[int]]:
+    """The global layer ids of each virtual stage (index = virtual stage c*P + r).
+
+    Even split when num_layers % (P*V) == 0; else `explicit`, the number of layers of each of the
+    P*V virtual stages (consecutive layers, in virtual-stage order, summing to num_layers).
+    """
+    stages = pp_size * vpp_size
+    if explicit is None:
+        if pp_size < 1 or vpp_size < 1 or num_layers % stages:
+            raise ValueError(f"num_layers={num_layers} does not split evenly over pp={pp_size} x "
+                             f"vpp={vpp_size} = {stages} virtual stages; use a multiple of {stages} "
+                             f"layers or give an explicit list of {stages} per-stage layer counts")
+        counts = [num_layers // stages] * stages
+    else:
+        counts = list(explicit)
+        if len(counts) != stages or sum(counts) != num_layers or min(counts) < 0:
+            raise ValueError(f"explicit layer split {counts} must have pp*vpp = {pp_size}*{vpp_size} = "
+                             f"{stages} non-negative entries summing to num_layers={num_layers}")
+    out, start = [], 0
+    for n in counts:
+        out.append(list(range(start, start + n)))
+        start += n
+    return out
 
 
 def to_torch_actions(order: Sequence[Action], pp_size: int, pp_rank: int) -> list[str]:

@@ -6,8 +6,8 @@ the same seed rule, so its weights are exactly the one-process model's.
 
 Tied embeddings over several stages: the last stage holds its own copy of the embedding matrix as
 the head weight, initialised from the embedding's name (so equal at step 0). The two copies get the
-sum of both gradients (`sync_tied_embedding_grads`, over ParallelState.embedding) and therefore the
-same updates; the copy is marked `tied_copy` so the global grad norm counts the matrix once.
+sum of both gradients (the optimizer step sums `tied_weight()` over ParallelState.embedding) and therefore the
+same updates; the copy is marked `tied_copy` (parallel_state.params) so the global grad norm counts the matrix once.
 """
 from __future__ import annotations
 
@@ -20,10 +20,9 @@ from models import build_model
 from models.config import ModelConfig
 from models.model import DecoderModel
 from models.parallel_context import ParallelContext
-from parallel_state.collectives import all_reduce_inplace
-from parallel_state.comm_stats import CommStats
 from parallel_state.groups import ParallelState
-from trainer.pipeline_executor import split_layers
+from parallel_state.params import set_param_meta
+from trainer.pipeline.orders import split_layers
 
 
 class PipelineChunks(nn.Module):
@@ -43,7 +42,7 @@ class PipelineChunks(nn.Module):
         self.has_tied_embedding = cfg.tie_embeddings and P > 1
         for chunk in self.chunks:
             if self.has_tied_embedding and chunk.output is not None and chunk.embedding is None:
-                chunk.output.weight.tied_copy = True
+                set_param_meta(chunk.output.weight, tied_copy=True)
 
     def stage_fns(self) -> list[Callable[[object, dict], torch.Tensor]]:
         """chunk(input, microbatch) for the executor: stage 0 reads the token ids, later stages the
@@ -59,13 +58,13 @@ class PipelineChunks(nn.Module):
         """The chunk holding the LM head (last virtual stage), if this rank has it."""
         return self.chunks[-1] if self.stages[-1] == self.last_stage else None
 
-    def sync_tied_embedding_grads(self, ps: ParallelState, stats: CommStats | None = None) -> None:
-        """Sum the gradients of the embedding and its head copy over the first and last stage."""
-        if not self.has_tied_embedding or ps.embedding is None:
-            return
+    def tied_weight(self) -> nn.Parameter | None:
+        """This rank's copy of the embedding tied over the first and last stage (the embedding on the
+        first, its head copy on the last), or None; the optimizer step sums its gradient over both."""
+        if not self.has_tied_embedding:
+            return None
         # With P > 1 a rank holds the embedding (first stage) or its head copy (last stage), not both.
         chunk = self.chunks[0] if self.stages[0] == 0 else self.chunks[-1]
-        weight = chunk.embedding.weight if chunk.embedding is not None else chunk.output.weight
-        if weight.grad is None:
-            weight.grad = torch.zeros_like(weight)
-        all_reduce_inplace(weight.grad, ps.embedding, stats)
+        if chunk.embedding is not None:
+            return chunk.embedding.weight
+        return chunk.output.weight if chunk.output is not None else None

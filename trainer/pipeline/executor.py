@@ -1,6 +1,12 @@
-"""Run one pipeline rank's order (trainer/schedules.py) with p2p communication.
+"""Run the microbatches of one global batch: on one stage, or one pipeline rank's order with p2p.
 
-`forward_backward_pipelining` executes the actions of this rank's order in sequence:
+The loss contract (docs/loss_and_layout.md, "Loss normalisation"): each microbatch backpropagates
+its *sum* of token losses divided by the number of loss tokens in the whole global batch (all
+microbatches, all DP and CP ranks), so the accumulated gradient is the same for every microbatch
+split and layout.
+
+`forward_backward_no_pipelining` runs the microbatches on one stage. `forward_backward_pipelining`
+executes the actions of this pp rank's order (trainer/pipeline/orders.py) in sequence:
 
     F(c, m)  stage s = c*P + r. Input: microbatch m's dict on virtual stage 0, else the activation
              received from stage s-1 (pp rank (s-1) % P). Runs chunks[c]. On the last virtual stage
@@ -41,9 +47,32 @@ import torch
 from parallel_state.comm_stats import CommStats
 from parallel_state.groups import AxisGroup
 from parallel_state.p2p import batch_send_recv
-from trainer.schedules import BACKWARD, FORWARD, Action
+from trainer.pipeline.orders import BACKWARD, FORWARD, Action
 
 Message = tuple[str, int, int]  # (kind "F" activation | "B" gradient, destination virtual stage, microbatch)
+LossSumFn = Callable[[dict], torch.Tensor]
+
+
+def forward_backward_no_pipelining(loss_sum_fn: LossSumFn, microbatches: Sequence[dict],
+                                   num_loss_tokens: torch.Tensor | float, forward_only: bool = False,
+                                   no_sync: Callable[[], AbstractContextManager] = nullcontext) -> torch.Tensor:
+    """Run every microbatch forward (and backward); return the detached sum of their token losses.
+
+    `loss_sum_fn(microbatch)` returns the microbatch's sum of masked token losses (a scalar).
+    Every backward but the last runs under `no_sync()`, so the gradient reduction (launched from
+    backward hooks) communicates once per step, overlapped with the last microbatch's backward.
+    """
+    total = torch.zeros((), dtype=torch.float32)
+    for i, microbatch in enumerate(microbatches):
+        if forward_only:
+            with torch.no_grad():
+                loss_sum = loss_sum_fn(microbatch)
+        else:
+            with no_sync() if i < len(microbatches) - 1 else nullcontext():
+                loss_sum = loss_sum_fn(microbatch)
+                (loss_sum / num_loss_tokens).backward()
+        total = total.to(loss_sum.device) + loss_sum.detach().float()
+    return total
 
 
 @dataclass
@@ -56,32 +85,6 @@ class PipelineTiming:
     @property
     def idle_fraction(self) -> float:
         return self.wait_s / self.total_s if self.total_s else 0.0
-
-
-def split_layers(num_layers: int, pp_size: int, vpp_size: int = 1,
-                 explicit: Sequence[int] | None = None) -> list[list[int]]:
-    """The global layer ids of each virtual stage (index = virtual stage c*P + r).
-
-    Even split when num_layers % (P*V) == 0; else `explicit`, the number of layers of each of the
-    P*V virtual stages (consecutive layers, in virtual-stage order, summing to num_layers).
-    """
-    stages = pp_size * vpp_size
-    if explicit is None:
-        if pp_size < 1 or vpp_size < 1 or num_layers % stages:
-            raise ValueError(f"num_layers={num_layers} does not split evenly over pp={pp_size} x "
-                             f"vpp={vpp_size} = {stages} virtual stages; use a multiple of {stages} "
-                             f"layers or give an explicit list of {stages} per-stage layer counts")
-        counts = [num_layers // stages] * stages
-    else:
-        counts = list(explicit)
-        if len(counts) != stages or sum(counts) != num_layers or min(counts) < 0:
-            raise ValueError(f"explicit layer split {counts} must have pp*vpp = {pp_size}*{vpp_size} = "
-                             f"{stages} non-negative entries summing to num_layers={num_layers}")
-    out, start = [], 0
-    for n in counts:
-        out.append(list(range(start, start + n)))
-        start += n
-    return out
 
 
 def outgoing_messages(order: Sequence[Action], pp_rank: int, pp_size: int, vpp_size: int) -> list[tuple[Message, int]]:
@@ -162,7 +165,7 @@ def forward_backward_pipelining(orders: Sequence[Sequence[Action]],
                                 timing: PipelineTiming | None = None) -> torch.Tensor:
     """Run this pp rank's order `orders[pp.rank]`; return the detached sum of its token losses.
 
-    - `orders`: every pp rank's order (trainer.schedules.pipeline_orders); the others' tell this
+    - `orders`: every pp rank's order (trainer.pipeline.orders.pipeline_orders); the others' tell this
       rank in which order its peers send.
     - `chunks[c]`: this rank's chunk c (virtual stage c*P + r), called as chunk(input, microbatch):
       the input is the microbatch itself on virtual stage 0 (anything, e.g. a dict of tensors), else

@@ -1,6 +1,6 @@
 """The flat gradient all-reduce after backward.
 
-The trainer reduces gradients with trainer.grad_reducer (bucketed, overlapped with backward);
+The trainer reduces gradients with optim.grad_buffers (bucketed, overlapped with backward);
 `allreduce_gradients` is the obviously-correct reference it is tested and benchmarked against.
 """
 from __future__ import annotations

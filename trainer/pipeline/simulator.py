@@ -1,6 +1,6 @@
 """Discrete-event simulation of pipeline orders: deadlock, idle time, bubble and activation memory.
 
-Pure (no processes, no tensors). Every pp rank runs its order (trainer/schedules.py) strictly in
+Pure (no processes, no tensors). Every pp rank runs its order (trainer/pipeline/orders.py) strictly in
 sequence; an action starts when its rank is free and its inputs exist:
 
     F(stage s, m)  needs F(s-1, m) finished (s > 0): the activation from the previous stage
@@ -8,7 +8,7 @@ sequence; an action starts when its rank is free and its inputs exist:
 
 where chunk c of rank r is virtual stage s = c*P + r and S = P*V. Communication is free unless
 `p2p_latency` is given (added to every dependency between different ranks). This is exactly the
-blocking structure of trainer/pipeline_executor.py, whose sends never block and whose receives
+blocking structure of trainer/pipeline/executor.py, whose sends never block and whose receives
 block until the producer has computed.
 
 Definitions used for the bubble (uniform costs; Narayanan et al. 2021, section 2.2):
@@ -25,7 +25,8 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-Action = tuple[str, int, int]  # (kind "F"|"B", chunk, microbatch), as in trainer.schedules
+from trainer.pipeline.orders import Action  # (kind "F"|"B", chunk, microbatch)
+
 CostFn = Callable[[str, int, int], float]  # (kind, virtual stage, microbatch) -> time
 
 
@@ -166,7 +167,7 @@ def max_in_flight(order: Sequence[Action]) -> int:
 
     Each one keeps a chunk's activations alive, so rank r's activation memory is this count times
     one chunk-microbatch (1/V of the rank's layers for one microbatch). Bounds (derived in
-    tests/unit/test_pipeline_sim.py): 1F1B min(P - r, M); interleaved min(w_r + 1, M*V) with the
+    tests/unit/test_pipeline_simulator.py): 1F1B min(P - r, M); interleaved min(w_r + 1, M*V) with the
     warmup w_r = 2(P - r - 1) + (V - 1)G, i.e. on rank 0 with G = P about P + (P-1)/V whole-rank
     microbatches, against P for 1F1B.
     """

@@ -1,4 +1,4 @@
-"""The pipeline simulator on the orders of trainer/schedules.py.
+"""The pipeline simulator on the orders of trainer/pipeline/orders.py.
 
 Activation-memory bounds checked here (counted in chunk-microbatches: one microbatch's activations
 of one chunk, 1/V of a rank's layers). A rank holds a forward's activations until its backward.
@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import pytest
 
-from trainer import schedules
-from trainer.pipeline_sim import PipelineDeadlock, max_in_flight, measured_cost, simulate, uniform_cost
-from trainer.schedules import interleaved_1f1b_order, one_f_one_b_order, pipeline_orders
+from trainer.pipeline import orders as orders_module
+from trainer.pipeline.orders import interleaved_1f1b_order, one_f_one_b_order, pipeline_orders
+from trainer.pipeline.simulator import PipelineDeadlock, max_in_flight, measured_cost, simulate, uniform_cost
 
 
 def valid_configs() -> list[tuple[int, int, int, int | None]]:
@@ -29,7 +29,7 @@ def valid_configs() -> list[tuple[int, int, int, int | None]]:
                         continue
                     try:
                         if V > 1:
-                            schedules.check_interleaved(P, V, M, G)
+                            orders_module.check_interleaved(P, V, M, G)
                     except ValueError:
                         continue
                     out.append((P, V, M, G))
@@ -99,7 +99,7 @@ def test_own_forward_missing_is_reported():
 
 def test_cycle_of_waits_is_reported(monkeypatch):
     # check_interleaved rejects this (a last group of 1 < pp); with the check off, the orders deadlock.
-    monkeypatch.setattr(schedules, "check_interleaved", lambda P, V, M, G=None: G)
+    monkeypatch.setattr(orders_module, "check_interleaved", lambda P, V, M, G=None: G)
     orders = [interleaved_1f1b_order(4, 3, 9, r, 4) for r in range(4)]
     res = simulate(orders, 3)
     assert len(res.deadlock) == 4

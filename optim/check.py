@@ -1,0 +1,35 @@
+"""The `optim.*` rules, checked once before anything is built (the optimizer and schedules trust them)."""
+from __future__ import annotations
+
+from optim.config import OPTIMIZER_NAMES, SCHEDULE_NAMES, WSD_DECAY_SHAPES, OptimConfig
+from parallel_state.errors import require, require_choice, require_positive
+
+
+def check(cfg: OptimConfig, max_steps: int) -> None:
+    """Raise ConfigError on the first bad `optim.*` value for a run of `max_steps` steps."""
+    s = cfg.schedule
+    require_choice("optim.name", cfg.name, OPTIMIZER_NAMES)
+    require_positive("optim.lr", cfg.lr)
+    require(cfg.weight_decay >= 0, "optim.weight_decay", cfg.weight_decay, "must be >= 0", "use e.g. 0.1")
+    for name in ("beta1", "beta2"):
+        value = getattr(cfg, name)
+        require(0.0 <= value < 1.0, f"optim.{name}", value, "must lie in [0, 1)", "use e.g. 0.9 / 0.95")
+    require_positive("optim.eps", cfg.eps)
+    require(cfg.clip_grad >= 0, "optim.clip_grad", cfg.clip_grad, "must be >= 0", "use 1.0, or 0 to disable")
+    require(not (cfg.fused and cfg.foreach), "optim.fused", cfg.fused,
+            "cannot be combined with optim.foreach=true (torch's AdamW takes one implementation)",
+            "set optim.foreach=null (or false) to use the fused kernel, or optim.fused=false")
+    require_choice("optim.schedule.name", s.name, SCHEDULE_NAMES)
+    require_choice("optim.schedule.wsd_decay_shape", s.wsd_decay_shape, WSD_DECAY_SHAPES)
+    require(0 <= s.warmup_steps < max_steps, "optim.schedule.warmup_steps",
+            s.warmup_steps, f"must be smaller than trainer.max_steps={max_steps}",
+            f"use fewer warmup steps (e.g. {max(max_steps // 10, 0)}) or train longer")
+    if s.decay_steps is not None:
+        require_positive("optim.schedule.decay_steps", s.decay_steps)
+        require(s.warmup_steps + s.decay_steps <= max_steps, "optim.schedule.decay_steps", s.decay_steps,
+                f"warmup {s.warmup_steps} + decay {s.decay_steps} exceeds trainer.max_steps={max_steps}",
+                "shorten decay_steps, or leave it null to decay over the remaining steps")
+    require(0.0 <= s.min_lr_ratio <= 1.0, "optim.schedule.min_lr_ratio", s.min_lr_ratio,
+            "must lie in [0, 1]", "use e.g. 0.1")
+    require(0.0 < s.wsd_decay_fraction <= 1.0, "optim.schedule.wsd_decay_fraction", s.wsd_decay_fraction,
+            "must lie in (0, 1]", "use e.g. 0.2 (decay over the last 20% of steps)")

@@ -1,0 +1,164 @@
+"""The optimizer step of one global batch, behind one interface the trainer drives.
+
+An `OptimizerStep` owns everything between the last backward and the next forward: the gradient
+buffers and their reduction, the gradient syncs of tied and TP-replicated parameters, clipping by
+the global norm, the learning rate, the update and zeroing. The trainer calls, per global batch:
+
+    with step.no_sync(): backward of every microbatch but the last   # accumulate, no communication
+    backward of the last microbatch                                   # reductions may start here
+    grad_norm = step.reduce_and_clip()                                # every gradient complete
+    lr = step.apply(index, update=finite)                             # lr of step `index`, update
+    step.zero_grad()
+
+`BucketedOptimizerStep` is the default: bucketed reductions overlapped with backward, AdamW. Other
+implementations (a sharded optimizer, an outer optimizer) are built from the same `StepInputs`
+and handed to the trainer as a factory.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from optim.adamw import build_optimizer
+from optim.clip import clip_grad_norm_
+from optim.config import OptimConfig
+from optim.grad_buffers import BucketedGradReducer, GradReducers
+from optim.schedules import LRScheduler
+from parallel_state.collectives import all_reduce_grads_coalesced, all_reduce_inplace, all_reduce_sum
+from parallel_state.comm_stats import CommStats
+from parallel_state.groups import AxisGroup, ParallelState
+from parallel_state.params import is_tp_duplicate, param_meta, tp_partial_grad_params
+
+
+@dataclass
+class StepInputs:
+    """What an optimizer step is built from."""
+
+    named_params: list[tuple[str, nn.Parameter]]  # this rank's parameters (a tied weight once)
+    cfg: OptimConfig
+    max_steps: int  # the LR schedule's length
+    ps: ParallelState
+    stats: CommStats  # every collective of the step is counted here
+    bucket_size_mb: float  # gradient bucket size of the reductions
+    # This rank's copy of the embedding tied over pipeline stages (the embedding on the first stage,
+    # the head on the last), or None: its gradient is summed over the embedding group.
+    tied_weight: nn.Parameter | None = None
+
+
+class OptimizerStep(Protocol):
+    """The interface the trainer drives (see the module docstring)."""
+
+    optimizer: torch.optim.Optimizer
+
+    def no_sync(self) -> AbstractContextManager[None]:
+        """Backward inside accumulates gradients without communicating (all microbatches but the last)."""
+
+    def reduce_and_clip(self) -> float:
+        """After the last backward: complete every gradient and clip; the global norm before clipping."""
+
+    def apply(self, step: int, update: bool) -> float:
+        """Set the learning rate of optimizer step `step` (0-based), update the parameters when
+        `update`; return the learning rate."""
+
+    def zero_grad(self) -> None:
+        """Zero the gradients for the next global batch."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint keeps of the step (the optimizer's state)."""
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore from `state_dict()`; this run's config decides the implementation flags."""
+
+
+OptimizerStepFactory = Callable[[StepInputs], OptimizerStep]
+
+
+def counted_in_norm(param: torch.Tensor, ps: ParallelState) -> bool:
+    """Whether this rank counts `param` in the global grad norm (summed over all ranks), so every
+    parameter counts exactly once: dense ones on the first DP x CP replica, TP replicas on TP rank
+    0, a tied copy never; expert ones on the first EDP replica, ETP replicas on ETP rank 0."""
+    meta = param_meta(param)
+    if meta.expert:
+        return ps.edp.rank == 0 and (meta.shard is not None or ps.etp.rank == 0)
+    return ps.dp_cp.rank == 0 and not is_tp_duplicate(param, ps.tp.rank) and not meta.tied_copy
+
+
+def allreduce_tp_partial_grads(params, tp: AxisGroup, stats: CommStats | None = None) -> None:
+    """Sum the gradients of the TP-partial parameters over TP in one flat buffer (every TP rank passes
+    the same parameter list; a missing grad counts as zeros)."""
+    if tp.size > 1:
+        all_reduce_grads_coalesced(tp_partial_grad_params(params), tp, stats)
+
+
+def sync_replicated_grads(inputs: StepInputs, params: list[nn.Parameter]) -> None:
+    """Sum the gradients that are partial on each rank holding a replica: the tied embedding over the
+    embedding group (first and last stage) and the TP-partial parameters over TP."""
+    ps, stats = inputs.ps, inputs.stats
+    if inputs.tied_weight is not None and ps.embedding is not None and ps.embedding.size > 1:
+        weight = inputs.tied_weight
+        if weight.grad is None:
+            weight.grad = torch.zeros_like(weight)
+        all_reduce_inplace(weight.grad, ps.embedding, stats)
+    allreduce_tp_partial_grads(params, ps.tp, stats)
+
+
+def clip_by_global_norm(inputs: StepInputs, params: list[nn.Parameter]) -> float:
+    """Clip every gradient by the norm over all ranks' parameters (each counted once); returns the
+    norm before clipping."""
+    ps, stats = inputs.ps, inputs.stats
+    norm = clip_grad_norm_(params, inputs.cfg.clip_grad, norm_reduce_fn=lambda s: all_reduce_sum(s, None, stats),
+                           counted=lambda p: counted_in_norm(p, ps))
+    return float(norm)
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any], cfg: OptimConfig) -> None:
+    """Load an optimizer state dict with this run's fused/foreach flags. The saved groups carry their
+    own; setting them before loading lets torch place the step counters for the chosen implementation."""
+    for group in state["param_groups"]:
+        group["fused"], group["foreach"] = cfg.fused, cfg.foreach
+    optimizer.load_state_dict(state)
+
+
+class BucketedOptimizerStep:
+    """AdamW with gradients in flat buckets reduced from backward hooks: dense ones over DP x CP,
+    expert ones over EDP (optim.grad_buffers), then the replica syncs, clipping and the update."""
+
+    def __init__(self, inputs: StepInputs):
+        self.inputs = inputs
+        self.params = [p for _, p in inputs.named_params]
+        # The buckets exist before the optimizer, so its state follows the parameters, not the buffers.
+        self.reducers = GradReducers([
+            BucketedGradReducer(self.params, group, bucket_size_mb=inputs.bucket_size_mb, stats=inputs.stats,
+                                experts=experts)
+            for group, experts in ((inputs.ps.dp_cp, False), (inputs.ps.edp, True))])
+        self.optimizer = build_optimizer(inputs.named_params, inputs.cfg)
+        self.scheduler = LRScheduler(self.optimizer, inputs.cfg.lr, inputs.cfg.schedule, inputs.max_steps)
+
+    def no_sync(self) -> AbstractContextManager[None]:
+        return self.reducers.no_sync()
+
+    def reduce_and_clip(self) -> float:
+        self.reducers.finish()
+        sync_replicated_grads(self.inputs, self.params)
+        return clip_by_global_norm(self.inputs, self.params)
+
+    def apply(self, step: int, update: bool) -> float:
+        lr = self.scheduler.apply(step)
+        if update:
+            self.optimizer.step()
+        return lr
+
+    def zero_grad(self) -> None:
+        self.reducers.zero_grad()  # keeps .grad views into the buckets (never set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        load_optimizer_state(self.optimizer, state, self.inputs.cfg)
+

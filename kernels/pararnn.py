@@ -22,7 +22,9 @@ ranks with no communication inside the recurrence):
   [c, h]); entry [i, j] is d state_i / d previous state_j.
 
 The cell itself (f and its Jacobian) is passed in as a `RecurrentCell`; the models package defines
-the GRU and LSTM cells.
+the GRU and LSTM cells. Which implementation runs each part (the fused C kernels, compiled or eager
+torch passes, the Triton or torch scan) is a kernels.pararnn_plan.SolverPlan, decided once per
+layer; the solver and the adjoint below only follow it.
 """
 from __future__ import annotations
 
@@ -561,7 +563,8 @@ def _solver_ops(compiled: bool) -> _SolverOps:
     return _compiled_ops() if compiled else _eager_ops()
 
 
-def _scan(ops: _SolverOps, plan: SolverPlan, jacobians: torch.Tensor, b: torch.Tensor, structure: str) -> torch.Tensor:
+def _scan(ops: _SolverOps, plan: SolverPlan, jacobians: torch.Tensor, b: torch.Tensor,
+          structure: str) -> torch.Tensor:
     """The plan's scan; the torch one as the solver ops run it (compiled: the blocked form)."""
     if plan.scan == "torch":
         return ops.scan_torch(jacobians, b, structure)
@@ -578,8 +581,8 @@ def plan_for_call(cell: RecurrentCell, u: torch.Tensor, params: Sequence[torch.T
                              fused_inputs=fused_inputs_fit(cell, u, params))
 
 
-def _check_fused_inputs(plan: SolverPlan, cell: RecurrentCell, u: torch.Tensor,
-                        params: Sequence[torch.Tensor]) -> None:
+def _check_fused_inputs(cell: RecurrentCell, u: torch.Tensor, params: Sequence[torch.Tensor]) -> None:
+    """A plan that runs the fused C kernels was built for this cell's inputs; refuse any others."""
     if not fused_inputs_fit(cell, u, params):
         raise ValueError(f"ParaRNN: the plan runs the fused C kernels but they cannot read these inputs (u "
                          f"{tuple(u.shape)} {u.dtype}, params {[tuple(p.shape) for p in params]}); build the "
@@ -589,7 +592,8 @@ def _check_fused_inputs(plan: SolverPlan, cell: RecurrentCell, u: torch.Tensor,
 def newton_solve(cell: RecurrentCell, u: torch.Tensor, params: Sequence[torch.Tensor],
                  options: NewtonOptions = DEFAULT_NEWTON,
                  kernels: KernelsConfig | None = None,
-                 compiled: bool = False, plan: SolverPlan | None = None) -> tuple[torch.Tensor, NewtonReport]:
+                 compiled: bool = False,
+                 plan: SolverPlan | None = None) -> tuple[torch.Tensor, NewtonReport]:
     """Solve h_t = f(h_{t-1}, u_t) for all t by Newton's method; no autograd graph is recorded.
 
     `plan` (kernels.pararnn_plan.SolverPlan) says what runs: the fused C solve, or the torch passes
@@ -609,7 +613,7 @@ def newton_solve(cell: RecurrentCell, u: torch.Tensor, params: Sequence[torch.Te
     ops = _solver_ops(plan.compiled)
     with torch.no_grad():
         if plan.forward == "fused_c":
-            _check_fused_inputs(plan, cell, u, params)
+            _check_fused_inputs(cell, u, params)
             h, max_residual = fused_newton_solve(cell, u, params, max_updates)
             updates = max_updates
         elif max_updates == 0:
@@ -669,7 +673,7 @@ class _AdjointRecurrence(torch.autograd.Function):
         if not any(wants):
             return (None,) * (4 + len(params))
         if plan.backward == "fused_c":
-            _check_fused_inputs(plan, cell, u, params)
+            _check_fused_inputs(cell, u, params)
             grads = fused_adjoint(cell, u, params, h, grad_h)
             grad_u, *grad_params = [g if w else None for g, w in zip(grads, wants)]
             return (None, None, grad_u, None, *grad_params)
@@ -690,7 +694,8 @@ class _AdjointRecurrence(torch.autograd.Function):
 def parallel_recurrence(cell: RecurrentCell, u: torch.Tensor, params: Sequence[torch.Tensor],
                         options: NewtonOptions = DEFAULT_NEWTON,
                         kernels: KernelsConfig | None = None,
-                        compiled: bool = False, plan: SolverPlan | None = None) -> tuple[torch.Tensor, NewtonReport]:
+                        compiled: bool = False,
+                        plan: SolverPlan | None = None) -> tuple[torch.Tensor, NewtonReport]:
     """States h [B, T, ...] of the recurrence, solved by Newton + scans; differentiable by the adjoint.
 
     Gradients flow to `u` and `params`; the backward saves only u and h (plus the parameters).

@@ -109,12 +109,34 @@ def permute_tokens(x: torch.Tensor, plan: Permutation) -> torch.Tensor:
     return x.new_zeros((plan.num_rows, x.shape[1])).index_copy(0, plan.dest, rows)
 
 
+class _WeightedSum(torch.autograd.Function):
+    """out[token[i]] += w[i] * rows[i] for every active slot i, accumulated in fp32 at least.
+
+    What autograd would do for `index_add(rows * w)`, with a backward that reuses one [A, H]
+    buffer for the gathered output gradient and the row gradient (each large temporary costs
+    fresh pages) and a row-wise dot product for the weight gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, rows, w, token, num_tokens):
+        dtype = torch.promote_types(rows.dtype, torch.float32)
+        ctx.save_for_backward(rows, w, token)
+        weighted = rows.to(dtype) * w.to(dtype).unsqueeze(-1)
+        return rows.new_zeros((num_tokens, rows.shape[1]), dtype=dtype).index_add_(0, token, weighted)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        rows, w, token = ctx.saved_tensors
+        grad = grad_out.index_select(0, token)  # [A, H]: each slot's share of its token's gradient
+        grad_w = torch.linalg.vecdot(grad, rows.to(grad.dtype)).to(w.dtype) if ctx.needs_input_grad[1] else None
+        grad_rows = grad.mul_(w.to(grad.dtype).unsqueeze(-1)).to(rows.dtype) if ctx.needs_input_grad[0] else None
+        return grad_rows, grad_w, None, None
+
+
 def unpermute_combine(y: torch.Tensor, plan: Permutation, weight: torch.Tensor, num_tokens: int) -> torch.Tensor:
     """out [N, H] (fp32 at least) = sum over each token's active slots of weight * its row of y."""
-    dtype = torch.promote_types(y.dtype, torch.float32)
-    rows = (y if plan.dest is None else y.index_select(0, plan.dest)).to(dtype)
-    weighted = rows * weight.reshape(-1).index_select(0, plan.slot).to(dtype).unsqueeze(-1)
-    return y.new_zeros((num_tokens, y.shape[1]), dtype=dtype).index_add(0, plan.token, weighted)
+    rows = y if plan.dest is None else y.index_select(0, plan.dest)
+    return _WeightedSum.apply(rows, weight.reshape(-1).index_select(0, plan.slot), plan.token, num_tokens)
 
 
 def expert_major(counts: torch.Tensor) -> torch.Tensor | None:

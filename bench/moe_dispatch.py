@@ -4,8 +4,10 @@ Forward+backward of one MoE layer on [batch, seq, hidden] tokens, median over ro
 alternate the contenders (so machine noise hits each alike):
 
 - experts "grouped_mm" (torch._grouped_mm) vs "loop" (one matmul per expert), same layer otherwise;
-- the MoE layer (E experts, top-k, width F each) vs a dense SwiGLU of width k * F: the same active
-  FLOPs per token, so the ratio is the price of routing, permuting and combining.
+- the MoE layer (E experts, top-k, width F each) vs a dense SwiGLU of width k * F ("dense k*F"): the
+  same active FLOPs per token, so the ratio is the price of routing, dispatch and combine. The
+  headline ratio is the layer's default experts (grouped_gemm=auto: the loop on CPU, grouped_mm on
+  CUDA in bf16 on compute capability >= 9.0); both GEMM modes are printed too.
 
     .venv/bin/python bench/moe_dispatch.py                     # CPU fp32, about half a minute
     .venv/bin/python bench/moe_dispatch.py --tokens 8192 --experts 64 --topk 8
@@ -43,7 +45,7 @@ def main() -> None:
     parser.add_argument("--experts", type=int, default=16)
     parser.add_argument("--topk", type=int, default=2)
     parser.add_argument("--ffn", type=int, default=256)
-    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--rounds", type=int, default=11)
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -55,6 +57,8 @@ def main() -> None:
         return materialize(m, seed=0, device=device, dtype=dtype)
 
     grouped, loop = layer("grouped_mm"), layer("loop")
+    probe = torch.zeros(1, args.hidden, device=device, dtype=dtype)
+    auto = "moe grouped_mm" if layer("auto").experts.uses_grouped_mm(probe) else "moe loop"
     width = args.topk * args.ffn
     dense = [(torch.randn(width, args.hidden, device=device, dtype=dtype) * 0.02).requires_grad_()
              for _ in range(3)]
@@ -76,7 +80,10 @@ def main() -> None:
     for name, t in med.items():
         print(f"  {name:16s} {t * 1e3:8.2f} ms  {args.tokens / t:10.0f} tokens/s")
     print(f"  grouped_mm / loop time: {med['moe grouped_mm'] / med['moe loop']:.2f}")
-    print(f"  moe grouped_mm / dense k*F time (routing overhead): {med['moe grouped_mm'] / med['dense k*F']:.2f}")
+    print(f"  moe grouped_mm / dense k*F time: {med['moe grouped_mm'] / med['dense k*F']:.2f}")
+    print(f"  moe loop / dense k*F time: {med['moe loop'] / med['dense k*F']:.2f}")
+    print(f"  moe (grouped_gemm=auto: {auto.removeprefix('moe ')}) / dense k*F time (routing overhead): "
+          f"{med[auto] / med['dense k*F']:.2f}")
 
 
 if __name__ == "__main__":

@@ -2,8 +2,9 @@
 
 from models.config import ModelConfig
 from models.init import materialize, stable_param_seed
+from models.mixers import CHANNEL_MIXERS, TOKEN_MIXERS
 from models.model import DecoderModel, build_model
-from models.spec import CHANNEL_MIXERS, RESIDUALS, TOKEN_MIXERS, LayerSpec, check_implemented, layer_specs
+from models.spec import RESIDUALS, LayerSpec, layer_specs
 
 __all__ = [
     "CHANNEL_MIXERS",
@@ -13,7 +14,6 @@ __all__ = [
     "LayerSpec",
     "ModelConfig",
     "build_model",
-    "check_implemented",
     "layer_specs",
     "materialize",
     "stable_param_seed",

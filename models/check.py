@@ -11,7 +11,8 @@ from kernels.dispatch import BACKENDS as KERNEL_BACKENDS
 from kernels.dispatch import ON_MISSING as KERNEL_ON_MISSING
 from models.config import ModelConfig
 from models.layers.gla import GLA_MODES
-from models.spec import CHANNEL_MIXERS, RESIDUALS, TOKEN_MIXERS, layer_specs
+from models.mixers import CHANNEL_MIXERS, TOKEN_MIXERS
+from models.spec import RESIDUALS, layer_specs
 from parallel_state import ParallelConfig, Topology
 from parallel_state.errors import require, require_choice, require_divisible, require_positive
 

@@ -133,37 +133,3 @@ class ModelConfig:
         multiple = self.ffn_multiple_of
         return multiple * ((llama_width + multiple - 1) // multiple)
 
-    def validate(self) -> None:
-        """Raise ValueError on shape rules the model relies on (mixer names are checked by spec)."""
-        if self.vocab_size is None:
-            raise ValueError(
-                "model.vocab_size is None: set it, or let the trainer fill it from the tokenizer "
-                "before building the model"
-            )
-        positive = {
-            "vocab_size": self.vocab_size,
-            "hidden_size": self.hidden_size,
-            "num_layers": self.num_layers,
-            "num_heads": self.num_heads,
-            "kv_heads": self.kv_heads,
-            "ffn_hidden_size": self.resolved_ffn_hidden_size(),
-            "ffn_multiple_of": self.ffn_multiple_of,
-        }
-        for name, value in positive.items():
-            if value <= 0:
-                raise ValueError(f"model.{name} must be positive, got {value}")
-        if self.hidden_size % self.num_heads:
-            raise ValueError(
-                f"model.hidden_size ({self.hidden_size}) must be divisible by "
-                f"model.num_heads ({self.num_heads})"
-            )
-        if self.head_dim % 2:
-            raise ValueError(f"RoPE needs an even head_dim, got hidden_size/num_heads = {self.head_dim}")
-        if self.num_heads % self.kv_heads:
-            raise ValueError(
-                f"model.num_heads ({self.num_heads}) must be divisible by "
-                f"model.num_kv_heads ({self.kv_heads})"
-            )
-        for name, value in (("dropout", self.dropout), ("attention_dropout", self.attention_dropout)):
-            if not 0.0 <= value < 1.0:
-                raise ValueError(f"model.{name} must be in [0, 1), got {value}")

@@ -21,7 +21,7 @@ from models.layers.vocab_parallel import (
     vocab_parallel_cross_entropy,
 )
 from models.parallel_context import ParallelContext, resolve_context
-from models.spec import check_implemented, layer_specs
+from models.spec import layer_specs
 
 
 class DecoderModel(nn.Module):
@@ -55,8 +55,8 @@ class DecoderModel(nn.Module):
         super().__init__()
         par = resolve_context(par)
         tp = par.tp
-        cfg.validate()
-        check_implemented(cfg)
+        if cfg.vocab_size is None:  # the trainer fills it from the tokenizer before building
+            raise ValueError("model.vocab_size is None: set it, or let the trainer fill it from the tokenizer")
         specs = layer_specs(cfg)
         layer_ids = list(range(cfg.num_layers)) if layer_ids is None else list(layer_ids)
         if any(not 0 <= i < cfg.num_layers for i in layer_ids):

@@ -10,9 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from models.config import ModelConfig
-from models.mixers import CHANNEL_MIXERS, TOKEN_MIXERS
 
-# The implemented names (TOKEN_MIXERS and CHANNEL_MIXERS come from the registry, models/mixers.py);
+# The implemented residual patterns (the mixer names are the registry's, models/mixers.py);
 # the config validation rejects anything else before building.
 RESIDUALS = ("standard",)
 
@@ -30,7 +29,7 @@ def layer_specs(cfg: ModelConfig) -> list[LayerSpec]:
     """Spec of every global layer: layer i cycles through token_mixers and channel_mixers; a "moe"
     slot that model.moe's placement (first_k_dense_layers, moe_layer_freq) skips is a dense "mlp".
 
-    Names are not checked against what is implemented (`check_implemented` does that), so the
+    Names are not checked against what is implemented (models.check does that), so the
     pattern of any list of names can be computed.
     """
     for field_name in ("token_mixers", "channel_mixers"):
@@ -48,19 +47,3 @@ def layer_specs(cfg: ModelConfig) -> list[LayerSpec]:
 
 def _placed(cfg: ModelConfig, layer: int, channel_mixer: str) -> str:
     return "mlp" if channel_mixer == "moe" and not cfg.moe.is_moe_layer(layer) else channel_mixer
-
-
-def check_implemented(cfg: ModelConfig) -> None:
-    """Raise ValueError naming the field, the value and the available names for an unknown name."""
-    available_by_field = {
-        "token_mixers": (list(cfg.token_mixers), TOKEN_MIXERS),
-        "channel_mixers": (list(cfg.channel_mixers), CHANNEL_MIXERS),
-        "residual": ([cfg.residual], RESIDUALS),
-    }
-    for field_name, (values, available) in available_by_field.items():
-        for value in values:
-            if value not in available:
-                raise ValueError(
-                    f"model.{field_name} contains {value!r}, which is not implemented; "
-                    f"available: {', '.join(available)}"
-                )

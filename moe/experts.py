@@ -157,9 +157,6 @@ class SharedExperts(nn.Module):
                  tp: AxisGroup | None = None, stats: CommStats | None = None):
         super().__init__()
         tp_size, tp_rank = (1, 0) if tp is None else (tp.size, tp.rank)
-        if ffn_hidden_size % tp_size:
-            raise ValueError(f"shared-expert width {ffn_hidden_size} is not divisible by tp={tp_size}; "
-                             f"choose model.moe.shared_ffn_hidden_size * num_shared_experts divisible by tp")
         self.tp, self.stats = (tp if tp_size > 1 else None), stats
         self.init_std, self.output_init_std = init_std, output_init_std
         local = ffn_hidden_size // tp_size

@@ -56,19 +56,6 @@ class GatedLinearAttention(nn.Module):
         gla = cfg.gla
         self.hidden_size = cfg.hidden_size
         self.num_heads, self.key_dim, self.value_dim = gla_dims(cfg)
-        if self.key_dim % self.num_heads or self.value_dim % self.num_heads:
-            raise ValueError(
-                f"model.gla: key width {self.key_dim} and value width {self.value_dim} must be divisible "
-                f"by the {self.num_heads} GLA heads; change model.gla.num_heads or expand_k/expand_v")
-        if self.num_heads % tp.size:
-            heads_field = ("model.gla.num_heads" if gla.num_heads is not None
-                           else "model.num_heads (model.gla.num_heads=null)")
-            raise ValueError(
-                f"{heads_field}={self.num_heads} is not divisible by parallel.tp={tp.size}: GLA heads are "
-                f"split over TP ranks; choose a number of GLA heads that is a multiple of {tp.size} or a tp "
-                f"that divides {self.num_heads}")
-        if gla.mode not in GLA_MODES:
-            raise ValueError(f"model.gla.mode={gla.mode!r}: unknown; use one of {', '.join(GLA_MODES)}")
         self.heads_per_rank = self.num_heads // tp.size
         self.head_k_dim = self.key_dim // self.num_heads
         self.head_v_dim = self.value_dim // self.num_heads

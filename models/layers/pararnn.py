@@ -214,25 +214,13 @@ class _ParaRNN(nn.Module):
         self.cell = cell
         self.hidden_size = hidden_size
         self.state_size = hidden_size if state_size is None else state_size
-        if self.hidden_size <= 0 or self.state_size <= 0:
-            raise ValueError(f"ParaRNN sizes must be positive: hidden_size={hidden_size}, "
-                             f"state_size (model.pararnn.state_size)={self.state_size}")
         self.num_gates = num_gates
-        if mode not in MODES:
-            raise ValueError(f"mode={mode!r}: unknown ParaRNN mode (model.pararnn.mode). Fix: use one of "
-                             f"{', '.join(MODES)}")
         # The mode forward uses when it is not given one.
         self.mode = mode
         self.newton = newton if newton is not None else NewtonOptions()
         self.kernels = kernels
         self.output_init_std = output_init_std
         n = self.state_size
-        if n % tp.size:
-            field = "model.pararnn.state_size" if state_size is not None else (
-                "model.pararnn.state_size (null: model.hidden_size)")
-            raise ValueError(f"{field}={n} is not divisible by parallel.tp={tp.size}: ParaRNN state channels "
-                             f"are split over TP ranks; choose a state_size that is a multiple of {tp.size} "
-                             f"or a tp that divides {n}")
         self.state_per_rank = local = n // tp.size
         self.tp_rank, self.tp_size = tp.rank, tp.size
         # The input mapping's arguments, the group resolved once (no lookups per call).

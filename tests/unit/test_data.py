@@ -234,12 +234,13 @@ def test_resuming_at_a_step_gives_the_batch_of_an_uninterrupted_run(tmp_path, te
 
 
 def test_batch_sizes_that_do_not_split_over_dp_name_the_fields(tmp_path, text_files):
-    with pytest.raises(
-        ValueError, match=r"data\.global_batch_size=8 .*data\.micro_batch_size \* dp = 2 \* 3"
-    ):
-        DataPipeline(_config(tmp_path, text_files), seed=0, dp_rank=0, dp_size=3)
-    with pytest.raises(ValueError, match=r"data\.global_batch_size=8 .*data\.micro_batch_size"):
-        DataPipeline(_config(tmp_path, text_files, micro_batch_size=3), seed=0)
+    from parallel_state import ConfigError, ParallelConfig, Topology
+    from trainer.data.check import check
+
+    with pytest.raises(ConfigError, match=r"data\.global_batch_size=8: .*micro_batch_size \* dp = 2 \* 3"):
+        check(_config(tmp_path, text_files), ParallelConfig(), Topology(3), max_positions=4096)
+    with pytest.raises(ConfigError, match=r"data\.global_batch_size=8: .*micro_batch_size \* dp = 3 \* 1"):
+        check(_config(tmp_path, text_files, micro_batch_size=3), ParallelConfig(), Topology(1), max_positions=4096)
 
 
 # --- validation split ----------------------------------------------------------------------------

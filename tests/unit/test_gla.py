@@ -221,11 +221,14 @@ def test_layer_heads_are_independent_for_tensor_parallelism():
     torch.testing.assert_close(halves[0] + halves[1], full(x), rtol=1e-5, atol=1e-6)
 
 
-def test_layer_rejects_indivisible_heads():
-    with pytest.raises(ValueError, match="model.gla"):
-        GatedLinearAttention(_model_cfg(num_heads=3))
-    with pytest.raises(ValueError, match="model.gla.mode"):
-        GatedLinearAttention(_model_cfg(mode="parallel"))
+def test_check_rejects_indivisible_heads_and_unknown_modes():
+    from models.check import check
+    from parallel_state import ConfigError, ParallelConfig, Topology
+
+    with pytest.raises(ConfigError, match=r"model\.gla\.expand_k=.*not divisible by the 3 GLA heads"):
+        check(_model_cfg(num_heads=3), ParallelConfig(), Topology(1))
+    with pytest.raises(ConfigError, match=r"model\.gla\.mode='parallel': must be one of"):
+        check(_model_cfg(mode="parallel"), ParallelConfig(), Topology(1))
 
 
 def test_hybrid_model_builds_and_trains_one_step():

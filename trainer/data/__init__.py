@@ -10,7 +10,7 @@ Typical use (the trainer prepares once on one rank, then every rank builds its p
 from trainer.data.config import DataConfig
 from trainer.data.corpus import Document, corpus_identity, ensure_shakespeare, load_documents
 from trainer.data.dataset import TokenWindows
-from trainer.data.pipeline import DataPipeline, Microbatch, check_batch_layout, make_microbatch
+from trainer.data.pipeline import DataPipeline, Microbatch, make_microbatch
 from trainer.data.prepare import PreparedData, prepare
 from trainer.data.sampler import EpochShuffledSampler, epoch_permutation
 from trainer.data.tokenizer import TextTokenizer, load_tokenizer
@@ -24,7 +24,6 @@ __all__ = [
     "PreparedData",
     "TextTokenizer",
     "TokenWindows",
-    "check_batch_layout",
     "corpus_identity",
     "ensure_shakespeare",
     "epoch_permutation",

@@ -34,7 +34,6 @@ class DataPipeline:
         dp_size: int = 1,
         prepared: PreparedData | None = None,
     ):
-        check_batch_layout(cfg, dp_rank, dp_size)
         self.cfg = cfg
         self.seed = seed
         self.dp_rank = dp_rank
@@ -121,18 +120,3 @@ def make_microbatch(windows: np.ndarray) -> Microbatch:
         "loss_mask": torch.from_numpy(np.ones((batch, length), dtype=np.float32)),
         "position_ids": torch.from_numpy(np.tile(np.arange(length, dtype=np.int64), (batch, 1))),
     }
-
-
-def check_batch_layout(cfg: DataConfig, dp_rank: int, dp_size: int) -> None:
-    """Batch sizes must split evenly over DP ranks and microbatches; one error per violated rule."""
-    if dp_size < 1 or not 0 <= dp_rank < dp_size:
-        raise ValueError(f"dp_rank={dp_rank} must be in [0, dp_size={dp_size})")
-    if cfg.micro_batch_size < 1:
-        raise ValueError(f"data.micro_batch_size={cfg.micro_batch_size} must be >= 1")
-    per_step = cfg.micro_batch_size * dp_size
-    if cfg.global_batch_size < 1 or cfg.global_batch_size % per_step:
-        raise ValueError(
-            f"data.global_batch_size={cfg.global_batch_size} is not a positive multiple of "
-            f"data.micro_batch_size * dp = {cfg.micro_batch_size} * {dp_size} = {per_step}; set "
-            f"data.global_batch_size to a multiple of {per_step} or change data.micro_batch_size or dp"
-        )

@@ -91,7 +91,7 @@ class MoELayer(nn.Module):
         self.router = Router(cfg, hidden_size, init_std)
         if ctx.tp_size > 1:
             # Each TP rank routes different tokens: the replicated router's grads are partial sums
-            # over TP (summed by allreduce_sequence_parallel_grads in models.layers.tensor_parallel).
+            # over TP (summed by the optimizer step, optim.step.allreduce_tp_partial_grads).
             for p in self.router.parameters():
                 set_param_meta(p, tp_partial_grad=True)
         self.experts = GroupedExperts(cfg.num_experts, hidden_size, cfg.ffn_hidden_size, init_std, output_init_std,

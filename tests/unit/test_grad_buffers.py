@@ -1,6 +1,6 @@
 """Bucket assignment (pure) and the reducer's bookkeeping in one process (a group of size 1).
 
-The multi-rank reduction itself is tested in tests/multirank/test_grad_reducer.py.
+The multi-rank reduction itself is tested in tests/multirank/test_grad_buffers.py.
 """
 from __future__ import annotations
 

@@ -60,7 +60,7 @@ def time_modes(hidden: int, layers: int, vocab: int, batch: int, seq: int, steps
             loss = model.token_losses(tokens[:, :-1], tokens[:, 1:]).sum() / (world * batch * seq * MICROBATCHES)
             loss.backward()
         if mode == "flat":
-            allreduce_gradients(model.parameters(), ps.dp_cp.group)
+            allreduce_gradients(model.parameters(), ps.dp_cp)
         if reducer is not None:
             reducer.finish()
             reducer.zero_grad()

@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from models.layers.tensor_parallel import TPContext
-from parallel_state.collectives import ResolvedGroup, resolve_group
 from parallel_state.comm_stats import CommStats
 from parallel_state.config import CP_COMMS  # noqa: F401 - re-exported for the layers
 from parallel_state.groups import AxisGroup
@@ -23,17 +22,18 @@ from parallel_state.groups import AxisGroup
 class CPContext:
     """Context parallelism: this rank holds 2 of the 2*cp zigzag chunks of every sequence."""
 
-    group: AxisGroup | ResolvedGroup | None = None  # ParallelState.cp; None: no context parallelism
+    # ParallelState.cp; a group of one rank: no context parallelism.
+    group: AxisGroup = field(default_factory=lambda: AxisGroup.single("cp"))
     comm: str = "ring"  # "ring" (K/V blocks around the ring) or "a2a" (Ulysses all-to-all over heads)
     stats: CommStats | None = None  # receives the bytes sent
 
     @property
     def size(self) -> int:
-        return 1 if self.group is None else resolve_group(self.group).size
+        return self.group.size
 
     @property
     def rank(self) -> int:
-        return 0 if self.group is None else resolve_group(self.group).rank
+        return self.group.rank
 
 
 @dataclass(frozen=True)

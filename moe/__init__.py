@@ -1,4 +1,5 @@
-"""Mixture of experts: router, token dispatchers (all-to-all, all-gather), grouped experts, the MoE layer.
+"""Mixture of experts: router, token dispatchers (dispatch / combine; all-to-all, all-gather), grouped
+experts, the MoE layer, and its per-step metrics (`moe.metrics`).
 
 `moe` imports only `parallel_state` (and torch); `models` builds `MoELayer` as a channel mixer.
 """

@@ -6,7 +6,7 @@ only those attributes, so MoE modules take part in the seed-based initialisation
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from parallel_state.comm_stats import CommStats
@@ -40,12 +40,14 @@ class MoEContext:
     gathers the outputs again.
     """
 
-    tp: AxisGroup | None = None  # the attention-side TP group (ParallelState.tp)
+    # Groups of one rank (AxisGroup.single) where an axis has no parallelism.
+    tp: AxisGroup = field(default_factory=lambda: AxisGroup.single("tp"))  # attention-side TP (ParallelState.tp)
     sequence_parallel: bool = False  # tokens arrive split over tp
-    seq_group: AxisGroup | None = None  # ranks that hold parts of the same sequences (ParallelState.tp_cp)
-    ep: AxisGroup | None = None
-    etp: AxisGroup | None = None
-    etp_ep: AxisGroup | None = None
+    # Ranks that hold parts of the same sequences (ParallelState.tp_cp).
+    seq_group: AxisGroup = field(default_factory=lambda: AxisGroup.single("tp_cp"))
+    ep: AxisGroup = field(default_factory=lambda: AxisGroup.single("ep"))
+    etp: AxisGroup = field(default_factory=lambda: AxisGroup.single("etp"))
+    etp_ep: AxisGroup = field(default_factory=lambda: AxisGroup.single("etp_ep"))
     stats: CommStats | None = None
     aux_loss_scale: AuxLossScale | None = None  # None: aux losses get gradient 1 (a one-process loss sum)
 
@@ -56,37 +58,29 @@ class MoEContext:
         return MoEContext(tp=ps.tp, sequence_parallel=sequence_parallel, seq_group=ps.tp_cp, ep=ps.ep,
                           etp=ps.etp, etp_ep=ps.etp_ep, stats=stats, aux_loss_scale=aux_loss_scale)
 
-    @staticmethod
-    def _size(group: AxisGroup | None) -> int:
-        return 1 if group is None else group.size
-
-    @staticmethod
-    def _rank(group: AxisGroup | None) -> int:
-        return 0 if group is None else group.rank
-
     @property
     def tp_size(self) -> int:
-        return self._size(self.tp)
+        return self.tp.size
 
     @property
     def tp_rank(self) -> int:
-        return self._rank(self.tp)
+        return self.tp.rank
 
     @property
     def ep_size(self) -> int:
-        return self._size(self.ep)
+        return self.ep.size
 
     @property
     def ep_rank(self) -> int:
-        return self._rank(self.ep)
+        return self.ep.rank
 
     @property
     def etp_size(self) -> int:
-        return self._size(self.etp)
+        return self.etp.size
 
     @property
     def etp_rank(self) -> int:
-        return self._rank(self.etp)
+        return self.etp.rank
 
     @property
     def sp(self) -> bool:

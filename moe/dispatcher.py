@@ -40,23 +40,24 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.autograd.function import once_differentiable
 
 from moe.context import MoEContext
 from moe.router import Routing
 from parallel_state.collectives import (
-    ResolvedGroup,
     all_gather_async,
     all_to_all,
+    count,
     gather_from_sequence_parallel_region,
     reduce_scatter_to_sequence_parallel_region,
     resolve_group,
 )
+from parallel_state.groups import AxisGroup
 from parallel_state.uneven_collectives import exchange_counts, gather_counts, gather_v, reduce_scatter_v
 
 
-def _resolve(group) -> ResolvedGroup:
-    """None (no such axis) is a group of one here, never the default group."""
-    return ResolvedGroup(None, 1, 0, "none") if group is None else resolve_group(group)
+def _resolve(group: AxisGroup) -> AxisGroup:
+    return resolve_group(group)
 
 
 # ---- local permutation: slots <-> expert-major rows ------------------------------------------------
@@ -83,7 +84,7 @@ def permute_plan(expert: torch.Tensor, active: torch.Tensor, num_experts: int,
     block_rows: pad every expert's block to exactly this many rows (pad-to-capacity); the caller
     guarantees no expert has more active slots.
     """
-    k = expert.shape[1] if expert.dim() == 2 else 1
+    k = expert.shape[1]
     # Inactive slots get the key E and sort after every expert: one stable sort orders the active
     # slots, and the counts of the keys say how many there are (one host sync).
     key = torch.where(active.reshape(-1), expert.reshape(-1), num_experts)
@@ -112,9 +113,9 @@ def permute_tokens(x: torch.Tensor, plan: Permutation) -> torch.Tensor:
 class _WeightedSum(torch.autograd.Function):
     """out[token[i]] += w[i] * rows[i] for every active slot i, accumulated in fp32 at least.
 
-    What autograd would do for `index_add(rows * w)`, with a backward that reuses one [A, H]
-    buffer for the gathered output gradient and the row gradient (each large temporary costs
-    fresh pages) and a row-wise dot product for the weight gradient.
+    The gradients autograd would give `index_add(rows * w)`, with fewer [A, H] temporaries: the
+    gathered output gradient is scaled in place into the row gradient, and the weight gradient is
+    a row-wise dot product instead of a product then a sum.
     """
 
     @staticmethod
@@ -125,6 +126,7 @@ class _WeightedSum(torch.autograd.Function):
         return rows.new_zeros((num_tokens, rows.shape[1]), dtype=dtype).index_add_(0, token, weighted)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out):
         rows, w, token = ctx.saved_tensors
         grad = grad_out.index_select(0, token)  # [A, H]: each slot's share of its token's gradient
@@ -161,6 +163,22 @@ def _inverse(perm: torch.Tensor) -> torch.Tensor:
     return inv
 
 
+class _PermuteRows(torch.autograd.Function):
+    """x[perm] for a permutation of the rows; backward gathers with the inverse permutation
+    instead of scattering into zeros (index_select's backward), the same values."""
+
+    @staticmethod
+    def forward(ctx, x, perm, inverse):
+        ctx.save_for_backward(inverse)
+        return x.index_select(0, perm)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(0, inverse), None, None
+
+
 # ---- collectives started without waiting ---------------------------------------------------------
 
 
@@ -176,7 +194,7 @@ class _AllToAllStart(torch.autograd.Function):
         x = x.contiguous()
         out = x.new_empty((sum(output_split_sizes), *x.shape[1:]))
         sent_rows = sum(input_split_sizes) - input_split_sizes[comm.rank]
-        comm.count(stats, "all_to_all", sent_rows * x.shape[1:].numel() * x.element_size())
+        count(comm, stats, "all_to_all", sent_rows * x.shape[1:].numel() * x.element_size())
         holder.append(dist.all_to_all_single(out, x, output_split_sizes=output_split_sizes,
                                              input_split_sizes=input_split_sizes, group=comm.group,
                                              async_op=True))
@@ -212,7 +230,7 @@ class _Done:
         return True
 
 
-def start_all_to_all(x: torch.Tensor, comm: ResolvedGroup, stats, output_split_sizes: list[int],
+def start_all_to_all(x: torch.Tensor, comm: AxisGroup, stats, output_split_sizes: list[int],
                      input_split_sizes: list[int]):
     """(out, handle): an uneven all-to-all along dim 0 in flight; differentiable."""
     if comm.size == 1:
@@ -222,7 +240,7 @@ def start_all_to_all(x: torch.Tensor, comm: ResolvedGroup, stats, output_split_s
     return out, holder[0]
 
 
-def start_all_gather(x: torch.Tensor, comm: ResolvedGroup, stats):
+def start_all_gather(x: torch.Tensor, comm: AxisGroup, stats):
     """(out, handle): an all-gather along dim 0 in flight; differentiable (backward reduce-scatters)."""
     if comm.size == 1:
         return x, _Done()
@@ -252,7 +270,7 @@ class AllToAllMeta(DispatchMeta):
     send_splits: list[int]  # rows sent to each EP rank
     recv_splits: list[int]  # rows received from each EP rank
     etp_sizes: list[int] | None  # rows held by each ETP rank before the ETP gather (None: etp = 1)
-    expert_order: torch.Tensor | None  # received rows -> expert-major (None: already)
+    expert_order: tuple[torch.Tensor, torch.Tensor] | None  # received rows -> expert-major, and back
 
 
 class PendingDispatch:
@@ -309,6 +327,7 @@ class AllToAllDispatcher(TokenDispatcher):
             counts = every.reshape(-1, self.num_local)
         rows_per_expert = [sum(column) for column in zip(*sources)]
         order = expert_major(counts)
+        order = None if order is None else (order, _inverse(order))
 
         def finish() -> tuple[torch.Tensor, AllToAllMeta]:
             exchange.wait()
@@ -316,7 +335,7 @@ class AllToAllDispatcher(TokenDispatcher):
             meta = AllToAllMeta(rows_per_expert=rows_per_expert, plan=plan, weight=routing.weight,
                                 num_tokens=x.shape[0], dtype=x.dtype, send_splits=send_splits,
                                 recv_splits=recv_splits, etp_sizes=etp_sizes, expert_order=order)
-            return (received if order is None else received.index_select(0, order)), meta
+            return (received if order is None else _PermuteRows.apply(received, *order)), meta
 
         return PendingDispatch(finish)
 
@@ -331,7 +350,8 @@ class AllToAllDispatcher(TokenDispatcher):
     def combine(self, y: torch.Tensor, meta: AllToAllMeta) -> torch.Tensor:
         stats = self.ctx.stats
         if meta.expert_order is not None:
-            y = y.index_select(0, _inverse(meta.expert_order))
+            to_expert_major, back = meta.expert_order
+            y = _PermuteRows.apply(y, back, to_expert_major)
         if meta.etp_sizes is not None:
             y = reduce_scatter_v(y, self.etp, meta.etp_sizes, stats)
         y = all_to_all(y, self.ep, stats, output_split_sizes=meta.send_splits, input_split_sizes=meta.recv_splits)

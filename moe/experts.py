@@ -156,8 +156,9 @@ class SharedExperts(nn.Module):
     def __init__(self, hidden_size: int, ffn_hidden_size: int, init_std: float, output_init_std: float,
                  tp: AxisGroup | None = None, stats: CommStats | None = None):
         super().__init__()
-        tp_size, tp_rank = (1, 0) if tp is None else (tp.size, tp.rank)
-        self.tp, self.stats = (tp if tp_size > 1 else None), stats
+        tp = tp if tp is not None else AxisGroup.single("tp")
+        tp_size, tp_rank = tp.size, tp.rank
+        self.tp, self.stats = tp, stats
         self.init_std, self.output_init_std = init_std, output_init_std
         local = ffn_hidden_size // tp_size
         self.w1 = _mark(nn.Parameter(torch.empty(local, hidden_size)), 0, tp_rank, tp_size, expert=False)
@@ -169,9 +170,7 @@ class SharedExperts(nn.Module):
                 "w2": InitSpec("normal", self.output_init_std)}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.tp is not None:
-            x = gather_from_sequence_parallel_region(x, self.tp, self.stats, dim=0)
+        x = gather_from_sequence_parallel_region(x, self.tp, self.stats, dim=0)
         y = F.linear(F.silu(F.linear(x, self.w1)) * F.linear(x, self.w3), self.w2)
-        if self.tp is not None:
-            y = reduce_scatter_to_sequence_parallel_region(y, self.tp, self.stats, dim=0)
+        y = reduce_scatter_to_sequence_parallel_region(y, self.tp, self.stats, dim=0)
         return y

@@ -120,7 +120,7 @@ class MoELayer(nn.Module):
         routing = self.router(tokens)
         aux_sum = self._aux_losses(routing, seq_index, batch)
         block_rows = self._apply_capacity(routing)
-        out = self._experts(tokens, routing, block_rows)
+        out = self._routed_and_shared(tokens, routing, block_rows)
         if aux_sum is not None:
             out = AuxLossAutoScaler.apply(out, aux_sum, ctx.aux_loss_scale)
         if split:
@@ -128,7 +128,7 @@ class MoELayer(nn.Module):
                                                        tensor_parallel_output_grad=False)
         return out.reshape(batch, seq, hidden)
 
-    def _experts(self, tokens: torch.Tensor, routing: Routing, block_rows: int | None) -> torch.Tensor:
+    def _routed_and_shared(self, tokens: torch.Tensor, routing: Routing, block_rows: int | None) -> torch.Tensor:
         """Routed experts between dispatch and combine, plus the shared experts, [N, H].
 
         The shared experts need no routed token, so they run while the dispatch exchange is in
@@ -157,10 +157,10 @@ class MoELayer(nn.Module):
             self.last_dropped_slots = 0
             return None
         capacity = capacity_of(routing.num_tokens, cfg.experts_per_token(), cfg.num_experts, cfg.capacity_factor)
-        before = int(routing.active.sum())
-        routing.active = apply_capacity(routing.expert, routing.weight, routing.active, cfg.num_experts,
-                                        capacity, cfg.drop_policy)
-        self.last_dropped_slots = before - int(routing.active.sum())
+        kept = apply_capacity(routing.expert, routing.weight, routing.active, cfg.num_experts, capacity,
+                              cfg.drop_policy)
+        self.last_dropped_slots = int(routing.active.sum() - kept.sum())  # one host sync
+        routing.active = kept
         return capacity if cfg.pad_to_capacity else None
 
     def _aux_losses(self, routing: Routing, seq_index: torch.Tensor, num_seqs: int) -> torch.Tensor | None:

@@ -47,16 +47,17 @@ def _scalar_sums(layers: Sequence[MoELayer], imbalance: list[float]) -> list[flo
 
 
 def step_metrics(layers: Sequence[MoELayer], cfg: MoEConfig, stage_group: AxisGroup | None, stats: CommStats | None,
-                 max_logged_experts: int, world_group=None) -> dict[str, float]:
+                 max_logged_experts: int, world_group: AxisGroup | None = None) -> dict[str, float]:
     """The bias step and the "moe/" metrics dict (module docstring) of one global batch.
 
     layers: this rank's MoE layers (possibly none); stage_group: the ranks routing the tokens of
     one pipeline stage (ParallelState.tp_dp_cp; None: this rank alone); world_group: the group the metrics are summed
-    over (None: every rank, counted under comm/world).
+    over (ParallelState.world; None: this rank alone).
     """
     slots = _slots_per_expert(layers, cfg.num_experts)  # before the bias step resets the counts
     imbalance = update_aux_free_biases(layers, stage_group, stats)
     local = torch.cat([torch.tensor(_scalar_sums(layers, imbalance), dtype=torch.float64), slots])
+    world_group = world_group if world_group is not None else AxisGroup.single("world")
     totals = all_reduce_sum(local, world_group, stats).tolist()
     tokens, imbalance_sum, num_layers, dropped = totals[3], totals[4], totals[5], totals[6]
     # Every rank of a stage's TP x DP x CP group counts the layers and their imbalance.

@@ -104,7 +104,7 @@ class BucketedGradReducer:
     the gradients are read (clipping, optimizer), then `zero_grad()`.
     """
 
-    def __init__(self, params: Iterable[torch.nn.Parameter], group: AxisGroup | None,
+    def __init__(self, params: Iterable[torch.nn.Parameter], group: AxisGroup,
                  bucket_size_mb: float = 25.0, stats: CommStats | None = None, overlap: bool = True,
                  experts: bool = False):
         if bucket_size_mb <= 0:

@@ -8,11 +8,13 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
-import torch.distributed as dist
 
 from parallel_state.collectives import all_reduce_grads_coalesced
+from parallel_state.comm_stats import CommStats
+from parallel_state.groups import AxisGroup
 
 
-def allreduce_gradients(params: Iterable[torch.nn.Parameter], group: dist.ProcessGroup | None = None) -> None:
+def allreduce_gradients(params: Iterable[torch.nn.Parameter], group: AxisGroup,
+                        stats: CommStats | None = None) -> None:
     """Sum gradients over `group` in one flat buffer (a missing grad counts as zeros)."""
-    all_reduce_grads_coalesced(params, group)
+    all_reduce_grads_coalesced(params, group, stats)

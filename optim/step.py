@@ -99,7 +99,7 @@ def sync_replicated_grads(inputs: StepInputs, params: list[nn.Parameter]) -> Non
     """Sum the gradients that are partial on each rank holding a replica: the tied embedding over the
     embedding group (first and last stage) and the TP-partial parameters over TP."""
     ps, stats = inputs.ps, inputs.stats
-    if inputs.tied_weight is not None and ps.embedding is not None and ps.embedding.size > 1:
+    if inputs.tied_weight is not None and ps.embedding.size > 1:
         weight = inputs.tied_weight
         if weight.grad is None:
             weight.grad = torch.zeros_like(weight)
@@ -111,7 +111,7 @@ def clip_by_global_norm(inputs: StepInputs, params: list[nn.Parameter]) -> float
     """Clip every gradient by the norm over all ranks' parameters (each counted once); returns the
     norm before clipping."""
     ps, stats = inputs.ps, inputs.stats
-    norm = clip_grad_norm_(params, inputs.cfg.clip_grad, norm_reduce_fn=lambda s: all_reduce_sum(s, None, stats),
+    norm = clip_grad_norm_(params, inputs.cfg.clip_grad, norm_reduce_fn=lambda s: all_reduce_sum(s, ps.world, stats),
                            counted=lambda p: counted_in_norm(p, ps))
     return float(norm)
 

@@ -1,9 +1,8 @@
 """Differentiable collectives for tensor, sequence and expert parallelism (Megatron's mappings).
 
-Every function takes the group explicitly: an `AxisGroup` from a ParallelState (its `name`, e.g.
-"tp", labels the bytes in CommStats), a raw ProcessGroup, or None (the default group; in a
-one-rank job without torch.distributed that is a group of size 1). On a group of size 1 every
-function is the identity and nothing is sent or counted. `stats`, when given, receives the bytes
+Every function takes the group explicitly as an `AxisGroup` (from a ParallelState, or
+`AxisGroup.single(name)` for no parallelism along an axis); its `name`, e.g. "tp", labels the bytes
+in CommStats. On a group of size 1 every function is the identity and nothing is sent or counted. `stats`, when given, receives the bytes
 this rank sends (convention in parallel_state/comm_stats.py).
 
 Forward / backward pairs (n = group size; "dim" is the sequence dim, 1 for [B, T, H]):
@@ -30,8 +29,6 @@ collective and return `(out, handle)`; `out` is valid only after `handle.wait()`
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -46,31 +43,18 @@ _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather
 _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
-@dataclass(frozen=True)
-class ResolvedGroup:
-    """A group resolved to what the collectives need (any function here also accepts one)."""
-
-    group: Any  # ProcessGroup, or None for the default group
-    size: int
-    rank: int
-    name: str  # CommStats label
-
-    def count(self, stats: CommStats | None, op: str, nbytes: float) -> None:
-        if stats is not None and self.size > 1:
-            stats.record(op, self.name, nbytes)
+def resolve_group(group: AxisGroup) -> AxisGroup:
+    """`group` itself, after checking it is an AxisGroup: the only group type (None is not a group)."""
+    if not isinstance(group, AxisGroup):
+        raise TypeError(f"collectives take an AxisGroup (a ParallelState group, or AxisGroup.single(name) for "
+                        f"one rank); got {type(group).__name__}")
+    return group
 
 
-def resolve_group(group: AxisGroup | Any | None) -> ResolvedGroup:
-    """An AxisGroup, a ProcessGroup or None (default group / one-rank job) as a ResolvedGroup."""
-    if isinstance(group, ResolvedGroup):
-        return group
-    if isinstance(group, AxisGroup):
-        return ResolvedGroup(group.group, group.size, group.rank, group.name)
-    if group is None:
-        if not dist.is_initialized():
-            return ResolvedGroup(None, 1, 0, "world")
-        return ResolvedGroup(None, dist.get_world_size(), dist.get_rank(), "world")
-    return ResolvedGroup(group, dist.get_world_size(group), dist.get_rank(group), "group")
+def count(comm: AxisGroup, stats: CommStats | None, op: str, nbytes: float) -> None:
+    """Add the bytes this rank sends for one `op` on `comm` to `stats` (nothing on one rank)."""
+    if stats is not None and comm.size > 1:
+        stats.record(op, comm.name, nbytes)
 
 
 def _nbytes(t: torch.Tensor) -> int:
@@ -80,16 +64,16 @@ def _nbytes(t: torch.Tensor) -> int:
 # ---- raw (non-differentiable) building blocks, each counted -------------------------------------
 
 
-def _all_reduce(x: torch.Tensor, comm: ResolvedGroup, stats: CommStats | None,
+def _all_reduce(x: torch.Tensor, comm: AxisGroup, stats: CommStats | None,
                 op: dist.ReduceOp = dist.ReduceOp.SUM) -> torch.Tensor:
     """A reduced copy of x (x itself untouched)."""
     out = x.contiguous().clone()
-    comm.count(stats, "all_reduce", ring_bytes_sent("all_reduce", _nbytes(out), comm.size))
+    count(comm, stats, "all_reduce", ring_bytes_sent("all_reduce", _nbytes(out), comm.size))
     dist.all_reduce(out, op=op, group=comm.group)
     return out
 
 
-def _split(x: torch.Tensor, comm: ResolvedGroup, dim: int) -> torch.Tensor:
+def _split(x: torch.Tensor, comm: AxisGroup, dim: int) -> torch.Tensor:
     """This rank's 1/n slice of x along `dim` (no communication)."""
     if x.shape[dim] % comm.size != 0:
         raise ValueError(f"cannot split dim {dim} of size {x.shape[dim]} over a group of {comm.size} "
@@ -97,28 +81,28 @@ def _split(x: torch.Tensor, comm: ResolvedGroup, dim: int) -> torch.Tensor:
     return x.chunk(comm.size, dim)[comm.rank].contiguous()
 
 
-def _all_gather(x: torch.Tensor, comm: ResolvedGroup, stats: CommStats | None, dim: int) -> torch.Tensor:
+def _all_gather(x: torch.Tensor, comm: AxisGroup, stats: CommStats | None, dim: int) -> torch.Tensor:
     """Concatenation along `dim` of every rank's x (all equal shapes)."""
     moved = x.movedim(dim, 0).contiguous()
     out = torch.empty((comm.size * moved.shape[0], *moved.shape[1:]), dtype=x.dtype, device=x.device)
-    comm.count(stats, "all_gather", ring_bytes_sent("all_gather", _nbytes(out), comm.size))
+    count(comm, stats, "all_gather", ring_bytes_sent("all_gather", _nbytes(out), comm.size))
     _all_gather_single(out, moved, group=comm.group)
     return out.movedim(0, dim)
 
 
-def _reduce_scatter(x: torch.Tensor, comm: ResolvedGroup, stats: CommStats | None, dim: int) -> torch.Tensor:
+def _reduce_scatter(x: torch.Tensor, comm: AxisGroup, stats: CommStats | None, dim: int) -> torch.Tensor:
     """This rank's slice along `dim` of the sum of every rank's x."""
     if x.shape[dim] % comm.size != 0:
         raise ValueError(f"cannot reduce-scatter dim {dim} of size {x.shape[dim]} over a group of "
                          f"{comm.size} ranks ({comm.name}); make that size a multiple of {comm.size}")
     moved = x.movedim(dim, 0).contiguous()
     out = torch.empty((moved.shape[0] // comm.size, *moved.shape[1:]), dtype=x.dtype, device=x.device)
-    comm.count(stats, "reduce_scatter", ring_bytes_sent("reduce_scatter", _nbytes(moved), comm.size))
+    count(comm, stats, "reduce_scatter", ring_bytes_sent("reduce_scatter", _nbytes(moved), comm.size))
     _reduce_scatter_single(out, moved, group=comm.group)
     return out.movedim(0, dim)
 
 
-def _all_to_all_dim0(x: torch.Tensor, comm: ResolvedGroup, stats: CommStats | None,
+def _all_to_all_dim0(x: torch.Tensor, comm: AxisGroup, stats: CommStats | None,
                      output_split_sizes: list[int] | None, input_split_sizes: list[int] | None) -> torch.Tensor:
     x = x.contiguous()
     if input_split_sizes is None:
@@ -132,22 +116,22 @@ def _all_to_all_dim0(x: torch.Tensor, comm: ResolvedGroup, stats: CommStats | No
         out_rows = sum(output_split_sizes)
     row_bytes = x[0].numel() * x.element_size() if x.shape[0] else 0  # bytes of one dim-0 row
     out = torch.empty((out_rows, *x.shape[1:]), dtype=x.dtype, device=x.device)
-    comm.count(stats, "all_to_all", sent_rows * row_bytes)
+    count(comm, stats, "all_to_all", sent_rows * row_bytes)
     dist.all_to_all_single(out, x, output_split_sizes=output_split_sizes,
                            input_split_sizes=input_split_sizes, group=comm.group)
     return out
 
 
-def _all_to_all_dims(x: torch.Tensor, comm: ResolvedGroup, stats: CommStats | None,
+def _all_to_all_dims(x: torch.Tensor, comm: AxisGroup, stats: CommStats | None,
                      scatter_dim: int, gather_dim: int) -> torch.Tensor:
     inputs = [c.contiguous() for c in _chunks(x, comm, scatter_dim)]
     outputs = [torch.empty_like(inputs[0]) for _ in range(comm.size)]
-    comm.count(stats, "all_to_all", _nbytes(x) - _nbytes(inputs[comm.rank]))
+    count(comm, stats, "all_to_all", _nbytes(x) - _nbytes(inputs[comm.rank]))
     dist.all_to_all(outputs, inputs, group=comm.group)
     return torch.cat(outputs, dim=gather_dim)
 
 
-def _chunks(x: torch.Tensor, comm: ResolvedGroup, dim: int) -> tuple[torch.Tensor, ...]:
+def _chunks(x: torch.Tensor, comm: AxisGroup, dim: int) -> tuple[torch.Tensor, ...]:
     if x.shape[dim] % comm.size != 0:
         raise ValueError(f"all_to_all: dim {dim} of size {x.shape[dim]} does not split evenly over "
                          f"{comm.size} ranks ({comm.name})")
@@ -254,7 +238,7 @@ class _AllReduceAsync(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, comm, stats, holder):
         out = x.contiguous().clone()
-        comm.count(stats, "all_reduce", ring_bytes_sent("all_reduce", _nbytes(out), comm.size))
+        count(comm, stats, "all_reduce", ring_bytes_sent("all_reduce", _nbytes(out), comm.size))
         holder.append(dist.all_reduce(out, group=comm.group, async_op=True))
         return out
 
@@ -383,7 +367,7 @@ def all_reduce_inplace(tensor: torch.Tensor, group, stats: CommStats | None = No
         return CompletedHandle() if async_op else None
     if not tensor.is_contiguous():
         raise ValueError("all_reduce_inplace needs a contiguous tensor (reduce a flat buffer)")
-    comm.count(stats, "all_reduce", ring_bytes_sent("all_reduce", _nbytes(tensor), comm.size))
+    count(comm, stats, "all_reduce", ring_bytes_sent("all_reduce", _nbytes(tensor), comm.size))
     return dist.all_reduce(tensor, op=op, group=comm.group, async_op=async_op)
 
 
@@ -411,7 +395,7 @@ def all_gather_async(x: torch.Tensor, group, stats: CommStats | None = None):
         return x, CompletedHandle()
     x = x.contiguous()
     out = torch.empty((comm.size * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
-    comm.count(stats, "all_gather", ring_bytes_sent("all_gather", _nbytes(out), comm.size))
+    count(comm, stats, "all_gather", ring_bytes_sent("all_gather", _nbytes(out), comm.size))
     return out, _all_gather_single(out, x, group=comm.group, async_op=True)
 
 
@@ -425,7 +409,7 @@ def reduce_scatter_async(x: torch.Tensor, group, stats: CommStats | None = None)
                          f"{comm.size} ranks ({comm.name})")
     x = x.contiguous()
     out = torch.empty((x.shape[0] // comm.size, *x.shape[1:]), dtype=x.dtype, device=x.device)
-    comm.count(stats, "reduce_scatter", ring_bytes_sent("reduce_scatter", _nbytes(x), comm.size))
+    count(comm, stats, "reduce_scatter", ring_bytes_sent("reduce_scatter", _nbytes(x), comm.size))
     return out, _reduce_scatter_single(out, x, group=comm.group, async_op=True)
 
 

@@ -19,10 +19,15 @@ from parallel_state.topology import GROUP_NAMES, RankCoords, Topology
 
 @dataclass(frozen=True)
 class AxisGroup:
-    """This rank's group along one axis (or set of axes): the process group, its members and our place."""
+    """This rank's group along one axis (or set of axes): the process group, its members and our place.
 
-    name: str  # group kind, one of topology.GROUP_NAMES
-    group: Any  # torch ProcessGroup; None only in a one-rank job without torch.distributed
+    The only group type: every collective, layer and context takes one. A group of one rank is a
+    real AxisGroup too (`AxisGroup.single`), on which every collective is the identity; None is
+    never a group.
+    """
+
+    name: str  # group kind (one of topology.GROUP_NAMES, or "world"); labels its bytes in CommStats
+    group: Any  # torch ProcessGroup; None for a group of one rank (nothing is ever sent on it)
     ranks: tuple[int, ...]  # global ranks of the members, ascending
     rank: int  # this rank's index in `ranks` (its rank within the group)
 
@@ -30,14 +35,19 @@ class AxisGroup:
     def size(self) -> int:
         return len(self.ranks)
 
+    @classmethod
+    def single(cls, name: str, global_rank: int = 0) -> AxisGroup:
+        """A group of this rank alone (no parallelism along the axis)."""
+        return cls(name=name, group=None, ranks=(global_rank,), rank=0)
+
 
 @dataclass(frozen=True)
 class ParallelState:
     """One rank's view of a parallel layout: an AxisGroup per group kind plus its coordinates.
 
     Axes: tp, cp, dp, pp, dp_cp, tp_cp, tp_dp_cp, mp (dense grid), ep, etp, edp, etp_ep, etp_ep_pp
-    (expert grid), and embedding, which is None on middle pipeline stages (they hold neither the
-    input embedding nor the output layer).
+    (expert grid), embedding (the first and last pipeline stage; on middle stages, which hold
+    neither the input embedding nor the output layer, the rank alone), and world (every rank).
     """
 
     topology: Topology
@@ -50,12 +60,13 @@ class ParallelState:
     tp_cp: AxisGroup
     tp_dp_cp: AxisGroup
     mp: AxisGroup
-    embedding: AxisGroup | None
+    embedding: AxisGroup
     ep: AxisGroup
     etp: AxisGroup
     edp: AxisGroup
     etp_ep: AxisGroup
     etp_ep_pp: AxisGroup
+    world: AxisGroup  # every rank (the default group): grad-norm and metric sums
     owned_groups: tuple = ()  # process groups this state created (destroy() releases them)
 
     @property
@@ -76,7 +87,7 @@ class ParallelState:
         """Whether this rank is on the last pipeline stage (holds the output layer and the loss)."""
         return self.pp.rank == self.pp.size - 1
 
-    def axis(self, name: str) -> AxisGroup | None:
+    def axis(self, name: str) -> AxisGroup:
         """The AxisGroup of kind `name` (see topology.GROUP_NAMES)."""
         if name not in GROUP_NAMES:
             raise KeyError(f"unknown group {name!r}; known: {', '.join(GROUP_NAMES)}")
@@ -104,7 +115,7 @@ def init(topology: Topology, backend: str | None = None, device: torch.device | 
     the device's (nccl on CUDA, gloo on CPU) or, with no device, the default group's backend (so a
     `fake` world gets fake groups). Groups with identical members are created once and shared
     between kinds (e.g. dp and edp when etp*ep = tp*cp), which saves communicators. A one-rank job
-    without torch.distributed gets group=None everywhere: callers skip collectives on axes of size 1.
+    without torch.distributed gets groups of one rank (group=None) everywhere.
     """
     if backend is None:
         backend = default_backend(device)
@@ -135,9 +146,11 @@ def init(topology: Topology, backend: str | None = None, device: torch.device | 
 
 
 def _build(topology: Topology, rank: int, make_group: Callable[[list[int]], Any], owned: tuple = ()) -> ParallelState:
-    axes: dict[str, AxisGroup | None] = {}
+    axes: dict[str, AxisGroup] = {}
     for name in GROUP_NAMES:
         members = topology.group_of(name, rank)
-        axes[name] = None if members is None else AxisGroup(name=name, group=make_group(members),
-                                                             ranks=tuple(members), rank=members.index(rank))
-    return ParallelState(topology=topology, coords=topology.coords(rank), owned_groups=owned, **axes)
+        axes[name] = (AxisGroup.single(name, rank) if members is None
+                      else AxisGroup(name=name, group=make_group(members), ranks=tuple(members), rank=members.index(rank)))
+    world = AxisGroup(name="world", group=dist.group.WORLD if dist.is_initialized() else None,
+                      ranks=tuple(range(topology.world_size)), rank=rank)
+    return ParallelState(topology=topology, coords=topology.coords(rank), owned_groups=owned, world=world, **axes)

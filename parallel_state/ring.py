@@ -52,7 +52,7 @@ class PendingRecv:
 class RingExchange:
     """Send to the next rank of a group and receive from the previous one (group order, wrapping).
 
-    `group` is an AxisGroup, or anything `parallel_state.collectives.resolve_group` accepts.
+    `group` is an AxisGroup (ParallelState.cp).
     """
 
     def __init__(self, group: Any, stats: CommStats | None = None):

@@ -15,8 +15,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from parallel_state.collectives import ResolvedGroup
 from parallel_state.comm_stats import CommStats
+from parallel_state.groups import AxisGroup
 
 # torch 2.13 renamed the tensor-in/tensor-out all-gather; older builds only have the old name.
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -27,12 +27,12 @@ def _row_bytes(x: torch.Tensor) -> int:
     return x.shape[1:].numel() * x.element_size()
 
 
-def _record(comm: ResolvedGroup, stats: CommStats | None, op: str, nbytes: float) -> None:
+def _record(comm: AxisGroup, stats: CommStats | None, op: str, nbytes: float) -> None:
     if stats is not None and comm.size > 1:
         stats.record(op, comm.name, nbytes)
 
 
-def exchange_counts(send: torch.Tensor, comm: ResolvedGroup, stats: CommStats | None) -> torch.Tensor:
+def exchange_counts(send: torch.Tensor, comm: AxisGroup, stats: CommStats | None) -> torch.Tensor:
     """send [n, m]: row j goes to rank j; returns [n, m] with row j from rank j."""
     if comm.size == 1:
         return send
@@ -43,7 +43,7 @@ def exchange_counts(send: torch.Tensor, comm: ResolvedGroup, stats: CommStats | 
     return out
 
 
-def gather_counts(counts: torch.Tensor, comm: ResolvedGroup, stats: CommStats | None) -> torch.Tensor:
+def gather_counts(counts: torch.Tensor, comm: AxisGroup, stats: CommStats | None) -> torch.Tensor:
     """counts [...] on each rank -> [n, ...] stacked in group-rank order."""
     if comm.size == 1:
         return counts.unsqueeze(0)
@@ -54,7 +54,7 @@ def gather_counts(counts: torch.Tensor, comm: ResolvedGroup, stats: CommStats | 
     return out.view(comm.size, *counts.shape)
 
 
-def _gather_v(x: torch.Tensor, comm: ResolvedGroup, stats: CommStats | None, sizes: list[int]) -> torch.Tensor:
+def _gather_v(x: torch.Tensor, comm: AxisGroup, stats: CommStats | None, sizes: list[int]) -> torch.Tensor:
     x = x.contiguous()
     out = x.new_empty((sum(sizes), *x.shape[1:]))
     _record(comm, stats, "all_gather", (comm.size - 1) * x.shape[0] * _row_bytes(x))
@@ -64,7 +64,7 @@ def _gather_v(x: torch.Tensor, comm: ResolvedGroup, stats: CommStats | None, siz
     return out
 
 
-def _reduce_scatter_v(y: torch.Tensor, comm: ResolvedGroup, stats: CommStats | None, sizes: list[int]) -> torch.Tensor:
+def _reduce_scatter_v(y: torch.Tensor, comm: AxisGroup, stats: CommStats | None, sizes: list[int]) -> torch.Tensor:
     y = y.contiguous()
     mine = sizes[comm.rank]
     parts = y.new_empty((comm.size * mine, *y.shape[1:]))
@@ -96,7 +96,7 @@ class _ReduceScatterV(torch.autograd.Function):
         return _gather_v(grad, ctx.comm, ctx.stats, ctx.sizes), None, None, None
 
 
-def gather_v(x: torch.Tensor, comm: ResolvedGroup, sizes: list[int], stats: CommStats | None = None) -> torch.Tensor:
+def gather_v(x: torch.Tensor, comm: AxisGroup, sizes: list[int], stats: CommStats | None = None) -> torch.Tensor:
     """Concatenate every rank's x along dim 0 (rank j has sizes[j] rows); backward reduce-scatters."""
     if comm.size == 1:
         return x
@@ -105,7 +105,7 @@ def gather_v(x: torch.Tensor, comm: ResolvedGroup, sizes: list[int], stats: Comm
     return _GatherV.apply(x, comm, stats, list(sizes))
 
 
-def reduce_scatter_v(y: torch.Tensor, comm: ResolvedGroup, sizes: list[int],
+def reduce_scatter_v(y: torch.Tensor, comm: AxisGroup, sizes: list[int],
                      stats: CommStats | None = None) -> torch.Tensor:
     """Sum y over the ranks and keep this rank's rows (rows [sum(sizes[:r]), +sizes[r]]); backward gathers."""
     if comm.size == 1:

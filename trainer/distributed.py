@@ -77,10 +77,3 @@ def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
 
-
-def allreduce_max(value: torch.Tensor) -> torch.Tensor:
-    """Maximum of a small CPU tensor over all ranks; identity on one process."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        value = value.clone()
-        dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return value

@@ -26,7 +26,7 @@ from moe.layer import MoELayer
 from moe.metrics import step_metrics as moe_step_metrics
 from optim.step import BucketedOptimizerStep, OptimizerStepFactory, StepInputs
 from parallel_state import RNGStreams, Topology
-from parallel_state.collectives import all_reduce_sum
+from parallel_state.collectives import all_reduce_max, all_reduce_sum
 from parallel_state.comm_stats import CommStats
 from trainer import distributed
 from trainer.checkpoint import (
@@ -255,7 +255,7 @@ class Trainer:
         back together rather than resume from different steps)."""
         loaded = find_latest_checkpoint(self.run_dir, self.shard_layout)
         mine = torch.tensor(loaded.step if loaded is not None else -1, dtype=torch.int64)
-        agreed = -distributed.allreduce_max(-mine).item()
+        agreed = -all_reduce_max(-mine, self.ps.world, self.comm_stats).item()
         if agreed == mine.item():
             return loaded
         if agreed < 0:
@@ -321,7 +321,7 @@ class Trainer:
         if not self.cfg_has_moe:
             return {}
         return moe_step_metrics(self.moe_layers, self.cfg.model.moe, self.ps.tp_dp_cp, self.comm_stats,
-                                max_logged_experts=MAX_LOGGED_EXPERTS)
+                                max_logged_experts=MAX_LOGGED_EXPERTS, world_group=self.ps.world)
 
     def _global_sum(self, loss_sum: torch.Tensor) -> torch.Tensor:
         """A loss sum over the whole global batch: the last pipeline stage has it, DP x CP split it."""
@@ -332,7 +332,7 @@ class Trainer:
 
     def _world_sum(self, value: torch.Tensor) -> torch.Tensor:
         """A small sum over every rank (grad norm, MoE metrics), counted under comm/world."""
-        return all_reduce_sum(value, None, self.comm_stats)
+        return all_reduce_sum(value, self.ps.world, self.comm_stats)
 
     def _pipeline(self, microbatches: list[dict], num_tokens: torch.Tensor, forward_only: bool = False) -> torch.Tensor:
         """Forward (and backward) of the microbatches through the pipeline; this rank's loss sum."""

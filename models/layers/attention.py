@@ -15,6 +15,7 @@ from models.layers.masks import causal_mask_from_positions
 from models.layers.rope import RotaryEmbedding, apply_rotary
 from models.layers.tensor_parallel import ColumnParallelLinear, divide_exactly
 from models.parallel_context import ParallelContext, resolve_context
+from parallel_state.groups import AxisGroup
 from parallel_state.params import set_param_meta
 
 
@@ -72,8 +73,8 @@ class Attention(nn.Module):
         kv_width = self.num_kv_heads * self.head_dim
         self.wq = tp.column(self.hidden_size, self.num_heads * self.head_dim, std)
         if kv_replicated:
-            self.wk = ColumnParallelLinear(self.hidden_size, kv_width, None, init=std)
-            self.wv = ColumnParallelLinear(self.hidden_size, kv_width, None, init=std)
+            self.wk = ColumnParallelLinear(self.hidden_size, kv_width, AxisGroup.single("tp"), init=std)
+            self.wv = ColumnParallelLinear(self.hidden_size, kv_width, AxisGroup.single("tp"), init=std)
             for weight in (self.wk.weight, self.wv.weight):
                 set_param_meta(weight, tp_partial_grad=True)
         else:

@@ -52,12 +52,12 @@ import torch.nn.functional as F
 
 from models.layers.masks import causal_mask_from_positions
 from parallel_state.collectives import (
-    ResolvedGroup,
     all_gather_async,
     all_to_all_scatter_gather,
     resolve_group,
 )
 from parallel_state.comm_stats import CommStats
+from parallel_state.groups import AxisGroup
 from parallel_state.ring import RingExchange
 
 KV_TAG, DKV_TAG = 0, 1  # p2p tags: the K/V ring and the dK/dV ring may be in flight together
@@ -221,7 +221,7 @@ def ring_block_plan(step: int, rank: int, cp_size: int, local_len: int, zigzag: 
     return [(slice(half, local_len), whole, False)]
 
 
-def _ring_forward(q, k, v, comm: ResolvedGroup, stats, zigzag: bool, scale: float, kernel: BlockKernel):
+def _ring_forward(q, k, v, comm: AxisGroup, stats, zigzag: bool, scale: float, kernel: BlockKernel):
     batch, hq, tlocal, dim = q.shape
     acc = accumulation_dtype(q.dtype)
     out = torch.zeros(batch, hq, tlocal, dim, dtype=acc, device=q.device)
@@ -240,7 +240,7 @@ def _ring_forward(q, k, v, comm: ResolvedGroup, stats, zigzag: bool, scale: floa
     return out, lse
 
 
-def _ring_backward(dout, q, k, v, out, lse, comm: ResolvedGroup, stats, zigzag, scale, kernel: BlockKernel):
+def _ring_backward(dout, q, k, v, out, lse, comm: AxisGroup, stats, zigzag, scale, kernel: BlockKernel):
     tlocal = q.shape[2]
     acc = accumulation_dtype(q.dtype)
     ring = RingExchange(comm, stats)
@@ -302,7 +302,7 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cp, stats:
 
     q [B, Hq, T_local, D], k, v [B, Hkv, T_local, D]: this rank's tokens, in the zigzag layout
     (chunks r and 2P-1-r, T_local even) or, with zigzag=False, the contiguous chunk r. `cp`: an
-    AxisGroup (ps.cp), ResolvedGroup, ProcessGroup or None. scale defaults to D^-1/2. Returns
+    AxisGroup (ps.cp). scale defaults to D^-1/2. Returns
     out [B, Hq, T_local, D] (q's dtype), and with return_lse also lse [B, Hq, T_local] (the
     accumulation dtype, not differentiable). Differentiable in q, k, v.
     """

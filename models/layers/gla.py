@@ -28,6 +28,7 @@ from models.config import ModelConfig
 from models.init import ParamInit, normal_init, ones_init
 from models.layers.tensor_parallel import ColumnParallelLinear
 from models.parallel_context import ParallelContext, resolve_context
+from parallel_state.groups import AxisGroup
 from parallel_state.params import mark_shard, set_param_meta
 
 GLA_MODES = {"chunk": chunk_gla, "fused_recurrent": fused_recurrent_gla}
@@ -69,7 +70,7 @@ class GatedLinearAttention(nn.Module):
         self.v_proj = tp.column(self.hidden_size, self.value_dim, std)
         self.g_proj = tp.column(self.hidden_size, self.value_dim, std)  # W_r of the output gate
         self.gk_proj = nn.Sequential(
-            ColumnParallelLinear(self.hidden_size, gla.gate_low_rank_dim, None, init=std),  # replicated W1
+            ColumnParallelLinear(self.hidden_size, gla.gate_low_rank_dim, AxisGroup.single("tp"), init=std),  # replicated W1
             tp.column(gla.gate_low_rank_dim, self.key_dim, std, bias=True),
         )
         if tp.size > 1:

@@ -34,7 +34,7 @@ from kernels.pararnn import NewtonReport, parallel_recurrence, sequential_recurr
 from kernels.pararnn_plan import NewtonOptions, SolverPlan, build_solver_plan
 from models.config import ModelConfig
 from models.init import ParamInit, normal_init, zeros_init
-from models.layers.tensor_parallel import TPContext, resolve_tp, tp_region_input
+from models.layers.tensor_parallel import TPContext, tp_region_input
 from models.parallel_context import ParallelContext, resolve_context
 from parallel_state.params import mark_shard
 
@@ -224,7 +224,7 @@ class _ParaRNN(nn.Module):
         self.state_per_rank = local = n // tp.size
         self.tp_rank, self.tp_size = tp.rank, tp.size
         # The input mapping's arguments, the group resolved once (no lookups per call).
-        self.tp_group, self.sequence_parallel, self.tp_stats = resolve_tp(tp.group), tp.sp, tp.stats
+        self.tp_group, self.sequence_parallel, self.tp_stats = tp.group, tp.sp, tp.stats
 
         def channel_shard(*shape: int) -> nn.Parameter:
             """A parameter holding this rank's slice of the state channels (dim 1)."""

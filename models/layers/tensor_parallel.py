@@ -14,8 +14,8 @@ pair are split along the sequence; the Column input is all-gathered (reduce-scat
 and the Row output reduce-scattered (all-gathered in backward): same bytes, 1/tp of the activation
 memory in norms, dropout and residuals.
 
-`tp` is the ParallelState's TP AxisGroup, or None for no tensor parallelism (then nothing is
-communicated even inside a multi-rank job; contrast the collectives, where None is the default group).
+`tp` is the ParallelState's TP AxisGroup, or `AxisGroup.single("tp")` for no tensor parallelism
+(then nothing is communicated, even inside a multi-rank job).
 
 Several Column layers reading the same input (q/k/v, gate/up) should share one input collective:
 `x_tp = first.prepare_input(x)` then `layer(x_tp, input_prepared=True)` for each.
@@ -28,7 +28,7 @@ replicas never drift.
 from __future__ import annotations
 
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +36,6 @@ from torch import nn
 
 from models.init import ParamInit, zeros_init
 from parallel_state.collectives import (
-    ResolvedGroup,
     copy_to_tp_region,
     gather_from_sequence_parallel_region,
     gather_from_tp_region,
@@ -59,18 +58,10 @@ def divide_exactly(total: int, parts: int, what: str) -> int:
     return total // parts
 
 
-def resolve_tp(tp: AxisGroup | ResolvedGroup | None) -> ResolvedGroup:
-    """The TP group of a layer; None means no tensor parallelism (even inside a multi-rank job)."""
-    if tp is None:
-        return ResolvedGroup(None, 1, 0, "tp")
-    return resolve_group(tp)
-
-
-def tp_region_input(x: torch.Tensor, tp: AxisGroup | ResolvedGroup | None, sequence_parallel: bool,
+def tp_region_input(x: torch.Tensor, tp: AxisGroup, sequence_parallel: bool,
                     stats: CommStats | None) -> torch.Tensor:
     """Enter a TP region with the full activation: all-gather the sequence under SP (reduce-scatter
     in backward), else identity forward with an all-reduce in backward."""
-    tp = resolve_tp(tp)  # None means no TP here, not the collectives' "default group"
     if sequence_parallel:
         return gather_from_sequence_parallel_region(x, tp, stats, tensor_parallel_output_grad=True)
     return copy_to_tp_region(x, tp, stats)
@@ -83,18 +74,19 @@ class TPContext:
     `column(...)` / `row(...)` build the layers with the context's group, SP flag and stats.
     """
 
-    group: AxisGroup | None = None  # the TP group (ParallelState.tp); None: no tensor parallelism
+    # The TP group (ParallelState.tp); a group of one rank: no tensor parallelism.
+    group: AxisGroup = field(default_factory=lambda: AxisGroup.single("tp"))
     sequence_parallel: bool = False  # activations outside Column->Row pairs split along the sequence
     stats: CommStats | None = None  # receives the bytes sent; the trainer logs and resets it per step
     rng: RNGStreams | None = None  # the rank's random streams (dropout on sharded activations)
 
     @property
     def size(self) -> int:
-        return resolve_tp(self.group).size
+        return self.group.size
 
     @property
     def rank(self) -> int:
-        return resolve_tp(self.group).rank
+        return self.group.rank
 
     @property
     def sp(self) -> bool:
@@ -135,10 +127,10 @@ class TPContext:
 class _TPLinear(nn.Module):
     """What Column- and RowParallelLinear share: the resolved group and how their params are seeded."""
 
-    def __init__(self, in_features: int, out_features: int, tp: AxisGroup | ResolvedGroup | None, init: ParamInit,
+    def __init__(self, in_features: int, out_features: int, tp: AxisGroup, init: ParamInit,
                  sequence_parallel: bool, stats: CommStats | None):
         super().__init__()
-        self.tp = resolve_tp(tp)  # resolved once: the collectives in forward need no lookups
+        self.tp = resolve_group(tp)
         self.stats = stats
         self.in_features = in_features
         self.out_features = out_features
@@ -160,7 +152,7 @@ class ColumnParallelLinear(_TPLinear):
     with gather_output (not allowed with sequence_parallel, whose consumers take the slice).
     """
 
-    def __init__(self, in_features: int, out_features: int, tp: AxisGroup | ResolvedGroup | None, *,
+    def __init__(self, in_features: int, out_features: int, tp: AxisGroup, *,
                  init: ParamInit,
                  bias: bool = False, gather_output: bool = False, sequence_parallel: bool = False,
                  stats: CommStats | None = None):
@@ -200,7 +192,7 @@ class RowParallelLinear(_TPLinear):
     replicated and added after the reduction.
     """
 
-    def __init__(self, in_features: int, out_features: int, tp: AxisGroup | ResolvedGroup | None, *,
+    def __init__(self, in_features: int, out_features: int, tp: AxisGroup, *,
                  init: ParamInit,
                  bias: bool = False, input_is_parallel: bool = True, sequence_parallel: bool = False,
                  stats: CommStats | None = None):

@@ -16,13 +16,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.init import ParamInit
-from models.layers.tensor_parallel import ColumnParallelLinear, resolve_tp
+from models.layers.tensor_parallel import ColumnParallelLinear
 from parallel_state.collectives import (
-    ResolvedGroup,
     all_reduce_max,
     all_reduce_sum,
     reduce_from_tp_region,
     reduce_scatter_to_sequence_parallel_region,
+    resolve_group,
 )
 from parallel_state.comm_stats import CommStats
 from parallel_state.groups import AxisGroup
@@ -62,10 +62,10 @@ class VocabParallelEmbedding(nn.Module):
     chunk [B, T / tp, hidden].
     """
 
-    def __init__(self, vocab_size: int, hidden_size: int, tp: AxisGroup | None, *, init: ParamInit,
+    def __init__(self, vocab_size: int, hidden_size: int, tp: AxisGroup, *, init: ParamInit,
                  multiple: int = 1, sequence_parallel: bool = False, stats: CommStats | None = None):
         super().__init__()
-        comm = resolve_tp(tp)
+        comm = resolve_group(tp)
         self.tp = comm
         self.stats = stats
         self.vocab_size = vocab_size
@@ -100,11 +100,11 @@ class VocabParallelLMHead(ColumnParallelLinear):
     shard layout is the same.
     """
 
-    def __init__(self, vocab_size: int, hidden_size: int, tp: AxisGroup | None, *, init: ParamInit,
+    def __init__(self, vocab_size: int, hidden_size: int, tp: AxisGroup, *, init: ParamInit,
                  multiple: int = 1, sequence_parallel: bool = False, stats: CommStats | None = None):
         # init.seed_name = EMBEDDING_WEIGHT_NAME makes a tied head on a stage without the embedding
         # start equal to it.
-        tp_size = resolve_tp(tp).size
+        tp_size = resolve_group(tp).size
         padded = padded_vocab_size(vocab_size, tp_size, multiple)
         super().__init__(hidden_size, padded, tp, init=init, bias=False, gather_output=False,
                          sequence_parallel=sequence_parallel, stats=stats)
@@ -120,7 +120,7 @@ class VocabParallelLMHead(ColumnParallelLinear):
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, labels, comm: ResolvedGroup, stats, vocab_size: int, ignore_index: int):
+    def forward(ctx, logits, labels, comm: AxisGroup, stats, vocab_size: int, ignore_index: int):
         part = logits.shape[-1]
         start = comm.rank * part
         logits32 = logits.float()
@@ -167,7 +167,7 @@ def vocab_parallel_cross_entropy(local_logits: torch.Tensor, labels: torch.Tenso
     if labels.shape != local_logits.shape[:-1]:
         raise ValueError(f"vocab_parallel_cross_entropy: labels {tuple(labels.shape)} do not match "
                          f"logits {tuple(local_logits.shape)} without the vocabulary dim")
-    comm = resolve_tp(tp)
+    comm = resolve_group(tp)
     if local_logits.shape[-1] * comm.size < vocab_size:
         raise ValueError(f"vocab_parallel_cross_entropy: {local_logits.shape[-1]} columns x tp={comm.size} "
                          f"cover fewer than vocab_size={vocab_size} entries")

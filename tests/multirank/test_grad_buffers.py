@@ -89,7 +89,7 @@ def on_rank(tied: bool, layer1_on_rank0_only: bool) -> dict:
                 sent_before_last = (dict(stats.calls), list(reducer.launch_order))
         launched_in_backward = len(reducer.launch_order)
         reducer.finish()
-        allreduce_gradients(plain.parameters(), ps.dp_cp.group)
+        allreduce_gradients(plain.parameters(), ps.dp_cp)
         out["steps"].append({
             "grads": flat_grads(model), "plain": flat_grads(plain), "sent_before_last": sent_before_last,
             "launch_order": reducer.last_launch_order, "launched_in_backward": launched_in_backward,

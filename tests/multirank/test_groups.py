@@ -26,8 +26,8 @@ def sum_over_every_group(kwargs: dict) -> dict:
     out = {"first": ps.is_first_stage, "last": ps.is_last_stage}
     for name in GROUP_NAMES:
         axis = ps.axis(name)
-        if axis is None:
-            out[name] = None
+        if axis.group is None:  # the rank alone (the embedding group of a middle stage)
+            out[name] = {"single": list(axis.ranks), "size": axis.size}
             continue
         x = torch.tensor([2.0 ** dist.get_rank()], dtype=torch.float64)
         dist.all_reduce(x, group=axis.group)
@@ -46,8 +46,8 @@ def test_all_reduce_sums_exactly_the_listed_ranks(rank_pools, kwargs):
     for rank, out in enumerate(results):
         for name in GROUP_NAMES:
             expected = topo.group_of(name, rank)
-            if expected is None:
-                assert name == "embedding" and out[name] is None
+            if expected is None:  # a middle stage: its embedding group is the rank alone, a real group
+                assert name == "embedding" and out[name] == {"single": [rank], "size": 1}
                 continue
             got = out[name]
             members = [r for r in range(world) if got["mask"] >> r & 1]
@@ -115,8 +115,8 @@ def test_fake_world_1024_membership(rank):
         ps = init(topo)
         for name, expected in expected_1024(rank).items():
             axis = ps.axis(name)
-            if expected is None:
-                assert axis is None, name
+            if expected is None:  # a middle stage's embedding group: the rank alone
+                assert axis.ranks == (rank,) and axis.size == 1 and axis.group is None, name
                 continue
             assert list(axis.ranks) == expected, name
             assert dist.get_process_group_ranks(axis.group) == expected, name

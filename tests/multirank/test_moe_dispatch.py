@@ -19,7 +19,9 @@ import torch.distributed as dist
 
 from models.init import materialize
 from moe import AuxLossScale, MoEConfig, MoEContext, MoELayer
+from moe.dispatcher import make_dispatcher
 from moe.layer import update_aux_free_biases
+from moe.router import Routing, apply_capacity, capacity_of
 from parallel_state.comm_stats import CommStats
 from parallel_state.groups import init
 from parallel_state.params import param_meta
@@ -274,3 +276,67 @@ def test_aux_free_bias_update_uses_counts_summed_over_ranks(rank_pools):
             torch.testing.assert_close(r["bias"][layer], expected)
             assert r["imbalance"][layer] == pytest.approx((total.max() / total.mean()).item())
             assert r["left"][layer] == 0
+
+
+DISPATCH_TOKENS, DISPATCH_K = 12, 2
+
+
+def rank_routing(rank: int, num_experts: int, padded: bool) -> tuple[torch.Tensor, Routing, int | None]:
+    """This rank's tokens [DISPATCH_TOKENS, HIDDEN] (float64) and a top-k routing of them (with
+    over-capacity slots dropped and blocks padded to the capacity when `padded`)."""
+    g = torch.Generator().manual_seed(100 + rank)
+    x = torch.randn(DISPATCH_TOKENS, HIDDEN, generator=g, dtype=torch.float64)
+    scores = torch.rand(DISPATCH_TOKENS, num_experts, generator=g, dtype=torch.float64)
+    weight, expert = scores.topk(DISPATCH_K, dim=-1)
+    active = torch.ones_like(expert, dtype=torch.bool)
+    block_rows = None
+    if padded:
+        block_rows = capacity_of(DISPATCH_TOKENS, DISPATCH_K, num_experts, 0.5)
+        active = apply_capacity(expert, weight, active, num_experts, block_rows, "probs")
+    return x, Routing(expert=expert, weight=weight, active=active, logits=scores, aux_probs=None), block_rows
+
+
+def run_dispatch_combine_rank(topo_kwargs: dict, num_experts: int) -> list[dict]:
+    """dispatch, identity experts (each ETP rank returns 1/etp of its rows: the partial sums add up
+    to the rows), combine, for both dispatchers with and without capacity padding."""
+    ps = init(Topology(dist.get_world_size(), **topo_kwargs))
+    try:
+        ctx = MoEContext.from_parallel_state(ps, sequence_parallel=True)
+        out = []
+        for kind in ("alltoall", "allgather"):
+            for padded in (False, True):
+                x, routing, block_rows = rank_routing(ps.rank, num_experts, padded)
+                dispatcher = make_dispatcher(kind, num_experts, ctx)
+                rows, meta = dispatcher.dispatch(x, routing, block_rows)
+                combined = dispatcher.combine(rows / ps.etp.size, meta)
+                out.append({"kind": kind, "padded": padded, "x": x, "routing": routing, "block_rows": block_rows,
+                            "rows": rows, "rows_per_expert": meta.rows_per_expert, "out": combined,
+                            "group": ps.etp_ep.ranks, "first": ps.ep.rank * (num_experts // ps.ep.size)})
+        return out
+    finally:
+        ps.destroy()
+
+
+@pytest.mark.parametrize("layout", ["dp4-ep4", "tp2-etp2", "tp2dp2-ep2etp2"])
+def test_dispatch_then_combine_of_identity_experts_weights_the_tokens(rank_pools, layout):
+    """On every rank, for both dispatchers, dropless and padded: each local expert's block holds
+    the slots routed to it by the ranks of its etp x ep group (padded: C rows per source rank), and
+    combine returns out[t] = sum_j active[t, j] * weight[t, j] * x[t]."""
+    world, topo_kwargs = LAYOUTS[layout]
+    num_experts = 8
+    results = rank_pools.get(world).run(run_dispatch_combine_rank, topo_kwargs, num_experts)
+    for case in range(4):
+        for rank, r in enumerate(result[case] for result in results):
+            routing = r["routing"]
+            want = ((routing.weight * routing.active).unsqueeze(-1) * r["x"].unsqueeze(1)).sum(1)
+            torch.testing.assert_close(r["out"], want, rtol=1e-13, atol=1e-13, msg=f"rank {rank}, {r['kind']}, padded={r['padded']}")
+            sources = [results[q][case] for q in r["group"]]
+            start = 0
+            for i, rows in enumerate(r["rows_per_expert"]):
+                e = r["first"] + i
+                mine = [(s["routing"].expert == e) & s["routing"].active for s in sources]
+                assert rows == (r["block_rows"] * len(sources) if r["padded"] else sum(int(m.sum()) for m in mine))
+                block_sum = sum(((m.unsqueeze(-1) * s["x"].unsqueeze(1)).sum((0, 1)) for m, s in zip(mine, sources)))
+                torch.testing.assert_close(r["rows"][start:start + rows].sum(0), block_sum, rtol=1e-13, atol=1e-13)
+                start += rows
+            assert start == r["rows"].shape[0]

@@ -41,8 +41,8 @@ class FlatReferenceStep:
 
     def reduce_and_clip(self) -> float:
         ps = self.inputs.ps
-        allreduce_gradients([p for p in self.params if param_meta(p).grad_group == "dp_cp"], ps.dp_cp.group)
-        allreduce_gradients([p for p in self.params if param_meta(p).grad_group == "edp"], ps.edp.group)
+        allreduce_gradients([p for p in self.params if param_meta(p).grad_group == "dp_cp"], ps.dp_cp)
+        allreduce_gradients([p for p in self.params if param_meta(p).grad_group == "edp"], ps.edp)
         sync_replicated_grads(self.inputs, self.params)
         self.reductions += 1
         return clip_by_global_norm(self.inputs, self.params)

@@ -38,15 +38,16 @@ from models.layers.vocab_parallel import (
 from optim.step import allreduce_tp_partial_grads
 from parallel_state.collectives import (
     gather_from_sequence_parallel_region,
-    resolve_group,
     scatter_to_sequence_parallel_region,
 )
 from parallel_state.comm_stats import CommStats
-from parallel_state.groups import init
+from parallel_state.groups import AxisGroup, init
 from parallel_state.params import is_tp_duplicate, param_meta, set_param_meta, tp_partial_grad_params
 from parallel_state.topology import Topology
 
 pytestmark = pytest.mark.xdist_group("rank_pool")
+
+ONE_RANK = AxisGroup.single("tp")  # no tensor parallelism
 
 SEED = 7
 B, T = 2, 8
@@ -66,7 +67,7 @@ class TPAttention(nn.Module):
 
     def __init__(self, cfg: ModelConfig, tp, sp: bool, stats: CommStats):
         super().__init__()
-        n, r = resolve_group(tp).size, resolve_group(tp).rank
+        n, r = tp.size, tp.rank
         self.head_dim = cfg.head_dim
         self.heads_per_rank = divide_exactly(cfg.num_heads, n, "model.num_heads")
         std, out_std = cfg.init_std, cfg.init_std / math.sqrt(2 * cfg.num_layers)
@@ -77,7 +78,7 @@ class TPAttention(nn.Module):
             kv_tp, self.kv_select = tp, None
         elif n % cfg.kv_heads == 0:
             # Every rank holds all K/V heads and reads the one its query heads share.
-            kv_tp, self.kv_select = None, r * cfg.kv_heads // n
+            kv_tp, self.kv_select = AxisGroup.single("tp"), r * cfg.kv_heads // n
         else:
             raise ValueError(f"model.num_kv_heads={cfg.kv_heads} and parallel.tp={n}: one must divide the other")
         self.wk = ColumnParallelLinear(hidden, kv_width, kv_tp, init=normal_init(std))
@@ -281,7 +282,7 @@ class TPBiasMLP(nn.Module):
 
 def reference_bias_mlp() -> nn.Module:
     with torch.device("meta"):
-        model = TPBiasMLP(None, False, False, CommStats())
+        model = TPBiasMLP(ONE_RANK, False, False, CommStats())
     return materialize(model, SEED)
 
 
@@ -454,11 +455,11 @@ def test_pure_vocab_helpers():
 
 
 def test_one_rank_layers_are_plain_and_padding_is_masked():
-    """group=None in a one-rank job: no communication; padded logit columns change nothing."""
+    """A group of one rank: no communication; padded logit columns change nothing."""
     vocab, multiple = 13, 8  # padded to 16 even without TP
     stats = CommStats()
     with torch.device("meta"):
-        model = VocabModel(vocab, None, False, stats, multiple)
+        model = VocabModel(vocab, ONE_RANK, False, stats, multiple)
     materialize(model, SEED)
     assert model.embedding.weight.shape == (16, HIDDEN)
     inputs = vocab_inputs(vocab, 4)
@@ -472,9 +473,9 @@ def test_one_rank_layers_are_plain_and_padding_is_masked():
         assert (p.grad[vocab:] == 0).all() and (p.detach()[vocab:] == 0).all()
     assert not stats.bytes_sent
 
-    column = ColumnParallelLinear(6, 4, None, init=normal_init(1.0), bias=True, gather_output=True,
+    column = ColumnParallelLinear(6, 4, ONE_RANK, init=normal_init(1.0), bias=True, gather_output=True,
                                   stats=stats)
-    row = RowParallelLinear(4, 6, None, init=normal_init(1.0), bias=True, input_is_parallel=False, stats=stats)
+    row = RowParallelLinear(4, 6, ONE_RANK, init=normal_init(1.0), bias=True, input_is_parallel=False, stats=stats)
     for layer in (column, row):
         materialize(layer, SEED)
         assert param_meta(layer.weight).shard is None
@@ -482,14 +483,14 @@ def test_one_rank_layers_are_plain_and_padding_is_masked():
         torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))
     assert not stats.bytes_sent
     y = torch.randn(2, 4, 3)
-    assert scatter_to_sequence_parallel_region(y, None, stats) is y
-    assert gather_from_sequence_parallel_region(y, None, stats) is y
+    assert scatter_to_sequence_parallel_region(y, ONE_RANK, stats) is y
+    assert gather_from_sequence_parallel_region(y, ONE_RANK, stats) is y
 
 
 def test_bad_layer_configs_name_the_problem():
     with pytest.raises(ValueError, match="gather_output=True with sequence_parallel=True"):
-        ColumnParallelLinear(4, 4, None, init=normal_init(1.0), gather_output=True, sequence_parallel=True)
+        ColumnParallelLinear(4, 4, ONE_RANK, init=normal_init(1.0), gather_output=True, sequence_parallel=True)
     with pytest.raises(ValueError, match="needs input_is_parallel=True"):
-        RowParallelLinear(4, 4, None, init=normal_init(1.0), input_is_parallel=False, sequence_parallel=True)
+        RowParallelLinear(4, 4, ONE_RANK, init=normal_init(1.0), input_is_parallel=False, sequence_parallel=True)
     with pytest.raises(ValueError, match="labels"):
-        vocab_parallel_cross_entropy(torch.zeros(2, 3, 5), torch.zeros(2, 4, dtype=torch.long), None, 5)
+        vocab_parallel_cross_entropy(torch.zeros(2, 3, 5), torch.zeros(2, 4, dtype=torch.long), ONE_RANK, 5)

@@ -9,10 +9,13 @@ exactly one collective each way (nothing inside the recurrence), and FLOPs descr
 """
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.distributed as dist
 
+from models.check import check
 from models.config import GLAConfig, ModelConfig, ParaRNNConfig
 from models.init import materialize
 from models.layers.gla import GatedLinearAttention
@@ -20,9 +23,9 @@ from models.layers.pararnn import ParaGRUMixer, ParaLSTMMixer
 from models.layers.tensor_parallel import TPContext
 from models.parallel_context import ParallelContext
 from optim.step import allreduce_tp_partial_grads
-from parallel_state.collectives import ResolvedGroup
+from parallel_state import ConfigError, ParallelConfig
 from parallel_state.comm_stats import CommStats
-from parallel_state.groups import init
+from parallel_state.groups import AxisGroup, init
 from parallel_state.params import param_meta, tp_partial_grad_params
 from parallel_state.topology import Topology
 
@@ -32,6 +35,7 @@ SEED = 13
 B, T, HIDDEN = 2, 16, 32
 FP32 = 4
 MIXERS = {"gla": GatedLinearAttention, "gru": ParaGRUMixer, "lstm": ParaLSTMMixer}
+MIXER_NAMES = {"gla": "gla", "gru": "pararnn_gru", "lstm": "pararnn_lstm"}
 
 
 def mixer_cfg(mode: str = "parallel", **overrides) -> ModelConfig:
@@ -152,7 +156,7 @@ def test_tp_mixer_matches_one_process(rank_pools, kind, n, mode, sp):
 
 def fake_tp(size: int, rank: int = 0) -> TPContext:
     """A TPContext of `size` ranks for building on meta without processes (never runs a collective)."""
-    return TPContext(ResolvedGroup(None, size, rank, "tp"))
+    return TPContext(AxisGroup(name="tp", group=None, ranks=tuple(range(size)), rank=rank))
 
 
 def test_shard_shapes_and_markers():
@@ -170,13 +174,12 @@ def test_shard_shapes_and_markers():
 
 
 @pytest.mark.parametrize("kind,overrides,match", [
-    ("gla", {"gla_heads": 2}, r"model\.gla\.num_heads=2 is not divisible by parallel\.tp=4"),
-    ("gru", {"state_size": 30}, r"model\.pararnn\.state_size=30 is not divisible by parallel\.tp=4"),
-    ("lstm", {"state_size": None, "hidden_size": 30, "num_heads": 2},
-     r"model\.pararnn\.state_size \(null: model\.hidden_size\)=30 is not divisible by parallel\.tp=4"),
-    ("gla", {"gla_heads": None, "num_heads": 2},
-     r"model\.num_heads \(model\.gla\.num_heads=null\)=2 is not divisible by parallel\.tp=4"),
-], ids=["gla-heads", "gru-state", "lstm-hidden", "gla-model-heads"])
+    ("gla", {"gla_heads": 2}, r"^model\.gla\.num_heads=2: the number of GLA heads .*not divisible by parallel\.tp=4"),
+    ("gru", {"state_size": 30}, r"^model\.pararnn\.state_size=30: the ParaRNN state width .*parallel\.tp=4"),
+    ("gla", {"gla_heads": None, "num_heads": 2}, r"^model\.num_heads=2: .*not divisible by parallel\.tp=4"),
+], ids=["gla-heads", "gru-state", "gla-model-heads"])
 def test_indivisible_sizes_name_the_field(kind, overrides, match):
-    with torch.device("meta"), pytest.raises(ValueError, match=match):
-        MIXERS[kind](mixer_cfg(**overrides), ParallelContext(tp=fake_tp(4)))
+    """models.check refuses the sizes up front (the mixers trust a checked config)."""
+    cfg = dataclasses.replace(mixer_cfg(**overrides), token_mixers=[MIXER_NAMES[kind]])
+    with pytest.raises(ConfigError, match=match):
+        check(cfg, ParallelConfig(tp=4), Topology(4, tp=4))

@@ -7,6 +7,7 @@ import torch
 from models.init import generate_full_tensor, generate_full_tensor_padded, normal_init
 from parallel_state import collectives as C
 from parallel_state.comm_stats import COMM_OPS, CommStats, ring_bytes_sent
+from parallel_state.groups import AxisGroup
 
 
 @pytest.mark.parametrize("n", [2, 4, 8])
@@ -49,23 +50,30 @@ def test_stats_accumulate_per_op_and_group_and_reset():
 
 
 def test_collectives_on_one_process_are_identities_and_send_nothing():
-    """group=None without torch.distributed: a one-rank job; every op returns its input."""
+    """A group of one rank (AxisGroup.single): every op returns its input and sends nothing."""
     stats = CommStats()
+    one = AxisGroup.single("tp")
     x = torch.randn(2, 4, 6, requires_grad=True)
     outs = [
-        C.copy_to_tp_region(x, None, stats), C.reduce_from_tp_region(x, None, stats),
-        C.scatter_to_tp_region(x, None, stats), C.gather_from_tp_region(x, None, stats),
-        C.scatter_to_sequence_parallel_region(x, None, stats),
-        C.gather_from_sequence_parallel_region(x, None, stats),
-        C.reduce_scatter_to_sequence_parallel_region(x, None, stats),
-        C.all_to_all(x, None, stats), C.all_to_all_scatter_gather(x, None, 2, 1, stats),
-        C.all_reduce_async(x, None, stats)[0], C.all_gather_async(x, None, stats)[0],
-        C.reduce_scatter_async(x, None, stats)[0], C.all_reduce_max(x, None, stats),
-        C.all_reduce_sum(x, None, stats),
+        C.copy_to_tp_region(x, one, stats), C.reduce_from_tp_region(x, one, stats),
+        C.scatter_to_tp_region(x, one, stats), C.gather_from_tp_region(x, one, stats),
+        C.scatter_to_sequence_parallel_region(x, one, stats),
+        C.gather_from_sequence_parallel_region(x, one, stats),
+        C.reduce_scatter_to_sequence_parallel_region(x, one, stats),
+        C.all_to_all(x, one, stats), C.all_to_all_scatter_gather(x, one, 2, 1, stats),
+        C.all_reduce_async(x, one, stats)[0], C.all_gather_async(x, one, stats)[0],
+        C.reduce_scatter_async(x, one, stats)[0], C.all_reduce_max(x, one, stats),
+        C.all_reduce_sum(x, one, stats),
     ]
     assert all(out is x for out in outs)
-    assert C.all_reduce_async(x, None)[1].wait() and C.all_reduce_inplace(x.detach(), None) is None
+    assert C.all_reduce_async(x, one)[1].wait() and C.all_reduce_inplace(x.detach(), one) is None
     assert not stats.bytes_sent
+
+
+@pytest.mark.parametrize("not_a_group", [None, "tp", 3])
+def test_none_or_a_raw_handle_is_not_a_group(not_a_group):
+    with pytest.raises(TypeError, match=r"collectives take an AxisGroup .*AxisGroup\.single"):
+        C.all_reduce_sum(torch.ones(2), not_a_group)
 
 
 def test_padded_init_keeps_the_real_rows():

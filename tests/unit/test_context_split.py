@@ -18,6 +18,7 @@ from models.layers.context_parallel import (
     torch_block_attention_backward,
     ulysses_kv_replication,
 )
+from parallel_state.groups import AxisGroup
 from trainer.data.context_split import zigzag_gather, zigzag_positions, zigzag_split
 from trainer.data.pipeline import make_microbatch
 
@@ -184,7 +185,7 @@ def test_fused_block_matches_torch_block():
 @pytest.mark.parametrize("kernel", ["torch", "auto"])
 def test_ring_attention_on_one_rank_is_causal_attention(kernel):
     q, k, v = (t.requires_grad_() for t in qkv(t=6, seed=3))
-    out, lse = ring_attention(q, k, v, None, kernel=kernel, return_lse=True)
+    out, lse = ring_attention(q, k, v, AxisGroup.single("cp"), kernel=kernel, return_lse=True)
     ref_out, ref_lse = full_causal_reference(q, k, v)
     torch.testing.assert_close(out, ref_out, rtol=0, atol=1e-12)
     torch.testing.assert_close(lse, ref_lse, rtol=0, atol=1e-12)

@@ -9,6 +9,7 @@ import torch
 
 from models import ModelConfig, build_model
 from optim.grad_buffers import BucketedGradReducer, assign_buckets
+from parallel_state.groups import AxisGroup
 from parallel_state.params import set_param_meta
 
 
@@ -55,7 +56,7 @@ def backward(model, tokens, scale: float = 1.0) -> None:
 
 def test_grads_are_bucket_views_and_accumulate_like_plain_autograd():
     model, reference = tiny_model(), tiny_model()
-    reducer = BucketedGradReducer(model.parameters(), group=None, bucket_size_mb=0.01)
+    reducer = BucketedGradReducer(model.parameters(), group=AxisGroup.single("dp_cp"), bucket_size_mb=0.01)
     assert reducer.num_buckets > 2
     for seed in (1, 2):  # two steps, each two microbatches
         with reducer.no_sync():
@@ -79,7 +80,7 @@ def test_buckets_hold_each_trainable_dense_param_once_in_backward_order():
     params = list(model.parameters())
     model.norm.weight.requires_grad_(False)
     set_param_meta(params[1], expert=True)  # the first block's first parameter, as if it were an expert weight
-    reducer = BucketedGradReducer(params + [model.output.weight], group=None, bucket_size_mb=0.01)
+    reducer = BucketedGradReducer(params + [model.output.weight], group=AxisGroup.single("dp_cp"), bucket_size_mb=0.01)
     held = [p for b in reducer.buckets for p in b.params]
     expected = [p for p in params if p.requires_grad and p is not params[1]][::-1]
     assert [id(p) for p in held] == [id(p) for p in expected]
@@ -90,7 +91,7 @@ def test_buckets_hold_each_trainable_dense_param_once_in_backward_order():
 
 def test_set_to_none_between_steps_is_reported_with_the_fix():
     model = tiny_model()
-    BucketedGradReducer(model.parameters(), group=None, bucket_size_mb=0.01)  # its hooks keep it alive
+    BucketedGradReducer(model.parameters(), group=AxisGroup.single("dp_cp"), bucket_size_mb=0.01)  # its hooks keep it alive
     model.zero_grad(set_to_none=True)
     with pytest.raises(RuntimeError, match=r"reducer.zero_grad\(\)"):
         backward(model, batch(0))
@@ -98,4 +99,4 @@ def test_set_to_none_between_steps_is_reported_with_the_fix():
 
 def test_bad_bucket_size_names_the_argument():
     with pytest.raises(ValueError, match="bucket_size_mb=0"):
-        BucketedGradReducer(tiny_model().parameters(), group=None, bucket_size_mb=0)
+        BucketedGradReducer(tiny_model().parameters(), group=AxisGroup.single("dp_cp"), bucket_size_mb=0)

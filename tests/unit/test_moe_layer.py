@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from models.init import materialize
 from moe import AuxLossScale, MoEConfig, MoEContext, MoELayer
+from moe.metrics import step_metrics
 from parallel_state.params import param_meta
 
 HIDDEN, BATCH, SEQ = 16, 2, 6
@@ -211,3 +212,32 @@ def test_flops_per_token_counts_router_routed_and_shared():
     cfg = MoEConfig(num_experts=4, topk=2, ffn_hidden_size=8, num_shared_experts=1, shared_ffn_hidden_size=4)
     layer = build_layer(cfg)
     assert layer.flops_per_token(seq_len=6) == 6 * (HIDDEN * 4 + 3 * HIDDEN * (2 * 8 + 4))
+
+
+def test_step_metrics_follow_the_documented_formulas_and_run_the_bias_step():
+    """One process: moe.metrics.step_metrics against the docs/moe.md definitions, computed from
+    the layers' own per-microbatch state; the aux-free bias moves and the counts restart."""
+    cfg = MoEConfig(num_experts=4, topk=2, ffn_hidden_size=8, score_function="sigmoid", aux_loss_coeff=0.1,
+                    z_loss_coeff=0.01, aux_free_bias_rate=0.01, capacity_factor=0.6)
+    layers = [build_layer(cfg, seed=s) for s in (3, 4)]
+    torch.manual_seed(0)
+    for layer in layers:
+        for _ in range(2):  # two microbatches; the aux sums and drops kept are the last one's
+            layer(torch.randn(BATCH, SEQ, HIDDEN))
+    counts = [layer.router.tokens_per_expert.clone() for layer in layers]
+    tokens = sum(layer.last_num_tokens for layer in layers)
+    want = {f"moe/{name}": sum(float(layer.last_aux_sums[name]) for layer in layers) / tokens
+            for name in ("load_balancing", "z_loss")}
+    want["moe/seq_load_balancing"] = 0.0
+    want["moe/load_imbalance"] = sum(float(c.max() / c.mean()) for c in counts) / len(counts)
+    want["moe/dropped_fraction"] = sum(layer.last_dropped_slots for layer in layers) / (tokens * cfg.topk)
+    want.update({f"moe/tokens_per_expert/{e}": float(sum(c[e] for c in counts)) for e in range(4)})
+
+    metrics = step_metrics(layers, cfg, None, None, max_logged_experts=4)
+
+    assert metrics == pytest.approx(want, rel=1e-12)
+    assert want["moe/dropped_fraction"] > 0
+    for layer, c in zip(layers, counts):
+        torch.testing.assert_close(layer.router.expert_bias, (0.01 * torch.sign(c.mean() - c)).float())
+        assert layer.router.tokens_per_expert.sum() == 0
+    assert not any(k.startswith("moe/tokens_per_expert/") for k in step_metrics(layers, cfg, None, None, 3))

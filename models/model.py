@@ -68,7 +68,7 @@ class DecoderModel(nn.Module):
         self.has_embedding = has_embedding
         self.has_head = has_head
         self.tp = tp
-        vocab_layer_args = {"sequence_parallel": tp.sequence_parallel, "stats": tp.stats}
+        vocab_layer_args = {"sequence_parallel": tp.sequence_parallel}
         # Registered first so a tied weight is named after the embedding in named_parameters().
         self.embedding = None
         if has_embedding:
@@ -122,7 +122,7 @@ class DecoderModel(nn.Module):
 
     def losses_from_logits(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Per-token cross entropy [B, T] of this model's logits (a last pipeline stage's output)."""
-        return vocab_parallel_cross_entropy(logits, labels, self.tp.group, self.cfg.vocab_size, self.tp.stats,
+        return vocab_parallel_cross_entropy(logits, labels, self.tp.group, self.cfg.vocab_size,
                                             ignore_index=IGNORE_INDEX)
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:

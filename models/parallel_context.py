@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from models.layers.tensor_parallel import TPContext
-from parallel_state.comm_stats import CommStats
 from parallel_state.config import CP_COMMS  # noqa: F401 - re-exported for the layers
 from parallel_state.groups import AxisGroup
 
@@ -25,7 +24,6 @@ class CPContext:
     # ParallelState.cp; a group of one rank: no context parallelism.
     group: AxisGroup = field(default_factory=lambda: AxisGroup.single("cp"))
     comm: str = "ring"  # "ring" (K/V blocks around the ring) or "a2a" (Ulysses all-to-all over heads)
-    stats: CommStats | None = None  # receives the bytes sent
 
     @property
     def size(self) -> int:

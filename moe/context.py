@@ -9,7 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from parallel_state.comm_stats import CommStats
 from parallel_state.groups import AxisGroup
 
 
@@ -48,15 +47,14 @@ class MoEContext:
     ep: AxisGroup = field(default_factory=lambda: AxisGroup.single("ep"))
     etp: AxisGroup = field(default_factory=lambda: AxisGroup.single("etp"))
     etp_ep: AxisGroup = field(default_factory=lambda: AxisGroup.single("etp_ep"))
-    stats: CommStats | None = None
     aux_loss_scale: AuxLossScale | None = None  # None: aux losses get gradient 1 (a one-process loss sum)
 
     @staticmethod
-    def from_parallel_state(ps: Any, sequence_parallel: bool, stats: CommStats | None = None,
+    def from_parallel_state(ps: Any, sequence_parallel: bool,
                             aux_loss_scale: AuxLossScale | None = None) -> MoEContext:
         """The context of one rank of a ParallelState (parallel_state.groups.ParallelState)."""
         return MoEContext(tp=ps.tp, sequence_parallel=sequence_parallel, seq_group=ps.tp_cp, ep=ps.ep,
-                          etp=ps.etp, etp_ep=ps.etp_ep, stats=stats, aux_loss_scale=aux_loss_scale)
+                          etp=ps.etp, etp_ep=ps.etp_ep, aux_loss_scale=aux_loss_scale)
 
     @property
     def tp_size(self) -> int:

@@ -30,7 +30,7 @@ weighted expert outputs into the gathered token buffer and reduce-scatters it ov
 (summing the experts and ETP partials, returning each rank its tokens). Needs the same token count
 on every rank of the group.
 
-Zero slots for an expert, a rank, or everything work in both. Bytes go to ctx.stats, counted
+Zero slots for an expert, a rank, or everything work in both. Bytes go to the groups' CommStats, counted
 exactly as the blocking collectives of parallel_state count them.
 """
 from __future__ import annotations
@@ -188,13 +188,13 @@ class _AllToAllStart(torch.autograd.Function):
     parallel_state.collectives.all_to_all counts them."""
 
     @staticmethod
-    def forward(ctx, x, comm, stats, output_split_sizes, input_split_sizes, holder):
-        ctx.comm, ctx.stats = comm, stats
+    def forward(ctx, x, comm, output_split_sizes, input_split_sizes, holder):
+        ctx.comm = comm
         ctx.output_split_sizes, ctx.input_split_sizes = output_split_sizes, input_split_sizes
         x = x.contiguous()
         out = x.new_empty((sum(output_split_sizes), *x.shape[1:]))
         sent_rows = sum(input_split_sizes) - input_split_sizes[comm.rank]
-        count(comm, stats, "all_to_all", sent_rows * x.shape[1:].numel() * x.element_size())
+        count(comm, "all_to_all", sent_rows * x.shape[1:].numel() * x.element_size())
         holder.append(dist.all_to_all_single(out, x, output_split_sizes=output_split_sizes,
                                              input_split_sizes=input_split_sizes, group=comm.group,
                                              async_op=True))
@@ -202,9 +202,9 @@ class _AllToAllStart(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        back = all_to_all(grad, ctx.comm, ctx.stats, output_split_sizes=ctx.input_split_sizes,
+        back = all_to_all(grad, ctx.comm, output_split_sizes=ctx.input_split_sizes,
                           input_split_sizes=ctx.output_split_sizes)
-        return back, None, None, None, None, None
+        return back, None, None, None, None
 
 
 class _AllGatherStart(torch.autograd.Function):
@@ -212,15 +212,15 @@ class _AllGatherStart(torch.autograd.Function):
     reduce-scatter, as gather_from_sequence_parallel_region(dim=0) does."""
 
     @staticmethod
-    def forward(ctx, x, comm, stats, holder):
-        ctx.comm, ctx.stats = comm, stats
-        out, handle = all_gather_async(x, comm, stats)
+    def forward(ctx, x, comm, holder):
+        ctx.comm = comm
+        out, handle = all_gather_async(x, comm)
         holder.append(handle)
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        return reduce_scatter_to_sequence_parallel_region(grad, ctx.comm, ctx.stats, dim=0), None, None, None
+        return reduce_scatter_to_sequence_parallel_region(grad, ctx.comm, dim=0), None, None
 
 
 class _Done:
@@ -230,22 +230,22 @@ class _Done:
         return True
 
 
-def start_all_to_all(x: torch.Tensor, comm: AxisGroup, stats, output_split_sizes: list[int],
+def start_all_to_all(x: torch.Tensor, comm: AxisGroup, output_split_sizes: list[int],
                      input_split_sizes: list[int]):
     """(out, handle): an uneven all-to-all along dim 0 in flight; differentiable."""
     if comm.size == 1:
         return x, _Done()
     holder: list = []
-    out = _AllToAllStart.apply(x, comm, stats, output_split_sizes, input_split_sizes, holder)
+    out = _AllToAllStart.apply(x, comm, output_split_sizes, input_split_sizes, holder)
     return out, holder[0]
 
 
-def start_all_gather(x: torch.Tensor, comm: AxisGroup, stats):
+def start_all_gather(x: torch.Tensor, comm: AxisGroup):
     """(out, handle): an all-gather along dim 0 in flight; differentiable (backward reduce-scatters)."""
     if comm.size == 1:
         return x, _Done()
     holder: list = []
-    out = _AllGatherStart.apply(x, comm, stats, holder)
+    out = _AllGatherStart.apply(x, comm, holder)
     return out, holder[0]
 
 
@@ -311,16 +311,15 @@ class AllToAllDispatcher(TokenDispatcher):
         self.num_local = num_experts // self.ep.size
 
     def launch(self, x: torch.Tensor, routing: Routing, block_rows: int | None = None) -> PendingDispatch:
-        stats = self.ctx.stats
         plan = permute_plan(routing.expert, routing.active, self.num_experts, block_rows)
         rows = permute_tokens(x, plan)
         send = _blocks(plan.rows_per_expert, self.num_local)  # [EP rank, local expert]
         recv, counts = self._exchange_counts(send, x.device)
         send_splits, recv_splits = [sum(r) for r in send], [sum(r) for r in recv]
-        rows, exchange = start_all_to_all(rows, self.ep, stats, recv_splits, send_splits)
+        rows, exchange = start_all_to_all(rows, self.ep, recv_splits, send_splits)
         etp_sizes, sources = None, recv  # sources: rows per (source rank, local expert), as received
         if self.etp.size > 1:  # the counts travel while the rows do
-            every = gather_counts(counts, self.etp, stats)  # [etp, ep source, local expert]
+            every = gather_counts(counts, self.etp)  # [etp, ep source, local expert]
             blocks = every.tolist()
             etp_sizes = [sum(map(sum, block)) for block in blocks]
             sources = [row for block in blocks for row in block]
@@ -331,7 +330,7 @@ class AllToAllDispatcher(TokenDispatcher):
 
         def finish() -> tuple[torch.Tensor, AllToAllMeta]:
             exchange.wait()
-            received = rows if etp_sizes is None else gather_v(rows, self.etp, etp_sizes, stats)
+            received = rows if etp_sizes is None else gather_v(rows, self.etp, etp_sizes)
             meta = AllToAllMeta(rows_per_expert=rows_per_expert, plan=plan, weight=routing.weight,
                                 num_tokens=x.shape[0], dtype=x.dtype, send_splits=send_splits,
                                 recv_splits=recv_splits, etp_sizes=etp_sizes, expert_order=order)
@@ -344,17 +343,16 @@ class AllToAllDispatcher(TokenDispatcher):
         counts = torch.tensor(send, dtype=torch.int64, device=device)
         if self.ep.size == 1:  # nothing to exchange: skip the host sync
             return send, counts
-        recv = exchange_counts(counts, self.ep, self.ctx.stats)
+        recv = exchange_counts(counts, self.ep)
         return recv.tolist(), recv
 
     def combine(self, y: torch.Tensor, meta: AllToAllMeta) -> torch.Tensor:
-        stats = self.ctx.stats
         if meta.expert_order is not None:
             to_expert_major, back = meta.expert_order
             y = _PermuteRows.apply(y, back, to_expert_major)
         if meta.etp_sizes is not None:
-            y = reduce_scatter_v(y, self.etp, meta.etp_sizes, stats)
-        y = all_to_all(y, self.ep, stats, output_split_sizes=meta.send_splits, input_split_sizes=meta.recv_splits)
+            y = reduce_scatter_v(y, self.etp, meta.etp_sizes)
+        y = all_to_all(y, self.ep, output_split_sizes=meta.send_splits, input_split_sizes=meta.recv_splits)
         return unpermute_combine(y, meta.plan, meta.weight, meta.num_tokens).to(meta.dtype)
 
 
@@ -369,15 +367,15 @@ class AllGatherDispatcher(TokenDispatcher):
         self.first = ep.rank * self.num_local
 
     def _gather_plain(self, t: torch.Tensor) -> torch.Tensor:
-        return gather_counts(t, self.group, self.ctx.stats).reshape(-1, *t.shape[1:])
+        return gather_counts(t, self.group).reshape(-1, *t.shape[1:])
 
     def launch(self, x: torch.Tensor, routing: Routing, block_rows: int | None = None) -> PendingDispatch:
-        stats, g = self.ctx.stats, self.group
+        g = self.group
         # The routing first (small): the plan of the local experts' slots is made while x travels.
-        weight_all = gather_from_sequence_parallel_region(routing.weight, g, stats, dim=0)
+        weight_all = gather_from_sequence_parallel_region(routing.weight, g, dim=0)
         expert_all = self._gather_plain(routing.expert.contiguous())
         active_all = self._gather_plain(routing.active.to(torch.uint8)).bool()
-        x_all, exchange = start_all_gather(x, g, stats)
+        x_all, exchange = start_all_gather(x, g)
         local = active_all & (expert_all >= self.first) & (expert_all < self.first + self.num_local)
         plan = permute_plan((expert_all - self.first).clamp(0, self.num_local - 1), local, self.num_local,
                             None if block_rows is None else block_rows * g.size)
@@ -392,7 +390,7 @@ class AllGatherDispatcher(TokenDispatcher):
 
     def combine(self, y: torch.Tensor, meta: DispatchMeta) -> torch.Tensor:
         out = unpermute_combine(y, meta.plan, meta.weight, meta.num_tokens).to(meta.dtype)
-        return reduce_scatter_to_sequence_parallel_region(out, self.group, self.ctx.stats, dim=0)
+        return reduce_scatter_to_sequence_parallel_region(out, self.group, dim=0)
 
 
 def make_dispatcher(kind: str, num_experts: int, ctx: MoEContext) -> TokenDispatcher:

@@ -30,7 +30,6 @@ from parallel_state.collectives import (
     gather_from_sequence_parallel_region,
     reduce_scatter_to_sequence_parallel_region,
 )
-from parallel_state.comm_stats import CommStats
 from parallel_state.groups import AxisGroup
 from parallel_state.params import mark_shard, set_param_meta
 
@@ -154,11 +153,11 @@ class SharedExperts(nn.Module):
     """
 
     def __init__(self, hidden_size: int, ffn_hidden_size: int, init_std: float, output_init_std: float,
-                 tp: AxisGroup | None = None, stats: CommStats | None = None):
+                 tp: AxisGroup | None = None):
         super().__init__()
         tp = tp if tp is not None else AxisGroup.single("tp")
         tp_size, tp_rank = tp.size, tp.rank
-        self.tp, self.stats = tp, stats
+        self.tp = tp
         self.init_std, self.output_init_std = init_std, output_init_std
         local = ffn_hidden_size // tp_size
         self.w1 = _mark(nn.Parameter(torch.empty(local, hidden_size)), 0, tp_rank, tp_size, expert=False)
@@ -170,7 +169,7 @@ class SharedExperts(nn.Module):
                 "w2": InitSpec("normal", self.output_init_std)}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = gather_from_sequence_parallel_region(x, self.tp, self.stats, dim=0)
+        x = gather_from_sequence_parallel_region(x, self.tp, dim=0)
         y = F.linear(F.silu(F.linear(x, self.w1)) * F.linear(x, self.w3), self.w2)
-        y = reduce_scatter_to_sequence_parallel_region(y, self.tp, self.stats, dim=0)
+        y = reduce_scatter_to_sequence_parallel_region(y, self.tp, dim=0)
         return y

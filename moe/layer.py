@@ -54,7 +54,6 @@ from parallel_state.collectives import (
     gather_from_sequence_parallel_region,
     scatter_to_sequence_parallel_region,
 )
-from parallel_state.comm_stats import CommStats
 from parallel_state.groups import AxisGroup
 from parallel_state.params import set_param_meta
 
@@ -98,7 +97,7 @@ class MoELayer(nn.Module):
                                       ep_rank=ctx.ep_rank, ep_size=ctx.ep_size, etp_rank=ctx.etp_rank,
                                       etp_size=ctx.etp_size, grouped_gemm=cfg.grouped_gemm)
         shared_width = cfg.resolved_shared_ffn_hidden_size()
-        self.shared = (SharedExperts(hidden_size, shared_width, init_std, output_init_std, ctx.tp, ctx.stats)
+        self.shared = (SharedExperts(hidden_size, shared_width, init_std, output_init_std, ctx.tp)
                        if shared_width else None)
         self.dispatcher = make_dispatcher(cfg.dispatcher, cfg.num_experts, ctx)
         self.last_aux_sums: dict[str, torch.Tensor] = {}
@@ -115,7 +114,7 @@ class MoELayer(nn.Module):
             if tokens.shape[0] % ctx.tp_size:
                 raise ValueError(f"MoE layer without sequence parallelism splits the {tokens.shape[0]} tokens "
                                  f"of a microbatch over tp={ctx.tp_size}; use a multiple of tp or enable SP")
-            tokens = scatter_to_sequence_parallel_region(tokens, ctx.tp, ctx.stats, dim=0)
+            tokens = scatter_to_sequence_parallel_region(tokens, ctx.tp, dim=0)
             seq_index = seq_index.chunk(ctx.tp_size)[ctx.tp_rank]
         routing = self.router(tokens)
         aux_sum = self._aux_losses(routing, seq_index, batch)
@@ -124,7 +123,7 @@ class MoELayer(nn.Module):
         if aux_sum is not None:
             out = AuxLossAutoScaler.apply(out, aux_sum, ctx.aux_loss_scale)
         if split:
-            out = gather_from_sequence_parallel_region(out, ctx.tp, ctx.stats, dim=0,
+            out = gather_from_sequence_parallel_region(out, ctx.tp, dim=0,
                                                        tensor_parallel_output_grad=False)
         return out.reshape(batch, seq, hidden)
 
@@ -179,7 +178,7 @@ class MoELayer(nn.Module):
             # One all-reduce over the ranks holding the same sequences: f_e and f_{s,e} of the layer.
             both = torch.cat([counts, seq_counts]).double()
             if self.ctx.seq_group is not None:
-                both = all_reduce_sum(both, self.ctx.seq_group, self.ctx.stats)
+                both = all_reduce_sum(both, self.ctx.seq_group)
             counts, seq_counts = both[:num_experts], both[num_experts:].view(num_seqs, num_experts)
             if cfg.aux_loss_coeff > 0:
                 sums["load_balancing"] = switch_aux_sum(routing.aux_probs, counts.float(), float(counts.sum()))
@@ -198,8 +197,7 @@ class MoELayer(nn.Module):
         self.router.update_bias(global_counts)
 
 
-def update_aux_free_biases(layers: Iterable[MoELayer], group: AxisGroup | None,
-                           stats: CommStats | None = None) -> list[float]:
+def update_aux_free_biases(layers: Iterable[MoELayer], group: AxisGroup | None) -> list[float]:
     """Once per global batch, after the last microbatch's backward: sum every layer's counted slots
     over `group` (ParallelState.tp_dp_cp: every rank that routes tokens of this pipeline stage) in
     one all-reduce, apply the aux-loss-free bias step where enabled, and restart the counts.
@@ -212,7 +210,7 @@ def update_aux_free_biases(layers: Iterable[MoELayer], group: AxisGroup | None,
         return []
     counts = torch.stack([layer.router.tokens_per_expert for layer in layers])
     if group is not None and group.size > 1:
-        counts = all_reduce_sum(counts, group, stats)
+        counts = all_reduce_sum(counts, group)
     imbalance = []
     for layer, global_counts in zip(layers, counts):
         imbalance.append(load_imbalance(global_counts))

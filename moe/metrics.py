@@ -26,7 +26,6 @@ import torch
 from moe.config import MoEConfig
 from moe.layer import MoELayer, update_aux_free_biases
 from parallel_state.collectives import all_reduce_sum
-from parallel_state.comm_stats import CommStats
 from parallel_state.groups import AxisGroup
 
 AUX_LOSS_NAMES = ("load_balancing", "seq_load_balancing", "z_loss")
@@ -46,7 +45,7 @@ def _scalar_sums(layers: Sequence[MoELayer], imbalance: list[float]) -> list[flo
                   float(sum(layer.last_dropped_slots for layer in layers))]
 
 
-def step_metrics(layers: Sequence[MoELayer], cfg: MoEConfig, stage_group: AxisGroup | None, stats: CommStats | None,
+def step_metrics(layers: Sequence[MoELayer], cfg: MoEConfig, stage_group: AxisGroup | None,
                  max_logged_experts: int, world_group: AxisGroup | None = None) -> dict[str, float]:
     """The bias step and the "moe/" metrics dict (module docstring) of one global batch.
 
@@ -55,10 +54,10 @@ def step_metrics(layers: Sequence[MoELayer], cfg: MoEConfig, stage_group: AxisGr
     over (ParallelState.world; None: this rank alone).
     """
     slots = _slots_per_expert(layers, cfg.num_experts)  # before the bias step resets the counts
-    imbalance = update_aux_free_biases(layers, stage_group, stats)
+    imbalance = update_aux_free_biases(layers, stage_group)
     local = torch.cat([torch.tensor(_scalar_sums(layers, imbalance), dtype=torch.float64), slots])
     world_group = world_group if world_group is not None else AxisGroup.single("world")
-    totals = all_reduce_sum(local, world_group, stats).tolist()
+    totals = all_reduce_sum(local, world_group).tolist()
     tokens, imbalance_sum, num_layers, dropped = totals[3], totals[4], totals[5], totals[6]
     # Every rank of a stage's TP x DP x CP group counts the layers and their imbalance.
     stage_size = 1 if stage_group is None else stage_group.size

@@ -34,7 +34,6 @@ from typing import Any
 import torch
 
 from parallel_state.collectives import all_reduce_inplace
-from parallel_state.comm_stats import CommStats
 from parallel_state.groups import AxisGroup
 from parallel_state.params import param_meta
 
@@ -97,7 +96,7 @@ class BucketedGradReducer:
     `params`: the model's parameters (duplicates, frozen and expert ones are filtered out).
     `group`: the DP x CP AxisGroup (`ps.dp_cp`), or None for the default group.
     `bucket_size_mb`: target bucket size; smaller buckets start communicating earlier, larger ones
-    cost fewer collective launches. `stats` receives the bytes sent. `overlap=False` launches
+    cost fewer collective launches. The bytes sent go to the group's CommStats. `overlap=False` launches
     nothing from the hooks and reduces every bucket in `finish()` (the reference behaviour).
 
     Per step: `no_sync()` around all but the last microbatch's backward, then `finish()` before
@@ -105,12 +104,11 @@ class BucketedGradReducer:
     """
 
     def __init__(self, params: Iterable[torch.nn.Parameter], group: AxisGroup,
-                 bucket_size_mb: float = 25.0, stats: CommStats | None = None, overlap: bool = True,
+                 bucket_size_mb: float = 25.0, overlap: bool = True,
                  experts: bool = False):
         if bucket_size_mb <= 0:
             raise ValueError(f"bucket_size_mb={bucket_size_mb} must be > 0; the DDP default is 25")
         self.group = group
-        self.stats = stats
         self.overlap = overlap
         self.sync_enabled = True  # False during non-last microbatches (see no_sync)
         self.launch_order: list[int] = []  # bucket indices in launch order, current step
@@ -224,7 +222,7 @@ class BucketedGradReducer:
             self.launched_in_backward += 1
 
     def _launch(self, bucket: GradBucket) -> None:
-        bucket.handle = all_reduce_inplace(bucket.buffer, self.group, self.stats, async_op=True)
+        bucket.handle = all_reduce_inplace(bucket.buffer, self.group, async_op=True)
         bucket.launched = True
         self.launch_order.append(bucket.index)
         self._next_launch = max(self._next_launch, bucket.index + 1)

@@ -10,11 +10,9 @@ from collections.abc import Iterable
 import torch
 
 from parallel_state.collectives import all_reduce_grads_coalesced
-from parallel_state.comm_stats import CommStats
 from parallel_state.groups import AxisGroup
 
 
-def allreduce_gradients(params: Iterable[torch.nn.Parameter], group: AxisGroup,
-                        stats: CommStats | None = None) -> None:
+def allreduce_gradients(params: Iterable[torch.nn.Parameter], group: AxisGroup) -> None:
     """Sum gradients over `group` in one flat buffer (a missing grad counts as zeros)."""
-    all_reduce_grads_coalesced(params, group, stats)
+    all_reduce_grads_coalesced(params, group)

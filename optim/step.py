@@ -30,7 +30,6 @@ from optim.config import OptimConfig
 from optim.grad_buffers import BucketedGradReducer, GradReducers
 from optim.schedules import LRScheduler
 from parallel_state.collectives import all_reduce_grads_coalesced, all_reduce_inplace, all_reduce_sum
-from parallel_state.comm_stats import CommStats
 from parallel_state.groups import AxisGroup, ParallelState
 from parallel_state.params import is_tp_duplicate, param_meta, tp_partial_grad_params
 
@@ -43,7 +42,6 @@ class StepInputs:
     cfg: OptimConfig
     max_steps: int  # the LR schedule's length
     ps: ParallelState
-    stats: CommStats  # every collective of the step is counted here
     bucket_size_mb: float  # gradient bucket size of the reductions
     # This rank's copy of the embedding tied over pipeline stages (the embedding on the first stage,
     # the head on the last), or None: its gradient is summed over the embedding group.
@@ -88,30 +86,30 @@ def counted_in_norm(param: torch.Tensor, ps: ParallelState) -> bool:
     return ps.dp_cp.rank == 0 and not is_tp_duplicate(param, ps.tp.rank) and not meta.tied_copy
 
 
-def allreduce_tp_partial_grads(params, tp: AxisGroup, stats: CommStats | None = None) -> None:
+def allreduce_tp_partial_grads(params, tp: AxisGroup) -> None:
     """Sum the gradients of the TP-partial parameters over TP in one flat buffer (every TP rank passes
     the same parameter list; a missing grad counts as zeros)."""
     if tp.size > 1:
-        all_reduce_grads_coalesced(tp_partial_grad_params(params), tp, stats)
+        all_reduce_grads_coalesced(tp_partial_grad_params(params), tp)
 
 
 def sync_replicated_grads(inputs: StepInputs, params: list[nn.Parameter]) -> None:
     """Sum the gradients that are partial on each rank holding a replica: the tied embedding over the
     embedding group (first and last stage) and the TP-partial parameters over TP."""
-    ps, stats = inputs.ps, inputs.stats
+    ps = inputs.ps
     if inputs.tied_weight is not None and ps.embedding.size > 1:
         weight = inputs.tied_weight
         if weight.grad is None:
             weight.grad = torch.zeros_like(weight)
-        all_reduce_inplace(weight.grad, ps.embedding, stats)
-    allreduce_tp_partial_grads(params, ps.tp, stats)
+        all_reduce_inplace(weight.grad, ps.embedding)
+    allreduce_tp_partial_grads(params, ps.tp)
 
 
 def clip_by_global_norm(inputs: StepInputs, params: list[nn.Parameter]) -> float:
     """Clip every gradient by the norm over all ranks' parameters (each counted once); returns the
     norm before clipping."""
-    ps, stats = inputs.ps, inputs.stats
-    norm = clip_grad_norm_(params, inputs.cfg.clip_grad, norm_reduce_fn=lambda s: all_reduce_sum(s, ps.world, stats),
+    ps = inputs.ps
+    norm = clip_grad_norm_(params, inputs.cfg.clip_grad, norm_reduce_fn=lambda s: all_reduce_sum(s, ps.world),
                            counted=lambda p: counted_in_norm(p, ps))
     return float(norm)
 
@@ -133,7 +131,7 @@ class BucketedOptimizerStep:
         self.params = [p for _, p in inputs.named_params]
         # The buckets exist before the optimizer, so its state follows the parameters, not the buffers.
         self.reducers = GradReducers([
-            BucketedGradReducer(self.params, group, bucket_size_mb=inputs.bucket_size_mb, stats=inputs.stats,
+            BucketedGradReducer(self.params, group, bucket_size_mb=inputs.bucket_size_mb,
                                 experts=experts)
             for group, experts in ((inputs.ps.dp_cp, False), (inputs.ps.edp, True))])
         self.optimizer = build_optimizer(inputs.named_params, inputs.cfg)

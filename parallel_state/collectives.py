@@ -2,8 +2,9 @@
 
 Every function takes the group explicitly as an `AxisGroup` (from a ParallelState, or
 `AxisGroup.single(name)` for no parallelism along an axis); its `name`, e.g. "tp", labels the bytes
-in CommStats. On a group of size 1 every function is the identity and nothing is sent or counted. `stats`, when given, receives the bytes
-this rank sends (convention in parallel_state/comm_stats.py).
+in CommStats. On a group of size 1 every function is the identity and nothing is sent or counted.
+The bytes this rank sends go to the group's own CommStats (`AxisGroup.stats`, shared by every group
+of a ParallelState; convention in parallel_state/comm_stats.py), so no call can skip the accounting.
 
 Forward / backward pairs (n = group size; "dim" is the sequence dim, 1 for [B, T, H]):
 
@@ -33,7 +34,7 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
-from parallel_state.comm_stats import CommStats, ring_bytes_sent
+from parallel_state.comm_stats import ring_bytes_sent
 from parallel_state.groups import AxisGroup
 
 SEQUENCE_DIM = 1  # activations are [batch, sequence, hidden]
@@ -51,10 +52,10 @@ def resolve_group(group: AxisGroup) -> AxisGroup:
     return group
 
 
-def count(comm: AxisGroup, stats: CommStats | None, op: str, nbytes: float) -> None:
-    """Add the bytes this rank sends for one `op` on `comm` to `stats` (nothing on one rank)."""
-    if stats is not None and comm.size > 1:
-        stats.record(op, comm.name, nbytes)
+def count(comm: AxisGroup, op: str, nbytes: float) -> None:
+    """Add the bytes this rank sends for one `op` on `comm` to the group's CommStats (nothing on one rank)."""
+    if comm.stats is not None and comm.size > 1:
+        comm.stats.record(op, comm.name, nbytes)
 
 
 def _nbytes(t: torch.Tensor) -> int:
@@ -64,11 +65,11 @@ def _nbytes(t: torch.Tensor) -> int:
 # ---- raw (non-differentiable) building blocks, each counted -------------------------------------
 
 
-def _all_reduce(x: torch.Tensor, comm: AxisGroup, stats: CommStats | None,
+def _all_reduce(x: torch.Tensor, comm: AxisGroup,
                 op: dist.ReduceOp = dist.ReduceOp.SUM) -> torch.Tensor:
     """A reduced copy of x (x itself untouched)."""
     out = x.contiguous().clone()
-    count(comm, stats, "all_reduce", ring_bytes_sent("all_reduce", _nbytes(out), comm.size))
+    count(comm, "all_reduce", ring_bytes_sent("all_reduce", _nbytes(out), comm.size))
     dist.all_reduce(out, op=op, group=comm.group)
     return out
 
@@ -81,28 +82,28 @@ def _split(x: torch.Tensor, comm: AxisGroup, dim: int) -> torch.Tensor:
     return x.chunk(comm.size, dim)[comm.rank].contiguous()
 
 
-def _all_gather(x: torch.Tensor, comm: AxisGroup, stats: CommStats | None, dim: int) -> torch.Tensor:
+def _all_gather(x: torch.Tensor, comm: AxisGroup, dim: int) -> torch.Tensor:
     """Concatenation along `dim` of every rank's x (all equal shapes)."""
     moved = x.movedim(dim, 0).contiguous()
     out = torch.empty((comm.size * moved.shape[0], *moved.shape[1:]), dtype=x.dtype, device=x.device)
-    count(comm, stats, "all_gather", ring_bytes_sent("all_gather", _nbytes(out), comm.size))
+    count(comm, "all_gather", ring_bytes_sent("all_gather", _nbytes(out), comm.size))
     _all_gather_single(out, moved, group=comm.group)
     return out.movedim(0, dim)
 
 
-def _reduce_scatter(x: torch.Tensor, comm: AxisGroup, stats: CommStats | None, dim: int) -> torch.Tensor:
+def _reduce_scatter(x: torch.Tensor, comm: AxisGroup, dim: int) -> torch.Tensor:
     """This rank's slice along `dim` of the sum of every rank's x."""
     if x.shape[dim] % comm.size != 0:
         raise ValueError(f"cannot reduce-scatter dim {dim} of size {x.shape[dim]} over a group of "
                          f"{comm.size} ranks ({comm.name}); make that size a multiple of {comm.size}")
     moved = x.movedim(dim, 0).contiguous()
     out = torch.empty((moved.shape[0] // comm.size, *moved.shape[1:]), dtype=x.dtype, device=x.device)
-    count(comm, stats, "reduce_scatter", ring_bytes_sent("reduce_scatter", _nbytes(moved), comm.size))
+    count(comm, "reduce_scatter", ring_bytes_sent("reduce_scatter", _nbytes(moved), comm.size))
     _reduce_scatter_single(out, moved, group=comm.group)
     return out.movedim(0, dim)
 
 
-def _all_to_all_dim0(x: torch.Tensor, comm: AxisGroup, stats: CommStats | None,
+def _all_to_all_dim0(x: torch.Tensor, comm: AxisGroup,
                      output_split_sizes: list[int] | None, input_split_sizes: list[int] | None) -> torch.Tensor:
     x = x.contiguous()
     if input_split_sizes is None:
@@ -116,17 +117,17 @@ def _all_to_all_dim0(x: torch.Tensor, comm: AxisGroup, stats: CommStats | None,
         out_rows = sum(output_split_sizes)
     row_bytes = x[0].numel() * x.element_size() if x.shape[0] else 0  # bytes of one dim-0 row
     out = torch.empty((out_rows, *x.shape[1:]), dtype=x.dtype, device=x.device)
-    count(comm, stats, "all_to_all", sent_rows * row_bytes)
+    count(comm, "all_to_all", sent_rows * row_bytes)
     dist.all_to_all_single(out, x, output_split_sizes=output_split_sizes,
                            input_split_sizes=input_split_sizes, group=comm.group)
     return out
 
 
-def _all_to_all_dims(x: torch.Tensor, comm: AxisGroup, stats: CommStats | None,
+def _all_to_all_dims(x: torch.Tensor, comm: AxisGroup,
                      scatter_dim: int, gather_dim: int) -> torch.Tensor:
     inputs = [c.contiguous() for c in _chunks(x, comm, scatter_dim)]
     outputs = [torch.empty_like(inputs[0]) for _ in range(comm.size)]
-    count(comm, stats, "all_to_all", _nbytes(x) - _nbytes(inputs[comm.rank]))
+    count(comm, "all_to_all", _nbytes(x) - _nbytes(inputs[comm.rank]))
     dist.all_to_all(outputs, inputs, group=comm.group)
     return torch.cat(outputs, dim=gather_dim)
 
@@ -143,145 +144,145 @@ def _chunks(x: torch.Tensor, comm: AxisGroup, dim: int) -> tuple[torch.Tensor, .
 
 class _CopyToRegion(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, comm, stats):
-        ctx.comm, ctx.stats = comm, stats
+    def forward(ctx, x, comm):
+        ctx.comm = comm
         return x.view_as(x)
 
     @staticmethod
     def backward(ctx, grad):
-        return _all_reduce(grad, ctx.comm, ctx.stats), None, None
+        return _all_reduce(grad, ctx.comm), None
 
 
 class _ReduceFromRegion(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, comm, stats):
-        return _all_reduce(x, comm, stats)
+    def forward(ctx, x, comm):
+        return _all_reduce(x, comm)
 
     @staticmethod
     def backward(ctx, grad):
-        return grad, None, None
+        return grad, None
 
 
 class _Split(torch.autograd.Function):
     """Forward: keep this rank's slice along dim. Backward: all-gather along dim."""
 
     @staticmethod
-    def forward(ctx, x, comm, stats, dim):
-        ctx.comm, ctx.stats, ctx.dim = comm, stats, dim
+    def forward(ctx, x, comm, dim):
+        ctx.comm, ctx.dim = comm, dim
         return _split(x, comm, dim)
 
     @staticmethod
     def backward(ctx, grad):
-        return _all_gather(grad, ctx.comm, ctx.stats, ctx.dim), None, None, None
+        return _all_gather(grad, ctx.comm, ctx.dim), None, None
 
 
 class _Gather(torch.autograd.Function):
     """Forward: all-gather along dim. Backward: reduce-scatter (reduce_grad) or split."""
 
     @staticmethod
-    def forward(ctx, x, comm, stats, dim, reduce_grad):
-        ctx.comm, ctx.stats, ctx.dim, ctx.reduce_grad = comm, stats, dim, reduce_grad
-        return _all_gather(x, comm, stats, dim)
+    def forward(ctx, x, comm, dim, reduce_grad):
+        ctx.comm, ctx.dim, ctx.reduce_grad = comm, dim, reduce_grad
+        return _all_gather(x, comm, dim)
 
     @staticmethod
     def backward(ctx, grad):
         if ctx.reduce_grad:
-            return _reduce_scatter(grad, ctx.comm, ctx.stats, ctx.dim), None, None, None, None
-        return _split(grad, ctx.comm, ctx.dim), None, None, None, None
+            return _reduce_scatter(grad, ctx.comm, ctx.dim), None, None, None
+        return _split(grad, ctx.comm, ctx.dim), None, None, None
 
 
 class _ReduceScatter(torch.autograd.Function):
     """Forward: reduce-scatter along dim. Backward: all-gather along dim."""
 
     @staticmethod
-    def forward(ctx, x, comm, stats, dim):
-        ctx.comm, ctx.stats, ctx.dim = comm, stats, dim
-        return _reduce_scatter(x, comm, stats, dim)
+    def forward(ctx, x, comm, dim):
+        ctx.comm, ctx.dim = comm, dim
+        return _reduce_scatter(x, comm, dim)
 
     @staticmethod
     def backward(ctx, grad):
-        return _all_gather(grad, ctx.comm, ctx.stats, ctx.dim), None, None, None
+        return _all_gather(grad, ctx.comm, ctx.dim), None, None
 
 
 class _AllToAll(torch.autograd.Function):
     """All-to-all along dim 0 with optional uneven splits; backward sends the gradient back."""
 
     @staticmethod
-    def forward(ctx, x, comm, stats, output_split_sizes, input_split_sizes):
-        ctx.comm, ctx.stats = comm, stats
+    def forward(ctx, x, comm, output_split_sizes, input_split_sizes):
+        ctx.comm = comm
         ctx.output_split_sizes, ctx.input_split_sizes = output_split_sizes, input_split_sizes
-        return _all_to_all_dim0(x, comm, stats, output_split_sizes, input_split_sizes)
+        return _all_to_all_dim0(x, comm, output_split_sizes, input_split_sizes)
 
     @staticmethod
     def backward(ctx, grad):
-        back = _all_to_all_dim0(grad, ctx.comm, ctx.stats, ctx.input_split_sizes, ctx.output_split_sizes)
-        return back, None, None, None, None
+        back = _all_to_all_dim0(grad, ctx.comm, ctx.input_split_sizes, ctx.output_split_sizes)
+        return back, None, None, None
 
 
 class _AllToAllDims(torch.autograd.Function):
     """Split scatter_dim over ranks, concatenate what arrives along gather_dim (Ulysses)."""
 
     @staticmethod
-    def forward(ctx, x, comm, stats, scatter_dim, gather_dim):
-        ctx.comm, ctx.stats, ctx.scatter_dim, ctx.gather_dim = comm, stats, scatter_dim, gather_dim
-        return _all_to_all_dims(x, comm, stats, scatter_dim, gather_dim)
+    def forward(ctx, x, comm, scatter_dim, gather_dim):
+        ctx.comm, ctx.scatter_dim, ctx.gather_dim = comm, scatter_dim, gather_dim
+        return _all_to_all_dims(x, comm, scatter_dim, gather_dim)
 
     @staticmethod
     def backward(ctx, grad):
-        back = _all_to_all_dims(grad, ctx.comm, ctx.stats, ctx.gather_dim, ctx.scatter_dim)
-        return back, None, None, None, None
+        back = _all_to_all_dims(grad, ctx.comm, ctx.gather_dim, ctx.scatter_dim)
+        return back, None, None, None
 
 
 class _AllReduceAsync(torch.autograd.Function):
     """Forward: launch an all-reduce into a copy (handle in `holder`). Backward: identity."""
 
     @staticmethod
-    def forward(ctx, x, comm, stats, holder):
+    def forward(ctx, x, comm, holder):
         out = x.contiguous().clone()
-        count(comm, stats, "all_reduce", ring_bytes_sent("all_reduce", _nbytes(out), comm.size))
+        count(comm, "all_reduce", ring_bytes_sent("all_reduce", _nbytes(out), comm.size))
         holder.append(dist.all_reduce(out, group=comm.group, async_op=True))
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        return grad, None, None, None
+        return grad, None, None
 
 
 # ---- public API ---------------------------------------------------------------------------------
 
 
-def copy_to_tp_region(x: torch.Tensor, group, stats: CommStats | None = None) -> torch.Tensor:
+def copy_to_tp_region(x: torch.Tensor, group) -> torch.Tensor:
     """Identity forward, all-reduce backward (the input of a column-parallel linear)."""
     comm = resolve_group(group)
-    return x if comm.size == 1 else _CopyToRegion.apply(x, comm, stats)
+    return x if comm.size == 1 else _CopyToRegion.apply(x, comm)
 
 
-def reduce_from_tp_region(x: torch.Tensor, group, stats: CommStats | None = None) -> torch.Tensor:
+def reduce_from_tp_region(x: torch.Tensor, group) -> torch.Tensor:
     """All-reduce forward, identity backward (the output of a row-parallel linear)."""
     comm = resolve_group(group)
-    return x if comm.size == 1 else _ReduceFromRegion.apply(x, comm, stats)
+    return x if comm.size == 1 else _ReduceFromRegion.apply(x, comm)
 
 
-def scatter_to_tp_region(x: torch.Tensor, group, stats: CommStats | None = None) -> torch.Tensor:
+def scatter_to_tp_region(x: torch.Tensor, group) -> torch.Tensor:
     """Keep this rank's slice of the last dim forward; all-gather it backward."""
     comm = resolve_group(group)
-    return x if comm.size == 1 else _Split.apply(x, comm, stats, x.dim() - 1)
+    return x if comm.size == 1 else _Split.apply(x, comm, x.dim() - 1)
 
 
-def gather_from_tp_region(x: torch.Tensor, group, stats: CommStats | None = None) -> torch.Tensor:
+def gather_from_tp_region(x: torch.Tensor, group) -> torch.Tensor:
     """All-gather the last dim forward; keep this rank's slice of the gradient backward."""
     comm = resolve_group(group)
-    return x if comm.size == 1 else _Gather.apply(x, comm, stats, x.dim() - 1, False)
+    return x if comm.size == 1 else _Gather.apply(x, comm, x.dim() - 1, False)
 
 
-def scatter_to_sequence_parallel_region(x: torch.Tensor, group, stats: CommStats | None = None,
+def scatter_to_sequence_parallel_region(x: torch.Tensor, group,
                                         dim: int = SEQUENCE_DIM) -> torch.Tensor:
     """Keep this rank's chunk of the sequence forward; all-gather the gradient backward."""
     comm = resolve_group(group)
-    return x if comm.size == 1 else _Split.apply(x, comm, stats, dim)
+    return x if comm.size == 1 else _Split.apply(x, comm, dim)
 
 
-def gather_from_sequence_parallel_region(x: torch.Tensor, group, stats: CommStats | None = None,
+def gather_from_sequence_parallel_region(x: torch.Tensor, group,
                                          dim: int = SEQUENCE_DIM,
                                          tensor_parallel_output_grad: bool = True) -> torch.Tensor:
     """All-gather the sequence forward; backward reduce-scatters (default) or splits the gradient.
@@ -290,17 +291,17 @@ def gather_from_sequence_parallel_region(x: torch.Tensor, group, stats: CommStat
     rank's gradient is a partial sum); False when it feeds computation every rank does in full.
     """
     comm = resolve_group(group)
-    return x if comm.size == 1 else _Gather.apply(x, comm, stats, dim, tensor_parallel_output_grad)
+    return x if comm.size == 1 else _Gather.apply(x, comm, dim, tensor_parallel_output_grad)
 
 
-def reduce_scatter_to_sequence_parallel_region(x: torch.Tensor, group, stats: CommStats | None = None,
+def reduce_scatter_to_sequence_parallel_region(x: torch.Tensor, group,
                                                dim: int = SEQUENCE_DIM) -> torch.Tensor:
     """Reduce-scatter along the sequence forward (row-parallel output under SP); all-gather backward."""
     comm = resolve_group(group)
-    return x if comm.size == 1 else _ReduceScatter.apply(x, comm, stats, dim)
+    return x if comm.size == 1 else _ReduceScatter.apply(x, comm, dim)
 
 
-def all_to_all(x: torch.Tensor, group, stats: CommStats | None = None,
+def all_to_all(x: torch.Tensor, group,
                output_split_sizes: Sequence[int] | None = None,
                input_split_sizes: Sequence[int] | None = None) -> torch.Tensor:
     """All-to-all along dim 0: rows input_split_sizes[j] go to rank j (equal splits when None).
@@ -320,11 +321,10 @@ def all_to_all(x: torch.Tensor, group, stats: CommStats | None = None,
             raise ValueError(f"all_to_all: {what} has {len(splits)} entries for a group of {comm.size}")
     if in_splits is not None and sum(in_splits) != x.shape[0]:
         raise ValueError(f"all_to_all: input_split_sizes sum to {sum(in_splits)} but dim 0 is {x.shape[0]}")
-    return _AllToAll.apply(x, comm, stats, out_splits, in_splits)
+    return _AllToAll.apply(x, comm, out_splits, in_splits)
 
 
-def all_to_all_scatter_gather(x: torch.Tensor, group, scatter_dim: int, gather_dim: int,
-                              stats: CommStats | None = None) -> torch.Tensor:
+def all_to_all_scatter_gather(x: torch.Tensor, group, scatter_dim: int, gather_dim: int) -> torch.Tensor:
     """Split `scatter_dim` into n chunks, send chunk j to rank j, concatenate arrivals along `gather_dim`.
 
     Ulysses: [B, T/n, H, D] with scatter_dim=2, gather_dim=1 -> [B, T, H/n, D], and back.
@@ -332,7 +332,7 @@ def all_to_all_scatter_gather(x: torch.Tensor, group, scatter_dim: int, gather_d
     comm = resolve_group(group)
     if comm.size == 1:
         return x
-    return _AllToAllDims.apply(x, comm, stats, scatter_dim, gather_dim)
+    return _AllToAllDims.apply(x, comm, scatter_dim, gather_dim)
 
 
 class CompletedHandle:
@@ -345,7 +345,7 @@ class CompletedHandle:
         return True
 
 
-def all_reduce_async(x: torch.Tensor, group, stats: CommStats | None = None):
+def all_reduce_async(x: torch.Tensor, group):
     """Launch a sum all-reduce of a copy of x; returns (out, handle), out valid after handle.wait().
 
     Differentiable like reduce_from_tp_region (identity backward), so a ladder-residual block can
@@ -355,11 +355,11 @@ def all_reduce_async(x: torch.Tensor, group, stats: CommStats | None = None):
     if comm.size == 1:
         return x, CompletedHandle()
     holder: list = []
-    out = _AllReduceAsync.apply(x, comm, stats, holder)
+    out = _AllReduceAsync.apply(x, comm, holder)
     return out, holder[0]
 
 
-def all_reduce_inplace(tensor: torch.Tensor, group, stats: CommStats | None = None,
+def all_reduce_inplace(tensor: torch.Tensor, group,
                        op: dist.ReduceOp = dist.ReduceOp.SUM, async_op: bool = False):
     """Reduce a buffer (e.g. flat gradients) in place, not differentiable; the handle if async_op."""
     comm = resolve_group(group)
@@ -367,11 +367,11 @@ def all_reduce_inplace(tensor: torch.Tensor, group, stats: CommStats | None = No
         return CompletedHandle() if async_op else None
     if not tensor.is_contiguous():
         raise ValueError("all_reduce_inplace needs a contiguous tensor (reduce a flat buffer)")
-    count(comm, stats, "all_reduce", ring_bytes_sent("all_reduce", _nbytes(tensor), comm.size))
+    count(comm, "all_reduce", ring_bytes_sent("all_reduce", _nbytes(tensor), comm.size))
     return dist.all_reduce(tensor, op=op, group=comm.group, async_op=async_op)
 
 
-def all_reduce_grads_coalesced(params, group, stats: CommStats | None = None) -> None:
+def all_reduce_grads_coalesced(params, group) -> None:
     """Sum the gradients of `params` over `group` in one flat buffer, in place (a missing grad counts
     as zeros). Every rank of the group must pass the same parameters in the same order."""
     comm = resolve_group(group)
@@ -383,23 +383,23 @@ def all_reduce_grads_coalesced(params, group, stats: CommStats | None = None) ->
             p.grad = torch.zeros_like(p)
     grads = [p.grad for p in params]
     flat = torch._utils._flatten_dense_tensors(grads)
-    all_reduce_inplace(flat, comm, stats)
+    all_reduce_inplace(flat, comm)
     for grad, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
         grad.copy_(synced)
 
 
-def all_gather_async(x: torch.Tensor, group, stats: CommStats | None = None):
+def all_gather_async(x: torch.Tensor, group):
     """Launch an all-gather along dim 0 (not differentiable); returns (out, handle)."""
     comm = resolve_group(group)
     if comm.size == 1:
         return x, CompletedHandle()
     x = x.contiguous()
     out = torch.empty((comm.size * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
-    count(comm, stats, "all_gather", ring_bytes_sent("all_gather", _nbytes(out), comm.size))
+    count(comm, "all_gather", ring_bytes_sent("all_gather", _nbytes(out), comm.size))
     return out, _all_gather_single(out, x, group=comm.group, async_op=True)
 
 
-def reduce_scatter_async(x: torch.Tensor, group, stats: CommStats | None = None):
+def reduce_scatter_async(x: torch.Tensor, group):
     """Launch a sum reduce-scatter along dim 0 (not differentiable); returns (out, handle)."""
     comm = resolve_group(group)
     if comm.size == 1:
@@ -409,17 +409,17 @@ def reduce_scatter_async(x: torch.Tensor, group, stats: CommStats | None = None)
                          f"{comm.size} ranks ({comm.name})")
     x = x.contiguous()
     out = torch.empty((x.shape[0] // comm.size, *x.shape[1:]), dtype=x.dtype, device=x.device)
-    count(comm, stats, "reduce_scatter", ring_bytes_sent("reduce_scatter", _nbytes(x), comm.size))
+    count(comm, "reduce_scatter", ring_bytes_sent("reduce_scatter", _nbytes(x), comm.size))
     return out, _reduce_scatter_single(out, x, group=comm.group, async_op=True)
 
 
-def all_reduce_max(x: torch.Tensor, group, stats: CommStats | None = None) -> torch.Tensor:
+def all_reduce_max(x: torch.Tensor, group) -> torch.Tensor:
     """Elementwise max over the group (not differentiable; e.g. the softmax max of a vocab-parallel loss)."""
     comm = resolve_group(group)
-    return x if comm.size == 1 else _all_reduce(x, comm, stats, op=dist.ReduceOp.MAX)
+    return x if comm.size == 1 else _all_reduce(x, comm, op=dist.ReduceOp.MAX)
 
 
-def all_reduce_sum(x: torch.Tensor, group, stats: CommStats | None = None) -> torch.Tensor:
+def all_reduce_sum(x: torch.Tensor, group) -> torch.Tensor:
     """Elementwise sum over the group (not differentiable); a new tensor."""
     comm = resolve_group(group)
-    return x if comm.size == 1 else _all_reduce(x, comm, stats)
+    return x if comm.size == 1 else _all_reduce(x, comm)

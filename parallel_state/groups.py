@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import datetime
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from parallel_state.comm_stats import CommStats
 from parallel_state.topology import GROUP_NAMES, RankCoords, Topology
 
 
@@ -30,15 +31,18 @@ class AxisGroup:
     group: Any  # torch ProcessGroup; None for a group of one rank (nothing is ever sent on it)
     ranks: tuple[int, ...]  # global ranks of the members, ascending
     rank: int  # this rank's index in `ranks` (its rank within the group)
+    # Receives the bytes every collective on this group sends (one CommStats for all the groups of a
+    # ParallelState); None counts nothing.
+    stats: CommStats | None = field(default=None, compare=False, repr=False)
 
     @property
     def size(self) -> int:
         return len(self.ranks)
 
     @classmethod
-    def single(cls, name: str, global_rank: int = 0) -> AxisGroup:
+    def single(cls, name: str, global_rank: int = 0, stats: CommStats | None = None) -> AxisGroup:
         """A group of this rank alone (no parallelism along the axis)."""
-        return cls(name=name, group=None, ranks=(global_rank,), rank=0)
+        return cls(name=name, group=None, ranks=(global_rank,), rank=0, stats=stats)
 
 
 @dataclass(frozen=True)
@@ -67,6 +71,7 @@ class ParallelState:
     etp_ep: AxisGroup
     etp_ep_pp: AxisGroup
     world: AxisGroup  # every rank (the default group): grad-norm and metric sums
+    stats: CommStats  # the bytes sent on every group of this state (each AxisGroup holds it)
     owned_groups: tuple = ()  # process groups this state created (destroy() releases them)
 
     @property
@@ -108,8 +113,10 @@ def default_backend(device: torch.device | str | None) -> str | None:
 
 
 def init(topology: Topology, backend: str | None = None, device: torch.device | str | None = None,
-         timeout_s: float | None = None) -> ParallelState:
+         timeout_s: float | None = None, stats: CommStats | None = None) -> ParallelState:
     """Create every group of `topology` and return this rank's ParallelState.
+
+    Every group counts the bytes its collectives send in `stats` (a new CommStats when None).
 
     Every rank of the default group must call this with the same topology. `backend` defaults to
     the device's (nccl on CUDA, gloo on CPU) or, with no device, the default group's backend (so a
@@ -123,7 +130,7 @@ def init(topology: Topology, backend: str | None = None, device: torch.device | 
         if topology.world_size != 1:
             raise RuntimeError(f"parallel_state.init: torch.distributed is not initialized but the topology "
                                f"has {topology.world_size} ranks; call init_process_group first")
-        return _build(topology, rank=0, make_group=lambda ranks: None)
+        return _build(topology, rank=0, make_group=lambda ranks: None, stats=stats)
     world = dist.get_world_size()
     if world != topology.world_size:
         raise RuntimeError(f"parallel_state.init: the default group has {world} ranks but the topology "
@@ -142,15 +149,20 @@ def init(topology: Topology, backend: str | None = None, device: torch.device | 
             created[key] = dist.new_group(members, timeout=timeout, backend=backend)
             if rank in members:
                 mine[key] = created[key]
-    return _build(topology, rank=rank, make_group=lambda ranks: mine[tuple(ranks)], owned=tuple(mine.values()))
+    return _build(topology, rank=rank, make_group=lambda ranks: mine[tuple(ranks)], owned=tuple(mine.values()),
+                  stats=stats)
 
 
-def _build(topology: Topology, rank: int, make_group: Callable[[list[int]], Any], owned: tuple = ()) -> ParallelState:
+def _build(topology: Topology, rank: int, make_group: Callable[[list[int]], Any], owned: tuple = (),
+           stats: CommStats | None = None) -> ParallelState:
+    stats = stats if stats is not None else CommStats()
     axes: dict[str, AxisGroup] = {}
     for name in GROUP_NAMES:
         members = topology.group_of(name, rank)
-        axes[name] = (AxisGroup.single(name, rank) if members is None
-                      else AxisGroup(name=name, group=make_group(members), ranks=tuple(members), rank=members.index(rank)))
+        axes[name] = (AxisGroup.single(name, rank, stats) if members is None
+                      else AxisGroup(name=name, group=make_group(members), ranks=tuple(members),
+                                     rank=members.index(rank), stats=stats))
     world = AxisGroup(name="world", group=dist.group.WORLD if dist.is_initialized() else None,
-                      ranks=tuple(range(topology.world_size)), rank=rank)
-    return ParallelState(topology=topology, coords=topology.coords(rank), owned_groups=owned, world=world, **axes)
+                      ranks=tuple(range(topology.world_size)), rank=rank, stats=stats)
+    return ParallelState(topology=topology, coords=topology.coords(rank), owned_groups=owned, world=world,
+                         stats=stats, **axes)

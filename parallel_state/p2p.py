@@ -9,7 +9,7 @@ Message matching: no tags are used (NCCL has none), so between two ranks the k-t
 meets the k-th receive of the other. Callers must post receives from a peer in the order that
 peer posts its sends (trainer/pipeline/executor.py derives that order from the peer's schedule).
 
-Bytes: each send adds its tensor's bytes to `stats` as op "send" on the group's name ("pp" for
+Bytes: each send adds its tensor's bytes to the group's CommStats as op "send" on its name ("pp" for
 ParallelState.pp). The receiver counts nothing, following comm_stats' "bytes sent by one rank".
 """
 from __future__ import annotations
@@ -19,20 +19,19 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
-from parallel_state.comm_stats import CommStats
 from parallel_state.groups import AxisGroup
 
 SEND_OP = "send"  # CommStats op label of point-to-point sends
 
 
-def count_send(stats: CommStats | None, group_name: str, nbytes: float) -> None:
-    """Add one send of `nbytes` on `group_name` to `stats` (None: not counted)."""
-    if stats is not None:
-        stats.record(SEND_OP, group_name, nbytes)
+def count_send(group: AxisGroup, nbytes: float) -> None:
+    """Add one send of `nbytes` on `group` to the group's CommStats."""
+    if group.stats is not None:
+        group.stats.record(SEND_OP, group.name, nbytes)
 
 
 def batch_send_recv(group: AxisGroup, sends: Sequence[tuple[torch.Tensor, int]] = (),
-                    recvs: Sequence[tuple[torch.Tensor, int]] = (), stats: CommStats | None = None) -> list:
+                    recvs: Sequence[tuple[torch.Tensor, int]] = ()) -> list:
     """Post `sends` [(tensor, peer)] and `recvs` [(buffer, peer)] as one batch; return one work
     per operation, sends first (with a coalescing backend they are all the batch's BatchWork).
 
@@ -46,7 +45,7 @@ def batch_send_recv(group: AxisGroup, sends: Sequence[tuple[torch.Tensor, int]] 
         if not tensor.is_contiguous():
             raise ValueError("batch_send_recv: send tensors must be contiguous (call .contiguous())")
         ops.append(dist.P2POp(dist.isend, tensor, group.ranks[peer], group=group.group))
-        count_send(stats, group.name, tensor.numel() * tensor.element_size())
+        count_send(group, tensor.numel() * tensor.element_size())
     for buffer, peer in recvs:
         _check_peer(group, peer)
         ops.append(dist.P2POp(dist.irecv, buffer, group.ranks[peer], group=group.group))

@@ -1,6 +1,6 @@
 """A ring of point-to-point exchanges over one group (context parallelism), and the zigzag layout.
 
-`RingExchange(group, stats)` sends a tensor to the next rank of the group and receives the same
+`RingExchange(group)` sends a tensor to the next rank of the group and receives the same
 shape from the previous one, asynchronously: `exchange(x)` launches both and returns a
 `PendingRecv` whose `wait()` gives the received tensor. Ring attention launches the exchange of
 the next K/V block before computing on the current one, so the transfer overlaps the compute.
@@ -17,13 +17,11 @@ is the same on every rank.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from parallel_state.collectives import resolve_group
-from parallel_state.comm_stats import CommStats
 from parallel_state.groups import AxisGroup
 from parallel_state.p2p import count_send
 
@@ -55,19 +53,12 @@ class RingExchange:
     `group` is an AxisGroup (ParallelState.cp).
     """
 
-    def __init__(self, group: Any, stats: CommStats | None = None):
-        comm = resolve_group(group)
-        self.size, self.rank, self.name, self.group = comm.size, comm.rank, comm.name, comm.group
-        self.stats = stats
+    def __init__(self, group: AxisGroup):
+        self.comm = comm = resolve_group(group)
+        self.size, self.rank, self.group = comm.size, comm.rank, comm.group
         if self.size > 1:
-            members = group.ranks if isinstance(group, AxisGroup) else None
-            self.next_peer = self._global_rank((self.rank + 1) % self.size, members)
-            self.prev_peer = self._global_rank((self.rank - 1) % self.size, members)
-
-    def _global_rank(self, group_rank: int, members: tuple[int, ...] | None) -> int:
-        if members is not None:
-            return members[group_rank]
-        return group_rank if self.group is None else dist.get_global_rank(self.group, group_rank)
+            self.next_peer = comm.ranks[(self.rank + 1) % self.size]
+            self.prev_peer = comm.ranks[(self.rank - 1) % self.size]
 
     def exchange(self, tensor: torch.Tensor, tag: int = 0) -> PendingRecv:
         """Launch: send `tensor` to the next rank, receive a tensor like it from the previous one."""
@@ -77,7 +68,7 @@ class RingExchange:
         received = torch.empty_like(tensor)
         ops = [dist.P2POp(dist.isend, tensor, self.next_peer, self.group, tag),
                dist.P2POp(dist.irecv, received, self.prev_peer, self.group, tag)]
-        count_send(self.stats, self.name, tensor.numel() * tensor.element_size())
+        count_send(self.comm, tensor.numel() * tensor.element_size())
         # The send buffer stays referenced by its request until wait().
         # Tags keep two rings in flight (K/V and dK/dV) apart on gloo; NCCL ignores tags, and there
         # every rank posts the two rings' messages in the same order, so they match by order.

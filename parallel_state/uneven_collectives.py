@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from parallel_state.comm_stats import CommStats
+from parallel_state.collectives import count
 from parallel_state.groups import AxisGroup
 
 # torch 2.13 renamed the tensor-in/tensor-out all-gather; older builds only have the old name.
@@ -27,48 +27,43 @@ def _row_bytes(x: torch.Tensor) -> int:
     return x.shape[1:].numel() * x.element_size()
 
 
-def _record(comm: AxisGroup, stats: CommStats | None, op: str, nbytes: float) -> None:
-    if stats is not None and comm.size > 1:
-        stats.record(op, comm.name, nbytes)
-
-
-def exchange_counts(send: torch.Tensor, comm: AxisGroup, stats: CommStats | None) -> torch.Tensor:
+def exchange_counts(send: torch.Tensor, comm: AxisGroup) -> torch.Tensor:
     """send [n, m]: row j goes to rank j; returns [n, m] with row j from rank j."""
     if comm.size == 1:
         return send
     send = send.contiguous()
     out = torch.empty_like(send)
-    _record(comm, stats, "all_to_all", (comm.size - 1) * _row_bytes(send))
+    count(comm, "all_to_all", (comm.size - 1) * _row_bytes(send))
     dist.all_to_all_single(out, send, group=comm.group)
     return out
 
 
-def gather_counts(counts: torch.Tensor, comm: AxisGroup, stats: CommStats | None) -> torch.Tensor:
+def gather_counts(counts: torch.Tensor, comm: AxisGroup) -> torch.Tensor:
     """counts [...] on each rank -> [n, ...] stacked in group-rank order."""
     if comm.size == 1:
         return counts.unsqueeze(0)
     counts = counts.contiguous()
     out = torch.empty((comm.size * counts.shape[0], *counts.shape[1:]), dtype=counts.dtype, device=counts.device)
-    _record(comm, stats, "all_gather", (comm.size - 1) * counts.numel() * counts.element_size())
+    count(comm, "all_gather", (comm.size - 1) * counts.numel() * counts.element_size())
     _all_gather_single(out, counts, group=comm.group)
     return out.view(comm.size, *counts.shape)
 
 
-def _gather_v(x: torch.Tensor, comm: AxisGroup, stats: CommStats | None, sizes: list[int]) -> torch.Tensor:
+def _gather_v(x: torch.Tensor, comm: AxisGroup, sizes: list[int]) -> torch.Tensor:
     x = x.contiguous()
     out = x.new_empty((sum(sizes), *x.shape[1:]))
-    _record(comm, stats, "all_gather", (comm.size - 1) * x.shape[0] * _row_bytes(x))
+    count(comm, "all_gather", (comm.size - 1) * x.shape[0] * _row_bytes(x))
     dist.all_to_all_single(out, x.repeat(comm.size, *([1] * (x.dim() - 1))),
                            output_split_sizes=sizes, input_split_sizes=[x.shape[0]] * comm.size,
                            group=comm.group)
     return out
 
 
-def _reduce_scatter_v(y: torch.Tensor, comm: AxisGroup, stats: CommStats | None, sizes: list[int]) -> torch.Tensor:
+def _reduce_scatter_v(y: torch.Tensor, comm: AxisGroup, sizes: list[int]) -> torch.Tensor:
     y = y.contiguous()
     mine = sizes[comm.rank]
     parts = y.new_empty((comm.size * mine, *y.shape[1:]))
-    _record(comm, stats, "reduce_scatter", (sum(sizes) - mine) * _row_bytes(y))
+    count(comm, "reduce_scatter", (sum(sizes) - mine) * _row_bytes(y))
     dist.all_to_all_single(parts, y, output_split_sizes=[mine] * comm.size, input_split_sizes=sizes,
                            group=comm.group)
     return parts.view(comm.size, mine, *y.shape[1:]).sum(0)
@@ -76,40 +71,39 @@ def _reduce_scatter_v(y: torch.Tensor, comm: AxisGroup, stats: CommStats | None,
 
 class _GatherV(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, comm, stats, sizes):
-        ctx.comm, ctx.stats, ctx.sizes = comm, stats, sizes
-        return _gather_v(x, comm, stats, sizes)
+    def forward(ctx, x, comm, sizes):
+        ctx.comm, ctx.sizes = comm, sizes
+        return _gather_v(x, comm, sizes)
 
     @staticmethod
     def backward(ctx, grad):
-        return _reduce_scatter_v(grad, ctx.comm, ctx.stats, ctx.sizes), None, None, None
+        return _reduce_scatter_v(grad, ctx.comm, ctx.sizes), None, None
 
 
 class _ReduceScatterV(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, y, comm, stats, sizes):
-        ctx.comm, ctx.stats, ctx.sizes = comm, stats, sizes
-        return _reduce_scatter_v(y, comm, stats, sizes)
+    def forward(ctx, y, comm, sizes):
+        ctx.comm, ctx.sizes = comm, sizes
+        return _reduce_scatter_v(y, comm, sizes)
 
     @staticmethod
     def backward(ctx, grad):
-        return _gather_v(grad, ctx.comm, ctx.stats, ctx.sizes), None, None, None
+        return _gather_v(grad, ctx.comm, ctx.sizes), None, None
 
 
-def gather_v(x: torch.Tensor, comm: AxisGroup, sizes: list[int], stats: CommStats | None = None) -> torch.Tensor:
+def gather_v(x: torch.Tensor, comm: AxisGroup, sizes: list[int]) -> torch.Tensor:
     """Concatenate every rank's x along dim 0 (rank j has sizes[j] rows); backward reduce-scatters."""
     if comm.size == 1:
         return x
     if x.shape[0] != sizes[comm.rank]:
         raise ValueError(f"gather_v: this rank has {x.shape[0]} rows but sizes[{comm.rank}]={sizes[comm.rank]}")
-    return _GatherV.apply(x, comm, stats, list(sizes))
+    return _GatherV.apply(x, comm, list(sizes))
 
 
-def reduce_scatter_v(y: torch.Tensor, comm: AxisGroup, sizes: list[int],
-                     stats: CommStats | None = None) -> torch.Tensor:
+def reduce_scatter_v(y: torch.Tensor, comm: AxisGroup, sizes: list[int]) -> torch.Tensor:
     """Sum y over the ranks and keep this rank's rows (rows [sum(sizes[:r]), +sizes[r]]); backward gathers."""
     if comm.size == 1:
         return y
     if y.shape[0] != sum(sizes):
         raise ValueError(f"reduce_scatter_v: {y.shape[0]} rows but sizes sum to {sum(sizes)}")
-    return _ReduceScatterV.apply(y, comm, stats, list(sizes))
+    return _ReduceScatterV.apply(y, comm, list(sizes))

@@ -126,9 +126,11 @@ class Trainer:
         if self.device.type == "cpu":
             torch.set_num_threads(t.num_threads or max(1, (os.cpu_count() or 1) // self.env.local_world_size))
         distributed.init_world(self.env, self.device, self.cfg.parallel.timeout_s)
-        self.ps = parallel_state.init(topology, device=self.device, timeout_s=self.cfg.parallel.timeout_s)
-        self.rng = RNGStreams(self.cfg.seed, self.ps.coords, self.device)
+        # Every group of the ParallelState counts its bytes here (logged per step, then reset).
         self.comm_stats = CommStats()
+        self.ps = parallel_state.init(topology, device=self.device, timeout_s=self.cfg.parallel.timeout_s,
+                                      stats=self.comm_stats)
+        self.rng = RNGStreams(self.cfg.seed, self.ps.coords, self.device)
         self.dp_rank, self.dp_size = self.ps.dp.rank, self.ps.dp.size
 
     def _build_run_dir(self) -> None:
@@ -156,11 +158,11 @@ class Trainer:
         # Weights are seeded by parameter name inside build_model; dropout draws from self.rng's
         # streams. The default generator is seeded too so no stray draw depends on the process' past.
         torch.manual_seed(cfg.seed)
-        self.tp = TPContext(self.ps.tp, cfg.parallel.sequence_parallel, self.comm_stats, self.rng)
-        self.cp = CPContext(self.ps.cp, cfg.parallel.cp_comm, self.comm_stats)
+        self.tp = TPContext(self.ps.tp, cfg.parallel.sequence_parallel, self.rng)
+        self.cp = CPContext(self.ps.cp, cfg.parallel.cp_comm)
         # MoE aux losses receive the loss contract's factor (1 / global loss tokens), set per step.
         self.aux_loss_scale = AuxLossScale()
-        moe = MoEContext.from_parallel_state(self.ps, self.tp.sp, self.comm_stats, self.aux_loss_scale)
+        moe = MoEContext.from_parallel_state(self.ps, self.tp.sp, self.aux_loss_scale)
         par = ParallelContext(tp=self.tp, cp=self.cp, moe=moe)
         self.pipelined = self.ps.pp.size > 1
         if self.pipelined:
@@ -186,7 +188,7 @@ class Trainer:
         cfg = self.cfg
         self.optim_step = factory(StepInputs(
             named_params=list(self.model.named_parameters()), cfg=cfg.optim, max_steps=cfg.trainer.max_steps,
-            ps=self.ps, stats=self.comm_stats, bucket_size_mb=cfg.parallel.dp_bucket_mb,
+            ps=self.ps, bucket_size_mb=cfg.parallel.dp_bucket_mb,
             tied_weight=self.model.tied_weight() if self.pipelined else None))
         self.optimizer = self.optim_step.optimizer
 
@@ -255,7 +257,7 @@ class Trainer:
         back together rather than resume from different steps)."""
         loaded = find_latest_checkpoint(self.run_dir, self.shard_layout)
         mine = torch.tensor(loaded.step if loaded is not None else -1, dtype=torch.int64)
-        agreed = -all_reduce_max(-mine, self.ps.world, self.comm_stats).item()
+        agreed = -all_reduce_max(-mine, self.ps.world).item()
         if agreed == mine.item():
             return loaded
         if agreed < 0:
@@ -296,8 +298,7 @@ class Trainer:
         # Summed over DP x CP: the loss tokens of the global batch (docs/loss_and_layout.md,
         # "Loss normalisation").
         local_tokens = sum(mb["loss_mask"].sum() for mb in microbatches)
-        num_tokens = all_reduce_sum(torch.as_tensor(local_tokens, dtype=torch.float32), self.ps.dp_cp,
-                                    self.comm_stats)
+        num_tokens = all_reduce_sum(torch.as_tensor(local_tokens, dtype=torch.float32), self.ps.dp_cp)
         self.aux_loss_scale.value = 1.0 / max(float(num_tokens), 1.0)
         if self.pipelined:
             loss_sum = self._pipeline(microbatches, num_tokens.to(self.device))
@@ -320,19 +321,19 @@ class Trainer:
         """Once per global batch: the aux-loss-free bias step and the MoE metrics (moe.metrics)."""
         if not self.cfg_has_moe:
             return {}
-        return moe_step_metrics(self.moe_layers, self.cfg.model.moe, self.ps.tp_dp_cp, self.comm_stats,
+        return moe_step_metrics(self.moe_layers, self.cfg.model.moe, self.ps.tp_dp_cp,
                                 max_logged_experts=MAX_LOGGED_EXPERTS, world_group=self.ps.world)
 
     def _global_sum(self, loss_sum: torch.Tensor) -> torch.Tensor:
         """A loss sum over the whole global batch: the last pipeline stage has it, DP x CP split it."""
         loss_sum = loss_sum.detach().float().cpu()
         if self.pipelined:
-            loss_sum = all_reduce_sum(loss_sum, self.ps.pp, self.comm_stats)
-        return all_reduce_sum(loss_sum, self.ps.dp_cp, self.comm_stats)
+            loss_sum = all_reduce_sum(loss_sum, self.ps.pp)
+        return all_reduce_sum(loss_sum, self.ps.dp_cp)
 
     def _world_sum(self, value: torch.Tensor) -> torch.Tensor:
         """A small sum over every rank (grad norm, MoE metrics), counted under comm/world."""
-        return all_reduce_sum(value, self.ps.world, self.comm_stats)
+        return all_reduce_sum(value, self.ps.world)
 
     def _pipeline(self, microbatches: list[dict], num_tokens: torch.Tensor, forward_only: bool = False) -> torch.Tensor:
         """Forward (and backward) of the microbatches through the pipeline; this rank's loss sum."""
@@ -347,7 +348,7 @@ class Trainer:
         with self.autocast, self.rng.fork(self.dropout_stream):
             return forward_backward_pipelining(
                 self.pp_orders, self.model.stage_fns(), [self._to_device(mb) for mb in microbatches], loss_sum_fn,
-                num_tokens, self.ps.pp, cfg.parallel.vpp, shape, torch.float32, self.device, stats=self.comm_stats,
+                num_tokens, self.ps.pp, cfg.parallel.vpp, shape, torch.float32, self.device,
                 forward_only=forward_only, no_sync=self.optim_step.no_sync)
 
     def _handle_non_finite(self, loss: float, grad_norm: float) -> None:
@@ -387,7 +388,7 @@ class Trainer:
                 loss_sum += self._loss_sum(mb).cpu()
         for mb in microbatches:
             tokens += mb["loss_mask"].sum()
-        return (self._global_sum(loss_sum) / all_reduce_sum(tokens, self.ps.dp_cp, self.comm_stats)).item()
+        return (self._global_sum(loss_sum) / all_reduce_sum(tokens, self.ps.dp_cp)).item()
 
     # ---- loop --------------------------------------------------------------------------------
 

@@ -126,8 +126,8 @@ class Attention(nn.Module):
             raise ValueError("context-parallel attention needs position_ids (the original positions of this "
                              "rank's zigzag tokens); the trainer passes them")
         if self.cp.comm == "a2a":
-            return ulysses_attention(q, k, v, self.cp.group, position_ids, self.cp.stats)
-        return ring_attention(q, k, v, self.cp.group, self.cp.stats)
+            return ulysses_attention(q, k, v, self.cp.group, position_ids)
+        return ring_attention(q, k, v, self.cp.group)
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token (3 x forward).

@@ -56,7 +56,6 @@ from parallel_state.collectives import (
     all_to_all_scatter_gather,
     resolve_group,
 )
-from parallel_state.comm_stats import CommStats
 from parallel_state.groups import AxisGroup
 from parallel_state.ring import RingExchange
 
@@ -221,12 +220,12 @@ def ring_block_plan(step: int, rank: int, cp_size: int, local_len: int, zigzag: 
     return [(slice(half, local_len), whole, False)]
 
 
-def _ring_forward(q, k, v, comm: AxisGroup, stats, zigzag: bool, scale: float, kernel: BlockKernel):
+def _ring_forward(q, k, v, comm: AxisGroup, zigzag: bool, scale: float, kernel: BlockKernel):
     batch, hq, tlocal, dim = q.shape
     acc = accumulation_dtype(q.dtype)
     out = torch.zeros(batch, hq, tlocal, dim, dtype=acc, device=q.device)
     lse = torch.full((batch, hq, tlocal), float("-inf"), dtype=acc, device=q.device)
-    ring = RingExchange(comm, stats)
+    ring = RingExchange(comm)
     kv = torch.stack([k, v])  # one message per step
     for step in range(comm.size):
         incoming = ring.exchange(kv, KV_TAG) if step < comm.size - 1 else None
@@ -240,10 +239,10 @@ def _ring_forward(q, k, v, comm: AxisGroup, stats, zigzag: bool, scale: float, k
     return out, lse
 
 
-def _ring_backward(dout, q, k, v, out, lse, comm: AxisGroup, stats, zigzag, scale, kernel: BlockKernel):
+def _ring_backward(dout, q, k, v, out, lse, comm: AxisGroup, zigzag, scale, kernel: BlockKernel):
     tlocal = q.shape[2]
     acc = accumulation_dtype(q.dtype)
-    ring = RingExchange(comm, stats)
+    ring = RingExchange(comm)
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)
     kv = torch.stack([k, v])
     dkv_incoming = None
@@ -269,20 +268,20 @@ def _ring_backward(dout, q, k, v, out, lse, comm: AxisGroup, stats, zigzag, scal
 
 class _RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, comm, stats, zigzag, scale, kernel):
-        out, lse = _ring_forward(q, k, v, comm, stats, zigzag, scale, kernel)
+    def forward(ctx, q, k, v, comm, zigzag, scale, kernel):
+        out, lse = _ring_forward(q, k, v, comm, zigzag, scale, kernel)
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.comm, ctx.stats, ctx.zigzag, ctx.scale, ctx.kernel = comm, stats, zigzag, scale, kernel
+        ctx.comm, ctx.zigzag, ctx.scale, ctx.kernel = comm, zigzag, scale, kernel
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, _dlse):
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = _ring_backward(dout, q, k, v, out, lse, ctx.comm, ctx.stats, ctx.zigzag,
+        dq, dk, dv = _ring_backward(dout, q, k, v, out, lse, ctx.comm, ctx.zigzag,
                                     ctx.scale, ctx.kernel)
-        return dq, dk, dv, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None
 
 
 def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -295,7 +294,7 @@ def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         raise ValueError(f"{q.shape[1]} query heads cannot share {k.shape[1]} K/V heads evenly")
 
 
-def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cp, stats: CommStats | None = None,
+def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cp,
                    zigzag: bool = True, scale: float | None = None, kernel: str = "auto",
                    return_lse: bool = False):
     """Causal attention over a sequence split across the CP group `cp` (ring, see module docstring).
@@ -312,7 +311,7 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cp, stats:
         raise ValueError(f"zigzag ring attention needs an even local length (two chunks); got {q.shape[2]}")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     block_kernel = resolve_block_kernel(kernel, q.device)
-    out, lse = _RingAttention.apply(q, k, v, comm, stats, zigzag, scale, block_kernel)
+    out, lse = _RingAttention.apply(q, k, v, comm, zigzag, scale, block_kernel)
     return (out, lse) if return_lse else out
 
 
@@ -345,16 +344,15 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: to
     return F.scaled_dot_product_attention(q, k, v, attn_mask=keep, enable_gqa=q.shape[1] != k.shape[1])
 
 
-def gather_positions(position_ids: torch.Tensor, cp, stats: CommStats | None = None) -> torch.Tensor:
+def gather_positions(position_ids: torch.Tensor, cp) -> torch.Tensor:
     """All ranks' position ids [B, T_local] -> [B, T_local * P] in rank order (not differentiable)."""
     comm = resolve_group(cp)
-    gathered, handle = all_gather_async(position_ids.transpose(0, 1), comm, stats)
+    gathered, handle = all_gather_async(position_ids.transpose(0, 1), comm)
     handle.wait()
     return gathered.transpose(0, 1)
 
 
 def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cp, position_ids: torch.Tensor,
-                      stats: CommStats | None = None,
                       attn_fn: Callable[..., torch.Tensor] = masked_attention) -> torch.Tensor:
     """Causal attention over a sequence split across `cp` by head-scattering all-to-alls (Ulysses).
 
@@ -371,10 +369,10 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cp, pos
         k, v = k.repeat_interleave(repeats, dim=1), v.repeat_interleave(repeats, dim=1)
     if position_ids.shape[-1] != q.shape[2]:
         raise ValueError(f"position_ids {tuple(position_ids.shape)} do not match the local length {q.shape[2]}")
-    positions = gather_positions(position_ids.expand(q.shape[0], -1), comm, stats)
+    positions = gather_positions(position_ids.expand(q.shape[0], -1), comm)
     # [B, H, T/P, D] -> [B, H/P, T, D]; K and V go in one all-to-all.
-    q_heads = all_to_all_scatter_gather(q, comm, scatter_dim=1, gather_dim=2, stats=stats)
-    kv_heads = all_to_all_scatter_gather(torch.stack([k, v]), comm, scatter_dim=2, gather_dim=3, stats=stats)
+    q_heads = all_to_all_scatter_gather(q, comm, scatter_dim=1, gather_dim=2)
+    kv_heads = all_to_all_scatter_gather(torch.stack([k, v]), comm, scatter_dim=2, gather_dim=3)
     keep = causal_mask_from_positions(positions, positions)
     out = attn_fn(q_heads, kv_heads[0], kv_heads[1], keep)
-    return all_to_all_scatter_gather(out, comm, scatter_dim=2, gather_dim=1, stats=stats)
+    return all_to_all_scatter_gather(out, comm, scatter_dim=2, gather_dim=1)

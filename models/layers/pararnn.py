@@ -224,7 +224,7 @@ class _ParaRNN(nn.Module):
         self.state_per_rank = local = n // tp.size
         self.tp_rank, self.tp_size = tp.rank, tp.size
         # The input mapping's arguments, the group resolved once (no lookups per call).
-        self.tp_group, self.sequence_parallel, self.tp_stats = tp.group, tp.sp, tp.stats
+        self.tp_group, self.sequence_parallel = tp.group, tp.sp
 
         def channel_shard(*shape: int) -> nn.Parameter:
             """A parameter holding this rank's slice of the state channels (dim 1)."""
@@ -306,7 +306,7 @@ class _ParaRNN(nn.Module):
         del position_ids
         mode = self.mode if mode is None else mode
         if self.tp_size > 1:
-            x = tp_region_input(x, self.tp_group, self.sequence_parallel, self.tp_stats)
+            x = tp_region_input(x, self.tp_group, self.sequence_parallel)
         u = self.input_projections(x)
         # The recurrence runs in fp32 (or fp64) even under bf16 autocast: Newton needs the precision.
         compute_dtype = recurrence_dtype(u.dtype)

@@ -44,7 +44,6 @@ from parallel_state.collectives import (
     resolve_group,
     scatter_to_tp_region,
 )
-from parallel_state.comm_stats import CommStats
 from parallel_state.groups import AxisGroup
 from parallel_state.params import mark_shard, set_param_meta
 from parallel_state.rng import RNGStreams
@@ -58,26 +57,24 @@ def divide_exactly(total: int, parts: int, what: str) -> int:
     return total // parts
 
 
-def tp_region_input(x: torch.Tensor, tp: AxisGroup, sequence_parallel: bool,
-                    stats: CommStats | None) -> torch.Tensor:
+def tp_region_input(x: torch.Tensor, tp: AxisGroup, sequence_parallel: bool) -> torch.Tensor:
     """Enter a TP region with the full activation: all-gather the sequence under SP (reduce-scatter
     in backward), else identity forward with an all-reduce in backward."""
     if sequence_parallel:
-        return gather_from_sequence_parallel_region(x, tp, stats, tensor_parallel_output_grad=True)
-    return copy_to_tp_region(x, tp, stats)
+        return gather_from_sequence_parallel_region(x, tp, tensor_parallel_output_grad=True)
+    return copy_to_tp_region(x, tp)
 
 
 @dataclass(frozen=True)
 class TPContext:
     """What a model layer needs to shard itself over TP; one per model, handed to every mixer.
 
-    `column(...)` / `row(...)` build the layers with the context's group, SP flag and stats.
+    `column(...)` / `row(...)` build the layers with the context's group and SP flag.
     """
 
     # The TP group (ParallelState.tp); a group of one rank: no tensor parallelism.
     group: AxisGroup = field(default_factory=lambda: AxisGroup.single("tp"))
     sequence_parallel: bool = False  # activations outside Column->Row pairs split along the sequence
-    stats: CommStats | None = None  # receives the bytes sent; the trainer logs and resets it per step
     rng: RNGStreams | None = None  # the rank's random streams (dropout on sharded activations)
 
     @property
@@ -107,15 +104,15 @@ class TPContext:
         Layers that read one input into several sharded computations call this once and pass the
         result on with `input_prepared=True`.
         """
-        return tp_region_input(x, self.group, self.sp, self.stats)
+        return tp_region_input(x, self.group, self.sp)
 
     def column(self, in_features: int, out_features: int, init: ParamInit, **kwargs) -> ColumnParallelLinear:
         return ColumnParallelLinear(in_features, out_features, self.group, init=init,
-                                    sequence_parallel=self.sequence_parallel, stats=self.stats, **kwargs)
+                                    sequence_parallel=self.sequence_parallel, **kwargs)
 
     def row(self, in_features: int, out_features: int, init: ParamInit, **kwargs) -> RowParallelLinear:
         return RowParallelLinear(in_features, out_features, self.group, init=init,
-                                 sequence_parallel=self.sequence_parallel, stats=self.stats, **kwargs)
+                                 sequence_parallel=self.sequence_parallel, **kwargs)
 
     def mark_sequence_parallel(self, *params: nn.Parameter) -> None:
         """Mark TP-replicated params that see only this rank's tokens under SP (norm gains)."""
@@ -128,10 +125,9 @@ class _TPLinear(nn.Module):
     """What Column- and RowParallelLinear share: the resolved group and how their params are seeded."""
 
     def __init__(self, in_features: int, out_features: int, tp: AxisGroup, init: ParamInit,
-                 sequence_parallel: bool, stats: CommStats | None):
+                 sequence_parallel: bool):
         super().__init__()
         self.tp = resolve_group(tp)
-        self.stats = stats
         self.in_features = in_features
         self.out_features = out_features
         self.sequence_parallel = sequence_parallel and self.tp.size > 1
@@ -154,12 +150,11 @@ class ColumnParallelLinear(_TPLinear):
 
     def __init__(self, in_features: int, out_features: int, tp: AxisGroup, *,
                  init: ParamInit,
-                 bias: bool = False, gather_output: bool = False, sequence_parallel: bool = False,
-                 stats: CommStats | None = None):
+                 bias: bool = False, gather_output: bool = False, sequence_parallel: bool = False):
         if sequence_parallel and gather_output:
             raise ValueError("ColumnParallelLinear: gather_output=True with sequence_parallel=True is not "
                              "supported; feed the output slice to a RowParallelLinear instead")
-        super().__init__(in_features, out_features, tp, init, sequence_parallel, stats)
+        super().__init__(in_features, out_features, tp, init, sequence_parallel)
         comm = self.tp
         self.gather_output = gather_output
         self.out_per_rank = divide_exactly(out_features, comm.size, "ColumnParallelLinear out_features")
@@ -170,13 +165,13 @@ class ColumnParallelLinear(_TPLinear):
 
     def prepare_input(self, x: torch.Tensor) -> torch.Tensor:
         """The input mapping: all-gather the sequence (SP) or copy into the TP region."""
-        return tp_region_input(x, self.tp, self.sequence_parallel, self.stats)
+        return tp_region_input(x, self.tp, self.sequence_parallel)
 
     def forward(self, x: torch.Tensor, input_prepared: bool = False) -> torch.Tensor:
         if not input_prepared:
             x = self.prepare_input(x)
         y = F.linear(x, self.weight, self.bias)
-        return gather_from_tp_region(y, self.tp, self.stats) if self.gather_output else y
+        return gather_from_tp_region(y, self.tp) if self.gather_output else y
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features} ({self.out_per_rank} per rank), "
@@ -194,11 +189,10 @@ class RowParallelLinear(_TPLinear):
 
     def __init__(self, in_features: int, out_features: int, tp: AxisGroup, *,
                  init: ParamInit,
-                 bias: bool = False, input_is_parallel: bool = True, sequence_parallel: bool = False,
-                 stats: CommStats | None = None):
+                 bias: bool = False, input_is_parallel: bool = True, sequence_parallel: bool = False):
         if sequence_parallel and not input_is_parallel:
             raise ValueError("RowParallelLinear: sequence_parallel=True needs input_is_parallel=True")
-        super().__init__(in_features, out_features, tp, init, sequence_parallel, stats)
+        super().__init__(in_features, out_features, tp, init, sequence_parallel)
         comm = self.tp
         self.input_is_parallel = input_is_parallel
         self.in_per_rank = divide_exactly(in_features, comm.size, "RowParallelLinear in_features")
@@ -211,12 +205,12 @@ class RowParallelLinear(_TPLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.input_is_parallel:
-            x = scatter_to_tp_region(x, self.tp, self.stats)
+            x = scatter_to_tp_region(x, self.tp)
         partial = F.linear(x, self.weight)
         if self.sequence_parallel:
-            y = reduce_scatter_to_sequence_parallel_region(partial, self.tp, self.stats)
+            y = reduce_scatter_to_sequence_parallel_region(partial, self.tp)
         else:
-            y = reduce_from_tp_region(partial, self.tp, self.stats)
+            y = reduce_from_tp_region(partial, self.tp)
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:

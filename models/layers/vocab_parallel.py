@@ -24,7 +24,6 @@ from parallel_state.collectives import (
     reduce_scatter_to_sequence_parallel_region,
     resolve_group,
 )
-from parallel_state.comm_stats import CommStats
 from parallel_state.groups import AxisGroup
 from parallel_state.params import mark_shard, set_param_meta
 
@@ -63,11 +62,10 @@ class VocabParallelEmbedding(nn.Module):
     """
 
     def __init__(self, vocab_size: int, hidden_size: int, tp: AxisGroup, *, init: ParamInit,
-                 multiple: int = 1, sequence_parallel: bool = False, stats: CommStats | None = None):
+                 multiple: int = 1, sequence_parallel: bool = False):
         super().__init__()
         comm = resolve_group(tp)
         self.tp = comm
-        self.stats = stats
         self.vocab_size = vocab_size
         self.padded_vocab_size = padded_vocab_size(vocab_size, comm.size, multiple)
         self.vocab_start, self.vocab_end = vocab_range(self.padded_vocab_size, comm.rank, comm.size)
@@ -88,8 +86,8 @@ class VocabParallelEmbedding(nn.Module):
         local_ids = (input_ids - self.vocab_start).masked_fill(outside, 0)
         partial = F.embedding(local_ids, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
         if self.sequence_parallel:
-            return reduce_scatter_to_sequence_parallel_region(partial, self.tp, self.stats)
-        return reduce_from_tp_region(partial, self.tp, self.stats)
+            return reduce_scatter_to_sequence_parallel_region(partial, self.tp)
+        return reduce_from_tp_region(partial, self.tp)
 
 
 class VocabParallelLMHead(ColumnParallelLinear):
@@ -101,13 +99,13 @@ class VocabParallelLMHead(ColumnParallelLinear):
     """
 
     def __init__(self, vocab_size: int, hidden_size: int, tp: AxisGroup, *, init: ParamInit,
-                 multiple: int = 1, sequence_parallel: bool = False, stats: CommStats | None = None):
+                 multiple: int = 1, sequence_parallel: bool = False):
         # init.seed_name = EMBEDDING_WEIGHT_NAME makes a tied head on a stage without the embedding
         # start equal to it.
         tp_size = resolve_group(tp).size
         padded = padded_vocab_size(vocab_size, tp_size, multiple)
         super().__init__(hidden_size, padded, tp, init=init, bias=False, gather_output=False,
-                         sequence_parallel=sequence_parallel, stats=stats)
+                         sequence_parallel=sequence_parallel)
         self.vocab_size = vocab_size
         self.padded_vocab_size = padded
         _mark_padding(self.weight, vocab_size, padded)
@@ -120,7 +118,7 @@ class VocabParallelLMHead(ColumnParallelLinear):
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, labels, comm: AxisGroup, stats, vocab_size: int, ignore_index: int):
+    def forward(ctx, logits, labels, comm: AxisGroup, vocab_size: int, ignore_index: int):
         part = logits.shape[-1]
         start = comm.rank * part
         logits32 = logits.float()
@@ -128,7 +126,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         if real_here < part:
             logits32 = logits32.clone()
             logits32[..., real_here:] = float("-inf")
-        global_max = all_reduce_max(logits32.max(dim=-1).values, comm, stats)
+        global_max = all_reduce_max(logits32.max(dim=-1).values, comm)
         shifted = logits32 - global_max.unsqueeze(-1)
         exp = shifted.exp()
 
@@ -137,7 +135,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         local_idx = torch.where(here, labels - start, torch.zeros_like(labels)).unsqueeze(-1)
         # where, not a product: a shard of padding only has -inf logits, and -inf * 0 is NaN.
         target_here = torch.where(here, shifted.gather(-1, local_idx).squeeze(-1), 0.0)
-        sums = all_reduce_sum(torch.stack([exp.sum(dim=-1), target_here]), comm, stats)
+        sums = all_reduce_sum(torch.stack([exp.sum(dim=-1), target_here]), comm)
         sum_exp, target = sums[0], sums[1]
         losses = (sum_exp.log() - target).masked_fill(ignored, 0.0)
 
@@ -152,11 +150,11 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         grad = softmax  # d loss / d logit = softmax - onehot(target); padding columns have softmax 0
         grad.scatter_add_(-1, local_idx, -here.to(grad.dtype).unsqueeze(-1))
         grad.mul_((grad_losses * ~ignored).unsqueeze(-1))
-        return grad.to(ctx.input_dtype), None, None, None, None, None
+        return grad.to(ctx.input_dtype), None, None, None, None
 
 
 def vocab_parallel_cross_entropy(local_logits: torch.Tensor, labels: torch.Tensor, tp: AxisGroup | None,
-                                 vocab_size: int, stats: CommStats | None = None,
+                                 vocab_size: int,
                                  ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     """Per-token cross entropy [B, T] in fp32 (0 where labels == ignore_index), never gathering logits.
 
@@ -177,4 +175,4 @@ def vocab_parallel_cross_entropy(local_logits: torch.Tensor, labels: torch.Tenso
         flat = F.cross_entropy(local_logits.float().flatten(0, -2), labels.flatten(), ignore_index=ignore_index,
                                reduction="none")
         return flat.view(labels.shape)
-    return _VocabParallelCrossEntropy.apply(local_logits, labels, comm, stats, vocab_size, ignore_index)
+    return _VocabParallelCrossEntropy.apply(local_logits, labels, comm, vocab_size, ignore_index)

@@ -54,27 +54,27 @@ def cases(n: int) -> dict:
 
 def run_case(name: str, x: torch.Tensor, group, stats: CommStats, rank: int, n: int) -> torch.Tensor:
     if name == "copy_to_tp_region":
-        return C.copy_to_tp_region(x, group, stats)
+        return C.copy_to_tp_region(x, group)
     if name == "reduce_from_tp_region":
-        return C.reduce_from_tp_region(x, group, stats)
+        return C.reduce_from_tp_region(x, group)
     if name == "scatter_to_tp_region":
-        return C.scatter_to_tp_region(x, group, stats)
+        return C.scatter_to_tp_region(x, group)
     if name == "gather_from_tp_region":
-        return C.gather_from_tp_region(x, group, stats)
+        return C.gather_from_tp_region(x, group)
     if name == "scatter_to_sequence_parallel_region":
-        return C.scatter_to_sequence_parallel_region(x, group, stats)
+        return C.scatter_to_sequence_parallel_region(x, group)
     if name == "gather_seq_tp_output_grad":
-        return C.gather_from_sequence_parallel_region(x, group, stats, tensor_parallel_output_grad=True)
+        return C.gather_from_sequence_parallel_region(x, group, tensor_parallel_output_grad=True)
     if name == "gather_seq_replicated_grad":
-        return C.gather_from_sequence_parallel_region(x, group, stats, tensor_parallel_output_grad=False)
+        return C.gather_from_sequence_parallel_region(x, group, tensor_parallel_output_grad=False)
     if name == "reduce_scatter_to_sequence_parallel_region":
-        return C.reduce_scatter_to_sequence_parallel_region(x, group, stats)
+        return C.reduce_scatter_to_sequence_parallel_region(x, group)
     if name == "all_to_all_even":
-        return C.all_to_all(x, group, stats)
+        return C.all_to_all(x, group)
     if name == "all_to_all_ulysses":
-        return C.all_to_all_scatter_gather(x, group, scatter_dim=2, gather_dim=1, stats=stats)
+        return C.all_to_all_scatter_gather(x, group, scatter_dim=2, gather_dim=1)
     if name == "all_reduce_async":
-        out, handle = C.all_reduce_async(x, group, stats)
+        out, handle = C.all_reduce_async(x, group)
         handle.wait()
         return out
     raise KeyError(name)
@@ -91,7 +91,8 @@ def on_rank(seed: int) -> dict:
         g = per_rank(g_shape, n, seed + 100 + i)[rank]
         if name == "gather_seq_replicated_grad":
             g = per_rank(g_shape, 1, seed + 100 + i)[0]  # replicated consumer: the same grad everywhere
-        stats = CommStats()
+        stats = ps.stats or CommStats()  # the groups' own counters
+        stats.reset()
         out = run_case(name, x, ps.tp, stats, rank, n)
         out.backward(g)
         results[name] = (out.detach(), x.grad, dict(stats.bytes_sent))
@@ -100,29 +101,31 @@ def on_rank(seed: int) -> dict:
     x = per_rank((sum(splits[rank]), 3), n, seed + 50)[rank].requires_grad_()
     out_rows = [splits[i][rank] for i in range(n)]
     g = per_rank((sum(out_rows), 3), 1, seed + 150 + rank)[0]
-    stats = CommStats()
-    out = C.all_to_all(x, ps.tp, stats, output_split_sizes=out_rows, input_split_sizes=splits[rank])
+    stats = ps.stats or CommStats()  # the groups' own counters
+    stats.reset()
+    out = C.all_to_all(x, ps.tp, output_split_sizes=out_rows, input_split_sizes=splits[rank])
     out.backward(g)
     results["all_to_all_uneven"] = (out.detach(), x.grad, dict(stats.bytes_sent))
 
     buf = per_rank((2 * n, 3), n, seed + 60)[rank]
-    stats = CommStats()
-    gathered, h1 = C.all_gather_async(buf, ps.tp, stats)
-    scattered, h2 = C.reduce_scatter_async(buf, ps.tp, stats)
+    stats = ps.stats or CommStats()  # the groups' own counters
+    stats.reset()
+    gathered, h1 = C.all_gather_async(buf, ps.tp)
+    scattered, h2 = C.reduce_scatter_async(buf, ps.tp)
     summed = buf.clone()
-    h3 = C.all_reduce_inplace(summed, ps.tp, stats, async_op=True)
+    h3 = C.all_reduce_inplace(summed, ps.tp, async_op=True)
     for h in (h1, h2, h3):
         h.wait()
     results["async_buffers"] = (gathered, scattered, summed, dict(stats.bytes_sent))
 
     # A size-1 group inside a multi-rank job (dp=n, tp=1): identity, nothing sent or counted.
     ps1 = init(Topology(n))
-    stats = CommStats()
+    stats = ps1.stats
     y = per_rank((B, 4, 4), n, seed)[rank].requires_grad_()
-    outs = [C.copy_to_tp_region(y, ps1.tp, stats), C.reduce_from_tp_region(y, ps1.tp, stats),
-            C.gather_from_sequence_parallel_region(y, ps1.tp, stats),
-            C.reduce_scatter_to_sequence_parallel_region(y, ps1.tp, stats), C.all_to_all(y, ps1.tp, stats),
-            C.all_reduce_async(y, ps1.tp, stats)[0]]
+    outs = [C.copy_to_tp_region(y, ps1.tp), C.reduce_from_tp_region(y, ps1.tp),
+            C.gather_from_sequence_parallel_region(y, ps1.tp),
+            C.reduce_scatter_to_sequence_parallel_region(y, ps1.tp), C.all_to_all(y, ps1.tp),
+            C.all_reduce_async(y, ps1.tp)[0]]
     results["size1_identity"] = all(o is y for o in outs) and not stats.bytes_sent
     ps1.destroy()
     ps.destroy()

@@ -61,16 +61,18 @@ def run_cases(ps, seed: int) -> dict:
         keep = local_positions(seq_len, cp, rank, zigzag)
         q, k, v, dout = (t.index_select(2, keep).to(dtype) for t in full_inputs(hq, hkv, seq_len, seed + i))
         q, k, v = (t.requires_grad_() for t in (q, k, v))
-        stats = CommStats()
-        out, lse = ring_attention(q, k, v, ps.cp, stats, zigzag=zigzag, kernel=kernel, return_lse=True)
+        stats = ps.stats or CommStats()  # the groups' own counters
+        stats.reset()
+        out, lse = ring_attention(q, k, v, ps.cp, zigzag=zigzag, kernel=kernel, return_lse=True)
         out.backward(dout)
         results[("ring", i)] = (out.detach(), lse, q.grad, k.grad, v.grad, dict(stats.bytes_sent))
     for i, (hq, hkv, dtype) in enumerate(ulysses_cases(cp)):
         keep = zigzag_positions(seq_len, cp, rank)
         q, k, v, dout = (t.index_select(2, keep).to(dtype) for t in full_inputs(hq, hkv, seq_len, seed + 50 + i))
         q, k, v = (t.requires_grad_() for t in (q, k, v))
-        stats = CommStats()
-        out = ulysses_attention(q, k, v, ps.cp, keep.unsqueeze(0), stats)
+        stats = ps.stats or CommStats()  # the groups' own counters
+        stats.reset()
+        out = ulysses_attention(q, k, v, ps.cp, keep.unsqueeze(0))
         out.backward(dout)
         results[("ulysses", i)] = (out.detach(), None, q.grad, k.grad, v.grad, dict(stats.bytes_sent))
     return results

@@ -61,9 +61,10 @@ def on_rank(tied: bool, layer1_on_rank0_only: bool) -> dict:
     ps = init(Topology(n))
     skip = layer1_on_rank0_only and rank != 0
     model, plain = tiny_model(tied), tiny_model(tied)
-    stats = CommStats()
+    stats = ps.stats or CommStats()  # the groups' own counters
+    stats.reset()
     reducer = BucketedGradReducer(list(model.parameters()) + [model.output.weight], ps.dp_cp,
-                                  bucket_size_mb=BUCKET_MB, stats=stats)
+                                  bucket_size_mb=BUCKET_MB)
     # Overlap marker: how many buckets were launched when backward reaches the embedding output.
     launched_at_embedding: list[int] = []
 
@@ -89,7 +90,8 @@ def on_rank(tied: bool, layer1_on_rank0_only: bool) -> dict:
                 sent_before_last = (dict(stats.calls), list(reducer.launch_order))
         launched_in_backward = len(reducer.launch_order)
         reducer.finish()
-        allreduce_gradients(plain.parameters(), ps.dp_cp)
+        with stats.paused():  # the reference's all-reduce is not the reducer's traffic
+            allreduce_gradients(plain.parameters(), ps.dp_cp)
         out["steps"].append({
             "grads": flat_grads(model), "plain": flat_grads(plain), "sent_before_last": sent_before_last,
             "launch_order": reducer.last_launch_order, "launched_in_backward": launched_in_backward,

@@ -77,8 +77,9 @@ def run_rank(topo_kwargs: dict, cfg_kwargs: dict, sp: bool, forward_only: bool =
     """One rank: build its shard, run forward (and backward), return outputs, grads and bytes."""
     ps = init(Topology(dist.get_world_size(), **topo_kwargs))
     try:
-        stats = CommStats()
-        ctx = MoEContext.from_parallel_state(ps, sequence_parallel=sp, stats=stats,
+        stats = ps.stats or CommStats()  # the groups' own counters
+        stats.reset()
+        ctx = MoEContext.from_parallel_state(ps, sequence_parallel=sp,
                                              aux_loss_scale=AuxLossScale(AUX_SCALE))
         layer = build(MoEConfig(**cfg_kwargs), ctx)
         if skew:

@@ -82,10 +82,10 @@ def run_pipeline(pp: AxisGroup, vpp: int, num_mb: int, forward_only: bool = Fals
     chunks = [model.chunk_fn(stages[s], s == 0, s == last) for s in mine]
     microbatches = make_microbatches(num_mb)
     num_tokens = sum(mb["mask"].sum() for mb in microbatches)
-    stats = CommStats()
+    stats = pp.stats or CommStats()  # the groups' own counters
+    stats.reset()
     total = forward_backward_pipelining(pipeline_orders(P, vpp, num_mb), chunks, microbatches, loss_sum,
-                                        num_tokens, pp, vpp, (MBS, SEQ, HIDDEN), torch.float32, "cpu",
-                                        stats=stats, forward_only=forward_only)
+                                        num_tokens, pp, vpp, (MBS, SEQ, HIDDEN), torch.float32, "cpu", forward_only=forward_only)
     grads = {}
     if not forward_only:
         for s in mine:

@@ -73,7 +73,7 @@ class TPAttention(nn.Module):
         std, out_std = cfg.init_std, cfg.init_std / math.sqrt(2 * cfg.num_layers)
         hidden, kv_width = cfg.hidden_size, cfg.kv_heads * cfg.head_dim
         self.wq = ColumnParallelLinear(hidden, cfg.num_heads * cfg.head_dim, tp, init=normal_init(std),
-                                       sequence_parallel=sp, stats=stats)
+                                       sequence_parallel=sp)
         if cfg.kv_heads % n == 0:
             kv_tp, self.kv_select = tp, None
         elif n % cfg.kv_heads == 0:
@@ -87,7 +87,7 @@ class TPAttention(nn.Module):
             for weight in (self.wk.weight, self.wv.weight):
                 set_param_meta(weight, tp_partial_grad=True)
         self.wo = RowParallelLinear(cfg.num_heads * cfg.head_dim, hidden, tp, init=normal_init(out_std),
-                                    sequence_parallel=sp, stats=stats)
+                                    sequence_parallel=sp)
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
 
     def init_specs(self):
@@ -133,7 +133,7 @@ class TPBlock(nn.Module):
         self.token_mixer_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.attention = TPAttention(cfg, tp, sp, stats)
         self.channel_mixer_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
-        ctx = TPContext(tp, sp, stats)
+        ctx = TPContext(tp, sp)
         self.mlp = TPMLP(cfg, ctx)
         ctx.mark_sequence_parallel(self.token_mixer_norm.weight, self.channel_mixer_norm.weight)
 
@@ -161,7 +161,8 @@ def block_on_rank(num_kv_heads: int, sp: bool) -> dict:
     n = dist.get_world_size()
     ps = init(Topology(n, tp=n))
     cfg = tiny_cfg(num_kv_heads)
-    stats = CommStats()
+    stats = ps.stats or CommStats()  # the groups' own counters
+    stats.reset()
     with torch.device("meta"):
         block = TPBlock(cfg, ps.tp, sp, stats)
     materialize(block, SEED)
@@ -176,7 +177,7 @@ def block_on_rank(num_kv_heads: int, sp: bool) -> dict:
     out.backward(g)
     backward_bytes = dict(stats.bytes_sent)
     stats.reset()
-    allreduce_tp_partial_grads(block.parameters(), ps.tp, stats)
+    allreduce_tp_partial_grads(block.parameters(), ps.tp)
     sync_bytes = dict(stats.bytes_sent)
     synced_numel = sum(p.numel() for p in tp_partial_grad_params(block.parameters()))
     grads = {name: p.grad.clone() for name, p in block.named_parameters()}
@@ -272,9 +273,9 @@ class TPBiasMLP(nn.Module):
     def __init__(self, tp, sp: bool, gathered: bool, stats: CommStats):
         super().__init__()
         self.fc1 = ColumnParallelLinear(8, 16, tp, init=normal_init(0.5), bias=True, gather_output=gathered,
-                                        sequence_parallel=sp, stats=stats)
+                                        sequence_parallel=sp)
         self.fc2 = RowParallelLinear(16, 8, tp, init=normal_init(0.5), bias=True, input_is_parallel=not gathered,
-                                     sequence_parallel=sp, stats=stats)
+                                     sequence_parallel=sp)
 
     def forward(self, x):
         return self.fc2(F.gelu(self.fc1(x)))
@@ -355,14 +356,14 @@ class VocabModel(nn.Module):
     def __init__(self, vocab: int, tp, sp: bool, stats: CommStats, multiple: int = 1):
         super().__init__()
         self.embedding = VocabParallelEmbedding(vocab, HIDDEN, tp, init=normal_init(1.0), multiple=multiple,
-                                                sequence_parallel=sp, stats=stats)
+                                                sequence_parallel=sp)
         self.output = VocabParallelLMHead(vocab, HIDDEN, tp, init=normal_init(1.0), multiple=multiple,
-                                          sequence_parallel=sp, stats=stats)
+                                          sequence_parallel=sp)
         self.tp, self.vocab, self.stats = tp, vocab, stats
 
     def forward(self, ids, labels):
         return vocab_parallel_cross_entropy(self.output(torch.tanh(self.embedding(ids))), labels, self.tp,
-                                            self.vocab, self.stats)
+                                            self.vocab)
 
 
 class ReferenceVocabModel(nn.Module):
@@ -396,7 +397,8 @@ def reference_vocab(vocab: int, seq: int) -> dict:
 def vocab_on_rank(vocab: int, sp: bool, multiple: int) -> dict:
     n = dist.get_world_size()
     ps = init(Topology(n, tp=n))
-    stats = CommStats()
+    stats = ps.stats or CommStats()  # the groups' own counters
+    stats.reset()
     with torch.device("meta"):
         model = VocabModel(vocab, ps.tp, sp, stats, multiple)
     materialize(model, SEED)
@@ -473,9 +475,8 @@ def test_one_rank_layers_are_plain_and_padding_is_masked():
         assert (p.grad[vocab:] == 0).all() and (p.detach()[vocab:] == 0).all()
     assert not stats.bytes_sent
 
-    column = ColumnParallelLinear(6, 4, ONE_RANK, init=normal_init(1.0), bias=True, gather_output=True,
-                                  stats=stats)
-    row = RowParallelLinear(4, 6, ONE_RANK, init=normal_init(1.0), bias=True, input_is_parallel=False, stats=stats)
+    column = ColumnParallelLinear(6, 4, ONE_RANK, init=normal_init(1.0), bias=True, gather_output=True)
+    row = RowParallelLinear(4, 6, ONE_RANK, init=normal_init(1.0), bias=True, input_is_parallel=False)
     for layer in (column, row):
         materialize(layer, SEED)
         assert param_meta(layer.weight).shard is None
@@ -483,8 +484,8 @@ def test_one_rank_layers_are_plain_and_padding_is_masked():
         torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))
     assert not stats.bytes_sent
     y = torch.randn(2, 4, 3)
-    assert scatter_to_sequence_parallel_region(y, ONE_RANK, stats) is y
-    assert gather_from_sequence_parallel_region(y, ONE_RANK, stats) is y
+    assert scatter_to_sequence_parallel_region(y, ONE_RANK) is y
+    assert gather_from_sequence_parallel_region(y, ONE_RANK) is y
 
 
 def test_bad_layer_configs_name_the_problem():

@@ -72,8 +72,9 @@ def mixer_on_rank(kind: str, sp: bool, mode: str) -> dict:
     """Init, forward, backward and TP grad sync of the TP mixer on this rank; what the test compares."""
     n = dist.get_world_size()
     ps = init(Topology(n, tp=n))
-    stats = CommStats()
-    mixer = build(kind, mode, TPContext(ps.tp, sp, stats))
+    stats = ps.stats or CommStats()  # the groups' own counters
+    stats.reset()
+    mixer = build(kind, mode, TPContext(ps.tp, sp))
     init_params = {name: p.detach().clone() for name, p in mixer.named_parameters()}
     x, g = mixer_inputs()
     if sp:

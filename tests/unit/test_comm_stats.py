@@ -55,15 +55,15 @@ def test_collectives_on_one_process_are_identities_and_send_nothing():
     one = AxisGroup.single("tp")
     x = torch.randn(2, 4, 6, requires_grad=True)
     outs = [
-        C.copy_to_tp_region(x, one, stats), C.reduce_from_tp_region(x, one, stats),
-        C.scatter_to_tp_region(x, one, stats), C.gather_from_tp_region(x, one, stats),
-        C.scatter_to_sequence_parallel_region(x, one, stats),
-        C.gather_from_sequence_parallel_region(x, one, stats),
-        C.reduce_scatter_to_sequence_parallel_region(x, one, stats),
-        C.all_to_all(x, one, stats), C.all_to_all_scatter_gather(x, one, 2, 1, stats),
-        C.all_reduce_async(x, one, stats)[0], C.all_gather_async(x, one, stats)[0],
-        C.reduce_scatter_async(x, one, stats)[0], C.all_reduce_max(x, one, stats),
-        C.all_reduce_sum(x, one, stats),
+        C.copy_to_tp_region(x, one), C.reduce_from_tp_region(x, one),
+        C.scatter_to_tp_region(x, one), C.gather_from_tp_region(x, one),
+        C.scatter_to_sequence_parallel_region(x, one),
+        C.gather_from_sequence_parallel_region(x, one),
+        C.reduce_scatter_to_sequence_parallel_region(x, one),
+        C.all_to_all(x, one), C.all_to_all_scatter_gather(x, one, 2, 1),
+        C.all_reduce_async(x, one)[0], C.all_gather_async(x, one)[0],
+        C.reduce_scatter_async(x, one)[0], C.all_reduce_max(x, one),
+        C.all_reduce_sum(x, one),
     ]
     assert all(out is x for out in outs)
     assert C.all_reduce_async(x, one)[1].wait() and C.all_reduce_inplace(x.detach(), one) is None

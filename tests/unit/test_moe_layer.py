@@ -233,11 +233,11 @@ def test_step_metrics_follow_the_documented_formulas_and_run_the_bias_step():
     want["moe/dropped_fraction"] = sum(layer.last_dropped_slots for layer in layers) / (tokens * cfg.topk)
     want.update({f"moe/tokens_per_expert/{e}": float(sum(c[e] for c in counts)) for e in range(4)})
 
-    metrics = step_metrics(layers, cfg, None, None, max_logged_experts=4)
+    metrics = step_metrics(layers, cfg, None, max_logged_experts=4)
 
     assert metrics == pytest.approx(want, rel=1e-12)
     assert want["moe/dropped_fraction"] > 0
     for layer, c in zip(layers, counts):
         torch.testing.assert_close(layer.router.expert_bias, (0.01 * torch.sign(c.mean() - c)).float())
         assert layer.router.tokens_per_expert.sum() == 0
-    assert not any(k.startswith("moe/tokens_per_expert/") for k in step_metrics(layers, cfg, None, None, 3))
+    assert not any(k.startswith("moe/tokens_per_expert/") for k in step_metrics(layers, cfg, None, 3))

@@ -44,7 +44,6 @@ from typing import Any
 
 import torch
 
-from parallel_state.comm_stats import CommStats
 from parallel_state.groups import AxisGroup
 from parallel_state.p2p import batch_send_recv
 from trainer.pipeline.orders import BACKWARD, FORWARD, Action
@@ -135,7 +134,7 @@ class _Inbox:
         for (buffer, _, msg), work in zip(posted, works, strict=True):
             self.pending[msg] = (buffer, work)
 
-    def take(self, msg: Message, stats: CommStats | None, timing: PipelineTiming | None) -> torch.Tensor:
+    def take(self, msg: Message, timing: PipelineTiming | None) -> torch.Tensor:
         """The tensor of `msg`, waiting for it if it is still in flight."""
         if msg in self.local:
             return self.local.pop(msg)
@@ -143,7 +142,7 @@ class _Inbox:
             if msg not in self.source:
                 raise RuntimeError(f"pipeline executor: no rank's order sends {msg} to pp rank {self.pp.rank}")
             posted = self.recvs_up_to(msg)
-            self.register(posted, batch_send_recv(self.pp, recvs=[(b, p) for b, p, _ in posted], stats=stats))
+            self.register(posted, batch_send_recv(self.pp, recvs=[(b, p) for b, p, _ in posted]))
         buffer, work = self.pending.pop(msg)
         t0 = time.perf_counter()
         work.wait()
@@ -160,7 +159,7 @@ def forward_backward_pipelining(orders: Sequence[Sequence[Action]],
                                 pp: AxisGroup, vpp_size: int,
                                 activation_shape: Sequence[int], dtype: torch.dtype,
                                 device: torch.device | str,
-                                stats: CommStats | None = None, forward_only: bool = False,
+                                forward_only: bool = False,
                                 no_sync: Callable[[], AbstractContextManager] = nullcontext,
                                 timing: PipelineTiming | None = None) -> torch.Tensor:
     """Run this pp rank's order `orders[pp.rank]`; return the detached sum of its token losses.
@@ -215,7 +214,7 @@ def forward_backward_pipelining(orders: Sequence[Sequence[Action]],
                 sends.append((tensor, dst))
         posted = inbox.recvs_up_to(_input_message(order[next_index], r, P, last_stage)) \
             if next_index < len(order) else []
-        works = batch_send_recv(pp, sends=sends, recvs=[(b, p) for b, p, _ in posted], stats=stats)
+        works = batch_send_recv(pp, sends=sends, recvs=[(b, p) for b, p, _ in posted])
         if sends:
             sends_in_flight.append((works[0], sends[0][0]))
         inbox.register(posted, works[len(sends):])
@@ -230,7 +229,7 @@ def forward_backward_pipelining(orders: Sequence[Sequence[Action]],
             if s == 0:
                 x = microbatches[mb]
             else:
-                x = inbox.take((FORWARD, s, mb), stats, timing)
+                x = inbox.take((FORWARD, s, mb), timing)
                 if not forward_only:
                     x.requires_grad_(True)
             with torch.no_grad() if forward_only else nullcontext():
@@ -249,7 +248,7 @@ def forward_backward_pipelining(orders: Sequence[Sequence[Action]],
                 if s == last_stage:
                     torch.autograd.backward(out / num_loss_tokens)
                 else:
-                    grad = inbox.take((BACKWARD, s, mb), stats, timing)
+                    grad = inbox.take((BACKWARD, s, mb), timing)
                     if out.data.shape != grad.shape:  # deallocated after its send
                         out.data = grad
                     torch.autograd.backward(out, grad_tensors=grad)

@@ -122,20 +122,40 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]
     optimizer.load_state_dict(state)
 
 
-class BucketedOptimizerStep:
-    """AdamW with gradients in flat buckets reduced from backward hooks: dense ones over DP x CP,
-    expert ones over EDP (optim.grad_buffers), then the replica syncs, clipping and the update."""
+class AdamWStep:
+    """What every AdamW-based step shares: the optimizer, the LR schedule, the update and the state.
+    Subclasses say how gradients are buffered and reduced (`no_sync`, `reduce_and_clip`, `zero_grad`)."""
 
     def __init__(self, inputs: StepInputs):
         self.inputs = inputs
         self.params = [p for _, p in inputs.named_params]
-        # The buckets exist before the optimizer, so its state follows the parameters, not the buffers.
-        self.reducers = GradReducers([
-            BucketedGradReducer(self.params, group, bucket_size_mb=inputs.bucket_size_mb,
-                                experts=experts)
-            for group, experts in ((inputs.ps.dp_cp, False), (inputs.ps.edp, True))])
         self.optimizer = build_optimizer(inputs.named_params, inputs.cfg)
         self.scheduler = LRScheduler(self.optimizer, inputs.cfg.lr, inputs.cfg.schedule, inputs.max_steps)
+
+    def apply(self, step: int, update: bool) -> float:
+        lr = self.scheduler.apply(step)
+        if update:
+            self.optimizer.step()
+        return lr
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        load_optimizer_state(self.optimizer, state, self.inputs.cfg)
+
+
+class BucketedOptimizerStep(AdamWStep):
+    """AdamW with gradients in flat buckets reduced from backward hooks: dense ones over DP x CP,
+    expert ones over EDP (optim.grad_buffers), then the replica syncs, clipping and the update."""
+
+    def __init__(self, inputs: StepInputs):
+        params = [p for _, p in inputs.named_params]
+        # The buckets exist before the optimizer, so its state follows the parameters, not the buffers.
+        self.reducers = GradReducers([
+            BucketedGradReducer(params, group, bucket_size_mb=inputs.bucket_size_mb, experts=experts)
+            for group, experts in ((inputs.ps.dp_cp, False), (inputs.ps.edp, True))])
+        super().__init__(inputs)
 
     def no_sync(self) -> AbstractContextManager[None]:
         return self.reducers.no_sync()
@@ -145,18 +165,5 @@ class BucketedOptimizerStep:
         sync_replicated_grads(self.inputs, self.params)
         return clip_by_global_norm(self.inputs, self.params)
 
-    def apply(self, step: int, update: bool) -> float:
-        lr = self.scheduler.apply(step)
-        if update:
-            self.optimizer.step()
-        return lr
-
     def zero_grad(self) -> None:
         self.reducers.zero_grad()  # keeps .grad views into the buckets (never set_to_none)
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.optimizer.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        load_optimizer_state(self.optimizer, state, self.inputs.cfg)
-

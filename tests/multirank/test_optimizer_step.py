@@ -12,9 +12,8 @@ from contextlib import nullcontext
 import pytest
 import torch.distributed as dist
 
-from optim import LRScheduler, build_optimizer
 from optim.grad_sync import allreduce_gradients
-from optim.step import StepInputs, clip_by_global_norm, load_optimizer_state, sync_replicated_grads
+from optim.step import AdamWStep, StepInputs, clip_by_global_norm, sync_replicated_grads
 from parallel_state.params import param_meta
 from tests.conftest import tiny_overrides
 from trainer.config import compose
@@ -26,14 +25,11 @@ pytestmark = pytest.mark.xdist_group("rank_pool")
 STEPS = 3
 
 
-class FlatReferenceStep:
+class FlatReferenceStep(AdamWStep):
     """Reduce after backward in one flat all-reduce per group; no buckets, no hooks."""
 
     def __init__(self, inputs: StepInputs):
-        self.inputs = inputs
-        self.params = [p for _, p in inputs.named_params]
-        self.optimizer = build_optimizer(inputs.named_params, inputs.cfg)
-        self.scheduler = LRScheduler(self.optimizer, inputs.cfg.lr, inputs.cfg.schedule, inputs.max_steps)
+        super().__init__(inputs)
         self.reductions = 0
 
     def no_sync(self):
@@ -47,20 +43,8 @@ class FlatReferenceStep:
         self.reductions += 1
         return clip_by_global_norm(self.inputs, self.params)
 
-    def apply(self, step: int, update: bool) -> float:
-        lr = self.scheduler.apply(step)
-        if update:
-            self.optimizer.step()
-        return lr
-
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
-
-    def state_dict(self):
-        return self.optimizer.state_dict()
-
-    def load_state_dict(self, state) -> None:
-        load_optimizer_state(self.optimizer, state, self.inputs.cfg)
 
 
 def train(overrides: list[str], reference: bool) -> dict:

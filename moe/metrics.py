@@ -45,8 +45,13 @@ def _scalar_sums(layers: Sequence[MoELayer], imbalance: list[float]) -> list[flo
                   float(sum(layer.last_dropped_slots for layer in layers))]
 
 
+# Per-expert token counts are logged as one metric each up to this many experts.
+MAX_LOGGED_EXPERTS = 64
+
+
 def step_metrics(layers: Sequence[MoELayer], cfg: MoEConfig, stage_group: AxisGroup | None,
-                 max_logged_experts: int, world_group: AxisGroup | None = None) -> dict[str, float]:
+                 max_logged_experts: int = MAX_LOGGED_EXPERTS,
+                 world_group: AxisGroup | None = None) -> dict[str, float]:
     """The bias step and the "moe/" metrics dict (module docstring) of one global batch.
 
     layers: this rank's MoE layers (possibly none); stage_group: the ranks routing the tokens of

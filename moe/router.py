@@ -56,7 +56,10 @@ class Routing:
 
     def counts(self, num_experts: int) -> torch.Tensor:
         """[E] int64: active slots per expert."""
-        return torch.bincount(self.expert[self.active], minlength=num_experts)
+        # Inactive slots go to a spare bin E: no boolean indexing, so no host sync for its size.
+        spare = torch.full_like(self.expert, num_experts)
+        return torch.bincount(torch.where(self.active, self.expert, spare).flatten(),
+                              minlength=num_experts + 1)[:num_experts]
 
 
 def scores_from_logits(logits: torch.Tensor, score_function: str) -> torch.Tensor:

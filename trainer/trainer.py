@@ -55,10 +55,6 @@ from trainer.validation import ConfigError, validate
 log = logging.getLogger("foldtron")
 
 
-# Per-expert token counts are logged as one metric each up to this many experts.
-MAX_LOGGED_EXPERTS = 64
-
-
 class NonFiniteLossError(RuntimeError):
     """Training produced a NaN/Inf loss or gradient norm and trainer.nan_policy says stop."""
 
@@ -322,7 +318,7 @@ class Trainer:
         if not self.cfg_has_moe:
             return {}
         return moe_step_metrics(self.moe_layers, self.cfg.model.moe, self.ps.tp_dp_cp,
-                                max_logged_experts=MAX_LOGGED_EXPERTS, world_group=self.ps.world)
+                                world_group=self.ps.world)
 
     def _global_sum(self, loss_sum: torch.Tensor) -> torch.Tensor:
         """A loss sum over the whole global batch: the last pipeline stage has it, DP x CP split it."""

@@ -94,7 +94,7 @@ class BucketedGradReducer:
     """Sums dense gradients over a data-parallel group in buckets launched during backward.
 
     `params`: the model's parameters (duplicates, frozen and expert ones are filtered out).
-    `group`: the DP x CP AxisGroup (`ps.dp_cp`), or None for the default group.
+    `group`: the DP x CP AxisGroup (`ps.dp_cp`), or the EDP one for expert parameters.
     `bucket_size_mb`: target bucket size; smaller buckets start communicating earlier, larger ones
     cost fewer collective launches. The bytes sent go to the group's CommStats. `overlap=False` launches
     nothing from the hooks and reduces every bucket in `finish()` (the reference behaviour).

@@ -91,7 +91,7 @@ def on_rank(seed: int) -> dict:
         g = per_rank(g_shape, n, seed + 100 + i)[rank]
         if name == "gather_seq_replicated_grad":
             g = per_rank(g_shape, 1, seed + 100 + i)[0]  # replicated consumer: the same grad everywhere
-        stats = ps.stats or CommStats()  # the groups' own counters
+        stats = ps.stats  # the groups' own counters
         stats.reset()
         out = run_case(name, x, ps.tp, stats, rank, n)
         out.backward(g)
@@ -101,14 +101,14 @@ def on_rank(seed: int) -> dict:
     x = per_rank((sum(splits[rank]), 3), n, seed + 50)[rank].requires_grad_()
     out_rows = [splits[i][rank] for i in range(n)]
     g = per_rank((sum(out_rows), 3), 1, seed + 150 + rank)[0]
-    stats = ps.stats or CommStats()  # the groups' own counters
+    stats = ps.stats  # the groups' own counters
     stats.reset()
     out = C.all_to_all(x, ps.tp, output_split_sizes=out_rows, input_split_sizes=splits[rank])
     out.backward(g)
     results["all_to_all_uneven"] = (out.detach(), x.grad, dict(stats.bytes_sent))
 
     buf = per_rank((2 * n, 3), n, seed + 60)[rank]
-    stats = ps.stats or CommStats()  # the groups' own counters
+    stats = ps.stats  # the groups' own counters
     stats.reset()
     gathered, h1 = C.all_gather_async(buf, ps.tp)
     scattered, h2 = C.reduce_scatter_async(buf, ps.tp)

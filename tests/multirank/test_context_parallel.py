@@ -14,7 +14,6 @@ import torch
 import torch.distributed as dist
 
 from models.layers.context_parallel import fused_block_available, ring_attention, ulysses_attention
-from parallel_state.comm_stats import CommStats
 from parallel_state.groups import init
 from parallel_state.topology import Topology
 from tests.unit.test_context_split import full_causal_reference
@@ -61,7 +60,7 @@ def run_cases(ps, seed: int) -> dict:
         keep = local_positions(seq_len, cp, rank, zigzag)
         q, k, v, dout = (t.index_select(2, keep).to(dtype) for t in full_inputs(hq, hkv, seq_len, seed + i))
         q, k, v = (t.requires_grad_() for t in (q, k, v))
-        stats = ps.stats or CommStats()  # the groups' own counters
+        stats = ps.stats  # the groups' own counters
         stats.reset()
         out, lse = ring_attention(q, k, v, ps.cp, zigzag=zigzag, kernel=kernel, return_lse=True)
         out.backward(dout)
@@ -70,7 +69,7 @@ def run_cases(ps, seed: int) -> dict:
         keep = zigzag_positions(seq_len, cp, rank)
         q, k, v, dout = (t.index_select(2, keep).to(dtype) for t in full_inputs(hq, hkv, seq_len, seed + 50 + i))
         q, k, v = (t.requires_grad_() for t in (q, k, v))
-        stats = ps.stats or CommStats()  # the groups' own counters
+        stats = ps.stats  # the groups' own counters
         stats.reset()
         out = ulysses_attention(q, k, v, ps.cp, keep.unsqueeze(0))
         out.backward(dout)

@@ -17,7 +17,6 @@ import torch.distributed as dist
 from models import ModelConfig, build_model
 from optim.grad_buffers import BucketedGradReducer
 from optim.grad_sync import allreduce_gradients
-from parallel_state.comm_stats import CommStats
 from parallel_state.groups import init
 from parallel_state.topology import Topology
 
@@ -61,7 +60,7 @@ def on_rank(tied: bool, layer1_on_rank0_only: bool) -> dict:
     ps = init(Topology(n))
     skip = layer1_on_rank0_only and rank != 0
     model, plain = tiny_model(tied), tiny_model(tied)
-    stats = ps.stats or CommStats()  # the groups' own counters
+    stats = ps.stats  # the groups' own counters
     stats.reset()
     reducer = BucketedGradReducer(list(model.parameters()) + [model.output.weight], ps.dp_cp,
                                   bucket_size_mb=BUCKET_MB)

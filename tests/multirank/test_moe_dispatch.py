@@ -22,7 +22,6 @@ from moe import AuxLossScale, MoEConfig, MoEContext, MoELayer
 from moe.dispatcher import make_dispatcher
 from moe.layer import update_aux_free_biases
 from moe.router import Routing, apply_capacity, capacity_of
-from parallel_state.comm_stats import CommStats
 from parallel_state.groups import init
 from parallel_state.params import param_meta
 from parallel_state.topology import Topology
@@ -77,7 +76,7 @@ def run_rank(topo_kwargs: dict, cfg_kwargs: dict, sp: bool, forward_only: bool =
     """One rank: build its shard, run forward (and backward), return outputs, grads and bytes."""
     ps = init(Topology(dist.get_world_size(), **topo_kwargs))
     try:
-        stats = ps.stats or CommStats()  # the groups' own counters
+        stats = ps.stats  # the groups' own counters
         stats.reset()
         ctx = MoEContext.from_parallel_state(ps, sequence_parallel=sp,
                                              aux_loss_scale=AuxLossScale(AUX_SCALE))

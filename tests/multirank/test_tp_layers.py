@@ -65,7 +65,7 @@ def tiny_cfg(num_kv_heads: int = 2) -> ModelConfig:
 class TPAttention(nn.Module):
     """Query heads split over TP; K/V heads split too when tp divides kv_heads, else replicated."""
 
-    def __init__(self, cfg: ModelConfig, tp, sp: bool, stats: CommStats):
+    def __init__(self, cfg: ModelConfig, tp, sp: bool):
         super().__init__()
         n, r = tp.size, tp.rank
         self.head_dim = cfg.head_dim
@@ -128,10 +128,10 @@ class TPMLP(nn.Module):
 class TPBlock(nn.Module):
     """Pre-norm block; under SP its input, norms and residuals are this rank's sequence chunk."""
 
-    def __init__(self, cfg: ModelConfig, tp, sp: bool, stats: CommStats):
+    def __init__(self, cfg: ModelConfig, tp, sp: bool):
         super().__init__()
         self.token_mixer_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
-        self.attention = TPAttention(cfg, tp, sp, stats)
+        self.attention = TPAttention(cfg, tp, sp)
         self.channel_mixer_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         ctx = TPContext(tp, sp)
         self.mlp = TPMLP(cfg, ctx)
@@ -161,10 +161,10 @@ def block_on_rank(num_kv_heads: int, sp: bool) -> dict:
     n = dist.get_world_size()
     ps = init(Topology(n, tp=n))
     cfg = tiny_cfg(num_kv_heads)
-    stats = ps.stats or CommStats()  # the groups' own counters
+    stats = ps.stats  # the groups' own counters
     stats.reset()
     with torch.device("meta"):
-        block = TPBlock(cfg, ps.tp, sp, stats)
+        block = TPBlock(cfg, ps.tp, sp)
     materialize(block, SEED)
     init_params = {name: p.detach().clone() for name, p in block.named_parameters()}
     x, g = block_inputs(cfg)
@@ -270,7 +270,7 @@ def test_tp_block_matches_one_process(rank_pools, n, num_kv_heads, sp):
 class TPBiasMLP(nn.Module):
     """fc1 (column, bias) -> GELU -> fc2 (row, bias); `gathered` routes the full hidden through instead."""
 
-    def __init__(self, tp, sp: bool, gathered: bool, stats: CommStats):
+    def __init__(self, tp, sp: bool, gathered: bool):
         super().__init__()
         self.fc1 = ColumnParallelLinear(8, 16, tp, init=normal_init(0.5), bias=True, gather_output=gathered,
                                         sequence_parallel=sp)
@@ -283,7 +283,7 @@ class TPBiasMLP(nn.Module):
 
 def reference_bias_mlp() -> nn.Module:
     with torch.device("meta"):
-        model = TPBiasMLP(ONE_RANK, False, False, CommStats())
+        model = TPBiasMLP(ONE_RANK, False, False)
     return materialize(model, SEED)
 
 
@@ -296,7 +296,7 @@ def bias_mlp_on_rank(sp: bool, gathered: bool) -> dict:
     n = dist.get_world_size()
     ps = init(Topology(n, tp=n))
     with torch.device("meta"):
-        model = TPBiasMLP(ps.tp, sp, gathered, CommStats())
+        model = TPBiasMLP(ps.tp, sp, gathered)
     materialize(model, SEED)
     x, g = mlp_inputs()
     if sp:
@@ -353,13 +353,13 @@ def vocab_inputs(vocab: int, seq: int) -> dict:
 class VocabModel(nn.Module):
     """Embedding -> tanh -> LM head, TP-sharded; names match the reference below."""
 
-    def __init__(self, vocab: int, tp, sp: bool, stats: CommStats, multiple: int = 1):
+    def __init__(self, vocab: int, tp, sp: bool, multiple: int = 1):
         super().__init__()
         self.embedding = VocabParallelEmbedding(vocab, HIDDEN, tp, init=normal_init(1.0), multiple=multiple,
                                                 sequence_parallel=sp)
         self.output = VocabParallelLMHead(vocab, HIDDEN, tp, init=normal_init(1.0), multiple=multiple,
                                           sequence_parallel=sp)
-        self.tp, self.vocab, self.stats = tp, vocab, stats
+        self.tp, self.vocab = tp, vocab
 
     def forward(self, ids, labels):
         return vocab_parallel_cross_entropy(self.output(torch.tanh(self.embedding(ids))), labels, self.tp,
@@ -397,10 +397,10 @@ def reference_vocab(vocab: int, seq: int) -> dict:
 def vocab_on_rank(vocab: int, sp: bool, multiple: int) -> dict:
     n = dist.get_world_size()
     ps = init(Topology(n, tp=n))
-    stats = ps.stats or CommStats()  # the groups' own counters
+    stats = ps.stats  # the groups' own counters
     stats.reset()
     with torch.device("meta"):
-        model = VocabModel(vocab, ps.tp, sp, stats, multiple)
+        model = VocabModel(vocab, ps.tp, sp, multiple)
     materialize(model, SEED)
     seq = 2 * n
     inputs = vocab_inputs(vocab, seq)
@@ -461,7 +461,7 @@ def test_one_rank_layers_are_plain_and_padding_is_masked():
     vocab, multiple = 13, 8  # padded to 16 even without TP
     stats = CommStats()
     with torch.device("meta"):
-        model = VocabModel(vocab, ONE_RANK, False, stats, multiple)
+        model = VocabModel(vocab, ONE_RANK, False, multiple)
     materialize(model, SEED)
     assert model.embedding.weight.shape == (16, HIDDEN)
     inputs = vocab_inputs(vocab, 4)

@@ -24,7 +24,6 @@ from models.layers.tensor_parallel import TPContext
 from models.parallel_context import ParallelContext
 from optim.step import allreduce_tp_partial_grads
 from parallel_state import ConfigError, ParallelConfig
-from parallel_state.comm_stats import CommStats
 from parallel_state.groups import AxisGroup, init
 from parallel_state.params import param_meta, tp_partial_grad_params
 from parallel_state.topology import Topology
@@ -72,7 +71,7 @@ def mixer_on_rank(kind: str, sp: bool, mode: str) -> dict:
     """Init, forward, backward and TP grad sync of the TP mixer on this rank; what the test compares."""
     n = dist.get_world_size()
     ps = init(Topology(n, tp=n))
-    stats = ps.stats or CommStats()  # the groups' own counters
+    stats = ps.stats  # the groups' own counters
     stats.reset()
     mixer = build(kind, mode, TPContext(ps.tp, sp))
     init_params = {name: p.detach().clone() for name, p in mixer.named_parameters()}

@@ -27,6 +27,11 @@ def build_optimizer(
             "build_optimizer got no trainable parameters (all requires_grad=False or none passed); "
             "pass model.named_parameters() of the model being trained"
         )
+    return adamw_over(groups, cfg)
+
+
+def adamw_over(groups: list[dict], cfg: OptimConfig) -> torch.optim.Optimizer:
+    """torch's AdamW over ready-made parameter groups (each with its own weight_decay)."""
     # fused is opt-in: the fused kernel rounds differently from the foreach/for-loop paths, and the
     # pinned one-process losses and the layout-parity tests are produced without it.
     return torch.optim.AdamW(

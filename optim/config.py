@@ -54,6 +54,10 @@ class OptimConfig:
     clip_grad: float = 1.0
     # Learning-rate schedule.
     schedule: LRScheduleConfig = field(default_factory=LRScheduleConfig)
+    # Distributed optimizer (ZeRO-1, Megatron's DistributedOptimizer): gradients are reduce-scattered
+    # over dp x cp (experts over edp) and each rank keeps and updates only its shard of the fp32
+    # master weights and Adam moments, then the updated parameters are all-gathered.
+    distributed: bool = False
     # torch.optim.AdamW's foreach switch; None lets torch choose for the device.
     foreach: bool | None = None
     # torch.optim.AdamW's fused kernel (CUDA, and CPU since torch 2.4): one kernel per step is

@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from parallel_state.collectives import all_reduce_inplace
+from parallel_state.collectives import all_reduce_inplace, reduce_scatter_async
 from parallel_state.groups import AxisGroup
 from parallel_state.params import param_meta
 
@@ -80,6 +80,10 @@ class GradBucket:
     ready: set[int] = field(default_factory=set)  # id() of params whose grad is final this step
     handle: Any = None  # the in-flight all-reduce, None before launch and after finish()
     launched: bool = False  # whether this step's all-reduce was issued
+    # Sharded mode: the buffer is padded to a multiple of the group size and reduce-scattered; this
+    # rank's reduced slice [rank * shard_numel, (rank + 1) * shard_numel) lands in `shard_grad`.
+    shard_numel: int = 0
+    shard_grad: torch.Tensor | None = None
 
     def view_of(self, i: int) -> torch.Tensor:
         p = self.params[i]
@@ -105,11 +109,16 @@ class BucketedGradReducer:
 
     def __init__(self, params: Iterable[torch.nn.Parameter], group: AxisGroup,
                  bucket_size_mb: float = 25.0, overlap: bool = True,
-                 experts: bool = False):
+                 experts: bool = False, shard: bool = False,
+                 own_bucket: Sequence[torch.nn.Parameter] = ()):
         if bucket_size_mb <= 0:
             raise ValueError(f"bucket_size_mb={bucket_size_mb} must be > 0; the DDP default is 25")
         self.group = group
         self.overlap = overlap
+        # shard: reduce-scatter instead of all-reduce (the distributed optimizer); own_bucket: params
+        # that get a bucket of their own, so their shard ranges match on ranks whose models differ
+        # around them (a tied embedding on the first and the last pipeline stage).
+        self.shard = shard
         self.sync_enabled = True  # False during non-last microbatches (see no_sync)
         self.launch_order: list[int] = []  # bucket indices in launch order, current step
         self.launched_in_backward = 0  # buckets launched by hooks (not by finish), current step
@@ -128,8 +137,9 @@ class BucketedGradReducer:
         backward_order = self.params[::-1]
         element_bytes = max((p.element_size() for p in backward_order), default=4)
         bucket_numel = max(1, int(bucket_size_mb * BYTES_PER_MB) // element_bytes)
+        own = {id(p) for p in own_bucket}
         groups = assign_buckets([p.numel() for p in backward_order], bucket_numel,
-                                keys=[(p.dtype, p.device) for p in backward_order])
+                                keys=[(p.dtype, p.device, id(p) in own) for p in backward_order])
         self.buckets: list[GradBucket] = []
         self._slot_of: dict[int, tuple[GradBucket, int]] = {}  # id(param) -> (bucket, index in it)
         for index, members in enumerate(groups):
@@ -139,8 +149,10 @@ class BucketedGradReducer:
                 offsets.append(total)
                 total += p.numel()
             first = bucket_params[0]
-            buffer = torch.zeros(total, dtype=first.dtype, device=first.device)
-            bucket = GradBucket(index, buffer, bucket_params, offsets)
+            shard_numel = -(-total // group.size) if shard else 0
+            padded = shard_numel * group.size if shard else total
+            buffer = torch.zeros(padded, dtype=first.dtype, device=first.device)
+            bucket = GradBucket(index, buffer, bucket_params, offsets, shard_numel=shard_numel)
             self.buckets.append(bucket)
             for i, p in enumerate(bucket_params):
                 self._slot_of[id(p)] = (bucket, i)
@@ -222,7 +234,10 @@ class BucketedGradReducer:
             self.launched_in_backward += 1
 
     def _launch(self, bucket: GradBucket) -> None:
-        bucket.handle = all_reduce_inplace(bucket.buffer, self.group, async_op=True)
+        if self.shard:
+            bucket.shard_grad, bucket.handle = reduce_scatter_async(bucket.buffer, self.group)
+        else:
+            bucket.handle = all_reduce_inplace(bucket.buffer, self.group, async_op=True)
         bucket.launched = True
         self.launch_order.append(bucket.index)
         self._next_launch = max(self._next_launch, bucket.index + 1)

@@ -76,10 +76,10 @@ class ShardLayout:
 
     @staticmethod
     def of(ps: Any, experts_spread: bool = False, vpp: int = 1, num_layers: int | None = None,
-           pipeline_layers: list[int] | None = None) -> ShardLayout:
+           pipeline_layers: list[int] | None = None, sharded_optimizer: bool = False) -> ShardLayout:
         """This rank's layout from its ParallelState; `experts_spread` for a model with MoE layers;
         vpp, num_layers and pipeline_layers (parallel.*, model.num_layers) resolve the pipeline split."""
-        per_rank = experts_spread and ps.ep.size * ps.etp.size > 1
+        per_rank = (experts_spread and ps.ep.size * ps.etp.size > 1) or sharded_optimizer
         pipelined = ps.pp.size > 1
         stage_layers = None
         if pipelined and num_layers is not None:

@@ -24,7 +24,8 @@ from models.parallel_context import CPContext, ParallelContext
 from moe.context import AuxLossScale, MoEContext
 from moe.layer import MoELayer
 from moe.metrics import step_metrics as moe_step_metrics
-from optim.step import BucketedOptimizerStep, OptimizerStepFactory, StepInputs
+from optim.factory import build_optimizer_step
+from optim.step import OptimizerStepFactory, StepInputs
 from parallel_state import RNGStreams, Topology
 from parallel_state.collectives import all_reduce_max, all_reduce_sum
 from parallel_state.comm_stats import CommStats
@@ -99,7 +100,7 @@ class Trainer:
     """One training run. `Trainer(cfg).train()` does everything `launch/train.py` promises."""
 
     def __init__(self, cfg: Config, env: RuntimeEnv | None = None,
-                 optimizer_step: OptimizerStepFactory = BucketedOptimizerStep):
+                 optimizer_step: OptimizerStepFactory = build_optimizer_step):
         """Validate, then build in a fixed order: layout, run directory, data, model, optimizer step,
         resume, logging. `optimizer_step` builds the step from `StepInputs` (optim/step.py)."""
         self.env = env or RuntimeEnv.from_environ()
@@ -174,7 +175,10 @@ class Trainer:
         self.dropout_stream = "tp-sharded" if self.tp.sp else "tp-replicated"
         self.moe_layers = [m for m in self.model.modules() if isinstance(m, MoELayer)]
         self.cfg_has_moe = "moe" in cfg.model.channel_mixers
+        # Distributed-optimizer moments differ per DP rank: each rank writes its own file.
+        sharded_optimizer = cfg.optim.distributed and max(self.ps.dp_cp.size, self.ps.edp.size) > 1
         self.shard_layout = ShardLayout.of(self.ps, experts_spread=bool(self.moe_layers), vpp=cfg.parallel.vpp,
+                                           sharded_optimizer=sharded_optimizer,
                                            num_layers=cfg.model.num_layers,
                                            pipeline_layers=cfg.parallel.pipeline_layers)
         self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16)

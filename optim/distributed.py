@@ -1,0 +1,167 @@
+"""The distributed optimizer (ZeRO-1, Megatron's DistributedOptimizer semantics), as an OptimizerStep.
+
+Gradients live in the same contiguous buckets as the default step (backward order, launched from
+backward hooks as they fill), padded to a multiple of the group size and reduce-scattered instead
+of all-reduced: dense ones over dp x cp, expert ones over edp. Rank r of a group owns slice r of
+every bucket; for it alone it keeps the fp32 master weights and the Adam moments, as "pieces"
+(one per parameter the slice touches, so each piece joins its parameter's weight-decay group).
+After the update every bucket's master slices are all-gathered back into the parameters.
+
+The gradient syncs of replicated parameters work on the slices: TP ranks hold identical bucket
+layouts, so a TP-partial parameter's slice is summed over TP; the tied embedding gets a bucket
+of its own on the first and the last stage, so its slices match and are summed over the embedding
+group. The global norm sums each piece once (the pieces of a group partition its parameters).
+"""
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from optim.adamw import adamw_over
+from optim.clip import clip_grad_norm_
+from optim.grad_buffers import BucketedGradReducer, GradBucket, GradReducers
+from optim.param_groups import build_param_groups
+from optim.schedules import LRScheduler
+from optim.step import StepInputs, load_optimizer_state
+from parallel_state.collectives import all_gather_async, all_reduce_inplace, all_reduce_sum
+from parallel_state.groups import AxisGroup
+from parallel_state.params import is_tp_duplicate, param_meta
+
+
+@dataclass
+class Piece:
+    """The part of one parameter inside this rank's slice of a bucket."""
+
+    master: nn.Parameter  # fp32, a view of the bucket's master slice (what AdamW updates)
+    param: nn.Parameter  # the model parameter it belongs to
+    bucket: GradBucket
+    start: int  # offset in this rank's slice of the bucket
+    end: int
+
+
+def _bucket_master(bucket: GradBucket, rank: int) -> torch.Tensor:
+    """This rank's slice of the bucket's parameters, flattened, in fp32 (zeros over the padding)."""
+    flat = torch.zeros(bucket.buffer.numel(), dtype=torch.float32, device=bucket.buffer.device)
+    for p, offset in zip(bucket.params, bucket.offsets):
+        flat[offset:offset + p.numel()] = p.detach().reshape(-1)
+    return flat[rank * bucket.shard_numel:(rank + 1) * bucket.shard_numel].clone()
+
+
+class DistributedOptimizerStep:
+    """AdamW over this rank's shard of the master weights; see the module docstring."""
+
+    def __init__(self, inputs: StepInputs):
+        self.inputs = inputs
+        ps = inputs.ps
+        params = [p for _, p in inputs.named_params]
+        own = [inputs.tied_weight] if inputs.tied_weight is not None else []
+        self.reducers = GradReducers([
+            BucketedGradReducer(params, group, bucket_size_mb=inputs.bucket_size_mb, experts=experts, shard=True,
+                                own_bucket=own)
+            for group, experts in ((ps.dp_cp, False), (ps.edp, True))])
+        self.masters: list[tuple[GradBucket, AxisGroup, torch.Tensor]] = []
+        self.pieces: list[Piece] = []
+        for reducer in self.reducers.reducers:
+            rank = reducer.group.rank
+            for bucket in reducer.buckets:
+                master = _bucket_master(bucket, rank)
+                self.masters.append((bucket, reducer.group, master))
+                self.pieces += self._pieces_of(bucket, master, rank)
+        self.optimizer = adamw_over(self._piece_groups(), inputs.cfg)
+        self.scheduler = LRScheduler(self.optimizer, inputs.cfg.lr, inputs.cfg.schedule, inputs.max_steps)
+
+    @staticmethod
+    def _pieces_of(bucket: GradBucket, master: torch.Tensor, rank: int) -> list[Piece]:
+        lo, hi = rank * bucket.shard_numel, (rank + 1) * bucket.shard_numel
+        pieces = []
+        for p, offset in zip(bucket.params, bucket.offsets):
+            start, end = max(offset, lo), min(offset + p.numel(), hi)
+            if start < end:
+                pieces.append(Piece(nn.Parameter(master[start - lo:end - lo]), p, bucket, start - lo, end - lo))
+        return pieces
+
+    def _piece_groups(self) -> list[dict]:
+        """The model's weight-decay groups with each parameter replaced by this rank's pieces of it."""
+        by_param: dict[int, list[nn.Parameter]] = {}
+        for piece in self.pieces:
+            by_param.setdefault(id(piece.param), []).append(piece.master)
+        groups = build_param_groups(self.inputs.named_params, self.inputs.cfg)
+        for group in groups:
+            group["params"] = [m for p in group["params"] for m in by_param.get(id(p), [])]
+            group.pop("names", None)
+        return groups
+
+    def no_sync(self) -> AbstractContextManager[None]:
+        return self.reducers.no_sync()
+
+    def reduce_and_clip(self) -> float:
+        self.reducers.finish()
+        for piece in self.pieces:
+            piece.master.grad = piece.bucket.shard_grad[piece.start:piece.end]
+        self._sync_replicated()
+        return self._clip()
+
+    def _sync_replicated(self) -> None:
+        ps = self.inputs.ps
+        if ps.tp.size > 1:
+            partial = [p.master.grad for p in self.pieces if param_meta(p.param).tp_partial_grad]
+            if partial:
+                flat = torch.cat(partial)
+                all_reduce_inplace(flat, ps.tp)
+                offset = 0
+                for grad in partial:
+                    grad.copy_(flat[offset:offset + grad.numel()])
+                    offset += grad.numel()
+        tied = self.inputs.tied_weight
+        if tied is not None and ps.embedding.size > 1:
+            bucket = next(b for b, _, _ in self.masters if any(p is tied for p in b.params))
+            all_reduce_inplace(bucket.shard_grad, ps.embedding)
+
+    def _counted(self, param: nn.Parameter) -> bool:
+        """Each element once over all ranks: the pieces partition a group's parameters, so only the
+        TP (or ETP) replicas and the tied head copy are left out."""
+        meta, ps = param_meta(param), self.inputs.ps
+        if meta.expert:
+            return meta.shard is not None or ps.etp.rank == 0
+        return not is_tp_duplicate(param, ps.tp.rank) and not meta.tied_copy
+
+    def _clip(self) -> float:
+        """clip_grad_norm_ over the pieces (the same fp64 sum of per-chunk squares and fp32 coefficient)."""
+        counted = {id(p.master) for p in self.pieces if self._counted(p.param)}
+        masters = [p.master for p in self.pieces]
+        norm = clip_grad_norm_(masters, self.inputs.cfg.clip_grad, counted=lambda m: id(m) in counted,
+                               norm_reduce_fn=lambda s: all_reduce_sum(s, self.inputs.ps.world))
+        return float(norm)
+
+    def apply(self, step: int, update: bool) -> float:
+        lr = self.scheduler.apply(step)
+        if update:
+            self.optimizer.step()
+            self._gather_params()
+        return lr
+
+    @torch.no_grad()
+    def _gather_params(self) -> None:
+        """All-gather every bucket's updated master slices into the model parameters."""
+        gathered = [(bucket, *all_gather_async(master, group)) for bucket, group, master in self.masters]
+        for bucket, full, handle in gathered:
+            handle.wait()
+            for p, offset in zip(bucket.params, bucket.offsets):
+                p.copy_(full[offset:offset + p.numel()].view_as(p))
+
+    def zero_grad(self) -> None:
+        self.reducers.zero_grad()
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """The moments of this rank's pieces; the master slices are rebuilt from the loaded weights."""
+        load_optimizer_state(self.optimizer, state, self.inputs.cfg)
+        with torch.no_grad():
+            for bucket, group, master in self.masters:
+                master.copy_(_bucket_master(bucket, group.rank))

@@ -2,10 +2,12 @@
 
 Gradients live in the same contiguous buckets as the default step (backward order, launched from
 backward hooks as they fill), padded to a multiple of the group size and reduce-scattered instead
-of all-reduced: dense ones over dp x cp, expert ones over edp. Rank r of a group owns slice r of
-every bucket; for it alone it keeps the fp32 master weights and the Adam moments, as "pieces"
-(one per parameter the slice touches, so each piece joins its parameter's weight-decay group).
-After the update every bucket's master slices are all-gathered back into the parameters.
+of all-reduced: dense ones over dp x cp, expert ones over edp. The parameters are moved into flat
+buffers with the same layout, so rank r's slice of a parameter buffer is its part of the fp32
+master weights (no copy: fp32 training keeps 4 + 4 + 8/d bytes per parameter). For that slice
+alone it keeps the Adam moments, as "pieces" (one per parameter the slice touches, so each piece
+joins its parameter's weight-decay group). After the update every bucket's slices are all-gathered
+back into the parameter buffer.
 
 The gradient syncs of replicated parameters work on the slices: TP ranks hold identical bucket
 layouts, so a TP-partial parameter's slice is summed over TP; the tied embedding gets a bucket
@@ -43,12 +45,14 @@ class Piece:
     end: int
 
 
-def _bucket_master(bucket: GradBucket, rank: int) -> torch.Tensor:
-    """This rank's slice of the bucket's parameters, flattened, in fp32 (zeros over the padding)."""
-    flat = torch.zeros(bucket.buffer.numel(), dtype=torch.float32, device=bucket.buffer.device)
-    for p, offset in zip(bucket.params, bucket.offsets):
-        flat[offset:offset + p.numel()] = p.detach().reshape(-1)
-    return flat[rank * bucket.shard_numel:(rank + 1) * bucket.shard_numel].clone()
+def _param_buffer(bucket: GradBucket) -> torch.Tensor:
+    """A flat buffer laid out like the bucket's gradients; each parameter becomes a view into it."""
+    flat = torch.zeros(bucket.buffer.numel(), dtype=bucket.buffer.dtype, device=bucket.buffer.device)
+    with torch.no_grad():
+        for p, offset in zip(bucket.params, bucket.offsets):
+            flat[offset:offset + p.numel()] = p.detach().reshape(-1)
+            p.data = flat[offset:offset + p.numel()].view_as(p)
+    return flat
 
 
 class DistributedOptimizerStep:
@@ -63,13 +67,15 @@ class DistributedOptimizerStep:
             BucketedGradReducer(params, group, bucket_size_mb=inputs.bucket_size_mb, experts=experts, shard=True,
                                 own_bucket=own)
             for group, experts in ((ps.dp_cp, False), (ps.edp, True))])
-        self.masters: list[tuple[GradBucket, AxisGroup, torch.Tensor]] = []
+        # (bucket, its group, the flat parameter buffer, this rank's slice of it = the master weights)
+        self.masters: list[tuple[GradBucket, AxisGroup, torch.Tensor, torch.Tensor]] = []
         self.pieces: list[Piece] = []
         for reducer in self.reducers.reducers:
             rank = reducer.group.rank
             for bucket in reducer.buckets:
-                master = _bucket_master(bucket, rank)
-                self.masters.append((bucket, reducer.group, master))
+                flat = _param_buffer(bucket)
+                master = flat[rank * bucket.shard_numel:(rank + 1) * bucket.shard_numel]
+                self.masters.append((bucket, reducer.group, flat, master))
                 self.pieces += self._pieces_of(bucket, master, rank)
         self.optimizer = adamw_over(self._piece_groups(), inputs.cfg)
         self.scheduler = LRScheduler(self.optimizer, inputs.cfg.lr, inputs.cfg.schedule, inputs.max_steps)
@@ -118,7 +124,7 @@ class DistributedOptimizerStep:
                     offset += grad.numel()
         tied = self.inputs.tied_weight
         if tied is not None and ps.embedding.size > 1:
-            bucket = next(b for b, _, _ in self.masters if any(p is tied for p in b.params))
+            bucket = next(b for b, _, _, _ in self.masters if any(p is tied for p in b.params))
             all_reduce_inplace(bucket.shard_grad, ps.embedding)
 
     def _counted(self, param: nn.Parameter) -> bool:
@@ -146,12 +152,12 @@ class DistributedOptimizerStep:
 
     @torch.no_grad()
     def _gather_params(self) -> None:
-        """All-gather every bucket's updated master slices into the model parameters."""
-        gathered = [(bucket, *all_gather_async(master, group)) for bucket, group, master in self.masters]
-        for bucket, full, handle in gathered:
+        """All-gather every bucket's updated slices into its parameter buffer (the parameters' storage)."""
+        gathered = [(flat, *all_gather_async(master, group)) for _, group, flat, master in self.masters]
+        for flat, full, handle in gathered:
             handle.wait()
-            for p, offset in zip(bucket.params, bucket.offsets):
-                p.copy_(full[offset:offset + p.numel()].view_as(p))
+            if full.data_ptr() != flat.data_ptr():
+                flat.copy_(full)
 
     def zero_grad(self) -> None:
         self.reducers.zero_grad()
@@ -160,8 +166,5 @@ class DistributedOptimizerStep:
         return self.optimizer.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """The moments of this rank's pieces; the master slices are rebuilt from the loaded weights."""
+        """The moments of this rank's pieces (the master slices are the loaded weights themselves)."""
         load_optimizer_state(self.optimizer, state, self.inputs.cfg)
-        with torch.no_grad():
-            for bucket, group, master in self.masters:
-                master.copy_(_bucket_master(bucket, group.rank))

@@ -88,3 +88,26 @@ def test_distributed_optimizer_checkpoint_resumes_bit_exactly(tmp_path, rank_poo
     second = pool.run(train_with_saves, base + [f"trainer.run_dir={split}", "trainer.resume=auto"])
     for s, a, b in zip(straight, first, second):
         assert a + b == s  # exact float equality
+
+
+def state_bytes(overrides: list[str]) -> dict:
+    from optim.memory import measured_state_bytes
+
+    trainer = Trainer(compose(overrides), env=_env())
+    trainer.train_step()  # the optimizer state exists after the first update
+    buffers = [b.buffer for r in trainer.optim_step.reducers.reducers for b in r.buckets]
+    held = measured_state_bytes(trainer.model, trainer.optimizer, grad_buffers=buffers)
+    return {"per_param": held.per_param, "padding": held.padding, "params": held.params}
+
+
+@pytest.mark.parametrize("distributed", [False, True], ids=["all-reduce", "distributed"])
+def test_measured_bytes_per_parameter_match_the_analytic_table(tmp_path, rank_pools, distributed):
+    from optim.memory import analytic_bytes_per_param
+
+    overrides = tiny_overrides(tmp_path, steps=3) + [f"optim.distributed={str(distributed).lower()}",
+                                                     "trainer.save_final=false"]
+    results = rank_pools.get(2).run(state_bytes, overrides)
+    expected = analytic_bytes_per_param("fp32", distributed, d=2)  # 16, or 8 + 8/2 = 12
+    for r in results:
+        assert r["per_param"] == pytest.approx(expected, rel=0.01), r
+        assert r["padding"] < 4 * 2 * 8  # at most d - 1 elements per bucket, reported apart

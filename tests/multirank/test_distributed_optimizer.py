@@ -13,6 +13,7 @@ import torch.distributed as dist
 
 from tests.conftest import tiny_overrides
 from tests.multirank.test_parity import MOE, global_name
+from tests.multirank.test_sharded_checkpoint import train_losses
 from trainer.config import compose
 from trainer.distributed import RuntimeEnv
 from trainer.trainer import Trainer
@@ -64,28 +65,16 @@ def test_distributed_optimizer_matches_the_all_reduce_step(tmp_path, rank_pools,
             s["comm"]["comm/dp_cp/all_reduce_bytes"] < p["comm"]["comm/dp_cp/all_reduce_bytes"])
 
 
-def train_with_saves(overrides: list[str], stop_at: int | None = None) -> list[float]:
-    trainer = Trainer(compose(overrides), env=_env())
-    if stop_at is not None:
-        trainer.cfg.trainer.max_steps = stop_at
-    losses = []
-    while trainer.step < trainer.cfg.trainer.max_steps:
-        losses.append(trainer.train_step()["loss"])
-        if trainer.step % trainer.cfg.trainer.save_interval == 0:
-            trainer.save()
-    return losses
-
-
 def test_distributed_optimizer_checkpoint_resumes_bit_exactly(tmp_path, rank_pools):
     base = tiny_overrides(tmp_path, steps=6) + ["optim.distributed=true", "trainer.save_interval=3",
                                                  "data.micro_batch_size=1"]
     pool = rank_pools.get(2)
-    straight = pool.run(train_with_saves, base + [f"trainer.run_dir={tmp_path / 'straight'}"])
+    straight = pool.run(train_losses, base + [f"trainer.run_dir={tmp_path / 'straight'}"])
     split = tmp_path / "split"
-    first = pool.run(train_with_saves, base + [f"trainer.run_dir={split}"], 3)
+    first = pool.run(train_losses, base + [f"trainer.run_dir={split}"], 3)
     assert sorted(p.name for p in (split / "checkpoints" / "step_000003").glob("state_*.pt")) == [
         "state_rank00000.pt", "state_rank00001.pt"]  # each rank's optimizer shard
-    second = pool.run(train_with_saves, base + [f"trainer.run_dir={split}", "trainer.resume=auto"])
+    second = pool.run(train_losses, base + [f"trainer.run_dir={split}", "trainer.resume=auto"])
     for s, a, b in zip(straight, first, second):
         assert a + b == s  # exact float equality
 

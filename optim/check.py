@@ -19,6 +19,9 @@ def check(cfg: OptimConfig, max_steps: int) -> None:
     require(not (cfg.fused and cfg.foreach), "optim.fused", cfg.fused,
             "cannot be combined with optim.foreach=true (torch's AdamW takes one implementation)",
             "set optim.foreach=null (or false) to use the fused kernel, or optim.fused=false")
+    require(cfg.distributed or not cfg.overlap_param_gather, "optim.overlap_param_gather",
+            cfg.overlap_param_gather, "overlaps the distributed optimizer's parameter all-gather",
+            "set optim.distributed=true, or optim.overlap_param_gather=false")
     require_choice("optim.schedule.name", s.name, SCHEDULE_NAMES)
     require_choice("optim.schedule.wsd_decay_shape", s.wsd_decay_shape, WSD_DECAY_SHAPES)
     require(0 <= s.warmup_steps < max_steps, "optim.schedule.warmup_steps",

@@ -58,6 +58,9 @@ class OptimConfig:
     # over dp x cp (experts over edp) and each rank keeps and updates only its shard of the fp32
     # master weights and Adam moments, then the updated parameters are all-gathered.
     distributed: bool = False
+    # With the distributed optimizer: launch the parameter all-gathers after the update and wait for
+    # each bucket only when the next forward first reaches a module holding its parameters.
+    overlap_param_gather: bool = False
     # torch.optim.AdamW's foreach switch; None lets torch choose for the device.
     foreach: bool | None = None
     # torch.optim.AdamW's fused kernel (CUDA, and CPU since torch 2.4): one kernel per step is

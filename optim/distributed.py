@@ -79,6 +79,8 @@ class DistributedOptimizerStep:
                 self.pieces += self._pieces_of(bucket, master, rank)
         self.optimizer = adamw_over(self._piece_groups(), inputs.cfg)
         self.scheduler = LRScheduler(self.optimizer, inputs.cfg.lr, inputs.cfg.schedule, inputs.max_steps)
+        self.pending: dict[int, tuple[torch.Tensor, torch.Tensor, Any]] = {}  # bucket slot -> gather in flight
+        self._hooks = self._register_gather_waits(inputs.modules) if inputs.cfg.overlap_param_gather else []
 
     @staticmethod
     def _pieces_of(bucket: GradBucket, master: torch.Tensor, rank: int) -> list[Piece]:
@@ -152,17 +154,54 @@ class DistributedOptimizerStep:
 
     @torch.no_grad()
     def _gather_params(self) -> None:
-        """All-gather every bucket's updated slices into its parameter buffer (the parameters' storage)."""
-        gathered = [(flat, *all_gather_async(master, group)) for _, group, flat, master in self.masters]
-        for flat, full, handle in gathered:
-            handle.wait()
-            if full.data_ptr() != flat.data_ptr():
-                flat.copy_(full)
+        """All-gather every bucket's updated slices into its parameter buffer (the parameters' storage);
+        with overlap_param_gather they stay in flight until a forward needs them."""
+        for slot, (_, group, flat, master) in enumerate(self.masters):
+            self.pending[slot] = (flat, *all_gather_async(master, group))
+        if not self._hooks:
+            self.finish_param_sync()
+
+    @torch.no_grad()
+    def _wait_gather(self, slot: int) -> None:
+        flat, full, handle = self.pending.pop(slot)
+        handle.wait()
+        if full.data_ptr() != flat.data_ptr():
+            flat.copy_(full)
+
+    def finish_param_sync(self) -> None:
+        for slot in sorted(self.pending):
+            self._wait_gather(slot)
+
+    def _register_gather_waits(self, modules: list[nn.Module]) -> list:
+        """A forward pre-hook on every module that holds parameters directly: it waits for the
+        gathers of the buckets those parameters live in (the first forward use of each)."""
+        slot_of = {id(p): slot for slot, (bucket, _, _, _) in enumerate(self.masters) for p in bucket.params}
+        slots_of: dict[nn.Module, set[int]] = {}
+        for root in modules:
+            for module in root.modules():
+                # Parameter containers are never called: their parameters wait in the module that owns
+                # the container (e.g. the experts' ParameterDicts in GroupedExperts).
+                for child in module.children():
+                    if isinstance(child, (nn.ParameterDict, nn.ParameterList)):
+                        slots_of.setdefault(module, set()).update(
+                            slot_of[id(p)] for p in child.parameters() if id(p) in slot_of)
+                own = {slot_of[id(p)] for p in module.parameters(recurse=False) if id(p) in slot_of}
+                if own and not isinstance(module, (nn.ParameterDict, nn.ParameterList)):
+                    slots_of.setdefault(module, set()).update(own)
+        return [module.register_forward_pre_hook(self._waiter(sorted(slots))) for module, slots in slots_of.items()]
+
+    def _waiter(self, slots: list[int]):
+        def wait(_module, _args) -> None:
+            for slot in slots:
+                if slot in self.pending:
+                    self._wait_gather(slot)
+        return wait
 
     def zero_grad(self) -> None:
         self.reducers.zero_grad()
 
     def state_dict(self) -> dict[str, Any]:
+        self.finish_param_sync()
         return self.optimizer.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

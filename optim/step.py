@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
@@ -46,6 +46,8 @@ class StepInputs:
     # This rank's copy of the embedding tied over pipeline stages (the embedding on the first stage,
     # the head on the last), or None: its gradient is summed over the embedding group.
     tied_weight: nn.Parameter | None = None
+    # The model's modules (a step may hook their forward, e.g. to wait for a parameter all-gather).
+    modules: list[nn.Module] = field(default_factory=list)
 
 
 class OptimizerStep(Protocol):
@@ -65,6 +67,10 @@ class OptimizerStep(Protocol):
 
     def zero_grad(self) -> None:
         """Zero the gradients for the next global batch."""
+
+    def finish_param_sync(self) -> None:
+        """Complete any parameter update still in flight (before reading the weights outside a forward:
+        checkpoints, tests)."""
 
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint keeps of the step (the optimizer's state)."""
@@ -137,6 +143,9 @@ class AdamWStep:
         if update:
             self.optimizer.step()
         return lr
+
+    def finish_param_sync(self) -> None:
+        """Nothing is in flight: the update writes the parameters directly."""
 
     def state_dict(self) -> dict[str, Any]:
         return self.optimizer.state_dict()

@@ -189,7 +189,7 @@ class Trainer:
         self.optim_step = factory(StepInputs(
             named_params=list(self.model.named_parameters()), cfg=cfg.optim, max_steps=cfg.trainer.max_steps,
             ps=self.ps, bucket_size_mb=cfg.parallel.dp_bucket_mb,
-            tied_weight=self.model.tied_weight() if self.pipelined else None))
+            tied_weight=self.model.tied_weight() if self.pipelined else None, modules=[self.model]))
         self.optimizer = self.optim_step.optimizer
 
     def _build_logging(self) -> None:
@@ -268,6 +268,7 @@ class Trainer:
         return load_checkpoint(path, self.shard_layout)
 
     def save(self) -> None:
+        self.optim_step.finish_param_sync()  # the weights the checkpoint holds must be the updated ones
         path = save_checkpoint(self.run_dir, self.step, self.state_dict(), self.cfg.trainer.keep_last,
                                layout=self.shard_layout, is_writer=self.env.is_writer, barrier=distributed.barrier)
         log.info("saved checkpoint %s", path)
@@ -423,6 +424,7 @@ class Trainer:
                 if (t.save_interval and self.step % t.save_interval == 0) or (is_last and t.save_final):
                     self.save()
         finally:
+            self.optim_step.finish_param_sync()  # the caller may read the trained weights
             for sink in self.sinks:
                 sink.close()
         if "val_loss" in last:

@@ -31,6 +31,7 @@ def _env() -> RuntimeEnv:
 def train(overrides: list[str], steps: int = STEPS) -> dict:
     trainer = Trainer(compose(overrides), env=_env())
     metrics = [trainer.train_step() for _ in range(steps)]
+    trainer.optim_step.finish_param_sync()  # with overlap_param_gather the last gather is in flight
     weights = {global_name(n): p.detach().clone() for n, p in trainer.model.named_parameters()}
     return {"losses": [m["loss"] for m in metrics], "grad_norms": [m["grad_norm"] for m in metrics],
             "weights": weights, "comm": trainer.comm_stats.summary(), "kind": type(trainer.optim_step).__name__}
@@ -63,6 +64,21 @@ def test_distributed_optimizer_matches_the_all_reduce_step(tmp_path, rank_pools,
         assert s["comm"].get("comm/dp_cp/reduce_scatter_bytes", 0) > 0
         assert "comm/dp_cp/all_reduce_bytes" not in s["comm"] or (
             s["comm"]["comm/dp_cp/all_reduce_bytes"] < p["comm"]["comm/dp_cp/all_reduce_bytes"])
+
+
+@pytest.mark.parametrize("name", ["dp2", "pp2-dp2-tied", "moe-ep2-edp2"])
+def test_overlapped_parameter_gather_gives_the_same_training(tmp_path, rank_pools, name):
+    """The gathers wait in forward pre-hooks instead of after the update: the same numbers exactly."""
+    world, layout = LAYOUTS[name]
+    base = tiny_overrides(tmp_path, steps=10) + ["trainer.save_final=false", "model.dropout=0.0",
+                                                 "optim.distributed=true", *layout]
+    pool = rank_pools.get(world)
+    blocking = pool.run(train, base + [f"trainer.run_dir={tmp_path / 'blocking'}"])
+    overlapped = pool.run(train, base + [f"trainer.run_dir={tmp_path / 'overlap'}", "optim.overlap_param_gather=true"])
+    for b, o in zip(blocking, overlapped):
+        assert o["losses"] == b["losses"] and o["grad_norms"] == b["grad_norms"]
+        for key, w in b["weights"].items():
+            assert torch.equal(o["weights"][key], w), key
 
 
 def test_distributed_optimizer_checkpoint_resumes_bit_exactly(tmp_path, rank_pools):

@@ -130,6 +130,8 @@ BAD_CONFIGS = [
     (["optim.lr=0"], 1, "optim.lr", "must be positive", "> 0"),
     (["optim.fused=true", "optim.foreach=true"], 1, "optim.fused", "cannot be combined with optim.foreach=true",
      "optim.foreach=null"),
+    (["optim.overlap_param_gather=true"], 1, "optim.overlap_param_gather", "distributed optimizer",
+     "optim.distributed=true"),
     (["trainer.resume=/definitely/not/here"], 1, "trainer.resume", "does not exist", "existing"),
     (["trainer.resume=auto"], 1, "trainer.resume", "run_dir, which is null", "set trainer.run_dir"),
     (["data.val_fraction=0"], 1, "data.val_fraction", "must lie in (0, 1)", "0.05"),

@@ -239,13 +239,7 @@ def test_tp_block_matches_one_process(rank_pools, n, num_kv_heads, sp):
                                    msg=f"grad of {name}")
         if results[0]["shards"][name] is None:  # replicas stay identical (after the TP grad sync)
             assert all(torch.equal(r["grads"][name], results[0]["grads"][name]) for r in results), name
-    outs = [r["out"] for r in results]
-    x_grads = [r["x_grad"] for r in results]
-    if sp:
-        outs, x_grads = [torch.cat(outs, 1)], [torch.cat(x_grads, 1)]
-    for out, x_grad in zip(outs, x_grads):
-        torch.testing.assert_close(out, ref_out.detach(), rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(x_grad, x.grad, rtol=1e-5, atol=1e-7)
+    assert_outputs_match(results, ref_out, x.grad, sp, x_grad_atol=1e-7)
 
     # Communication accounting: the analytic TP(+SP) volume per layer, forward and backward.
     forward, backward = analytic_block_bytes(cfg, n, sp)
@@ -287,6 +281,19 @@ def reference_bias_mlp() -> nn.Module:
     return materialize(model, SEED)
 
 
+def assert_outputs_match(results: list[dict], ref_out: torch.Tensor, ref_x_grad: torch.Tensor, sp: bool,
+                         x_grad_atol: float) -> None:
+    """Every rank's output and input gradient equal the reference (under SP: concatenated along the
+    sequence, each rank holding its chunk)."""
+    outs = [r["out"] for r in results]
+    x_grads = [r["x_grad"] for r in results]
+    if sp:
+        outs, x_grads = [torch.cat(outs, 1)], [torch.cat(x_grads, 1)]
+    for out, x_grad in zip(outs, x_grads):
+        torch.testing.assert_close(out, ref_out.detach(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(x_grad, ref_x_grad, rtol=1e-5, atol=x_grad_atol)
+
+
 def mlp_inputs() -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(3)
     return torch.randn(B, T, 8, generator=g), torch.randn(B, T, 8, generator=g)
@@ -321,13 +328,7 @@ def test_column_row_mlp_with_bias_matches_one_process(rank_pools, n, sp, gathere
     x.requires_grad_()
     ref_out = ref(x)
     ref_out.backward(g)
-    outs = [r["out"] for r in results]
-    x_grads = [r["x_grad"] for r in results]
-    if sp:
-        outs, x_grads = [torch.cat(outs, 1)], [torch.cat(x_grads, 1)]
-    for out, x_grad in zip(outs, x_grads):
-        torch.testing.assert_close(out, ref_out.detach(), rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(x_grad, x.grad, rtol=1e-5, atol=1e-6)
+    assert_outputs_match(results, ref_out, x.grad, sp, x_grad_atol=1e-6)
     for name, p in ref.named_parameters():
         torch.testing.assert_close(gather_param(results, "grads", name), p.grad, rtol=1e-5, atol=1e-6, msg=name)
     assert results[0]["shards"]["fc1.bias"] == (0, 0, n) and results[0]["shards"]["fc2.bias"] is None

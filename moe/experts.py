@@ -153,9 +153,8 @@ class SharedExperts(nn.Module):
     """
 
     def __init__(self, hidden_size: int, ffn_hidden_size: int, init_std: float, output_init_std: float,
-                 tp: AxisGroup | None = None):
+                 tp: AxisGroup):
         super().__init__()
-        tp = tp if tp is not None else AxisGroup.single("tp")
         tp_size, tp_rank = tp.size, tp.rank
         self.tp = tp
         self.init_std, self.output_init_std = init_std, output_init_std

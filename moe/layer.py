@@ -177,8 +177,7 @@ class MoELayer(nn.Module):
             seq_counts = torch.bincount(seq_of * num_experts + chosen, minlength=num_seqs * num_experts)
             # One all-reduce over the ranks holding the same sequences: f_e and f_{s,e} of the layer.
             both = torch.cat([counts, seq_counts]).double()
-            if self.ctx.seq_group is not None:
-                both = all_reduce_sum(both, self.ctx.seq_group)
+            both = all_reduce_sum(both, self.ctx.seq_group)
             counts, seq_counts = both[:num_experts], both[num_experts:].view(num_seqs, num_experts)
             if cfg.aux_loss_coeff > 0:
                 sums["load_balancing"] = switch_aux_sum(routing.aux_probs, counts.float(), float(counts.sum()))
@@ -197,7 +196,7 @@ class MoELayer(nn.Module):
         self.router.update_bias(global_counts)
 
 
-def update_aux_free_biases(layers: Iterable[MoELayer], group: AxisGroup | None) -> list[float]:
+def update_aux_free_biases(layers: Iterable[MoELayer], group: AxisGroup) -> list[float]:
     """Once per global batch, after the last microbatch's backward: sum every layer's counted slots
     over `group` (ParallelState.tp_dp_cp: every rank that routes tokens of this pipeline stage) in
     one all-reduce, apply the aux-loss-free bias step where enabled, and restart the counts.
@@ -209,8 +208,7 @@ def update_aux_free_biases(layers: Iterable[MoELayer], group: AxisGroup | None) 
     if not layers:
         return []
     counts = torch.stack([layer.router.tokens_per_expert for layer in layers])
-    if group is not None and group.size > 1:
-        counts = all_reduce_sum(counts, group)
+    counts = all_reduce_sum(counts, group)
     imbalance = []
     for layer, global_counts in zip(layers, counts):
         imbalance.append(load_imbalance(global_counts))

@@ -49,25 +49,22 @@ def _scalar_sums(layers: Sequence[MoELayer], imbalance: list[float]) -> list[flo
 MAX_LOGGED_EXPERTS = 64
 
 
-def step_metrics(layers: Sequence[MoELayer], cfg: MoEConfig, stage_group: AxisGroup | None,
-                 max_logged_experts: int = MAX_LOGGED_EXPERTS,
-                 world_group: AxisGroup | None = None) -> dict[str, float]:
+def step_metrics(layers: Sequence[MoELayer], cfg: MoEConfig, stage_group: AxisGroup, world_group: AxisGroup,
+                 max_logged_experts: int = MAX_LOGGED_EXPERTS) -> dict[str, float]:
     """The bias step and the "moe/" metrics dict (module docstring) of one global batch.
 
     layers: this rank's MoE layers (possibly none); stage_group: the ranks routing the tokens of
-    one pipeline stage (ParallelState.tp_dp_cp; None: this rank alone); world_group: the group the metrics are summed
-    over (ParallelState.world; None: this rank alone).
+    one pipeline stage (ParallelState.tp_dp_cp); world_group: the group the metrics are summed over
+    (ParallelState.world).
     """
     slots = _slots_per_expert(layers, cfg.num_experts)  # before the bias step resets the counts
     imbalance = update_aux_free_biases(layers, stage_group)
     local = torch.cat([torch.tensor(_scalar_sums(layers, imbalance), dtype=torch.float64), slots])
-    world_group = world_group if world_group is not None else AxisGroup.single("world")
     totals = all_reduce_sum(local, world_group).tolist()
     tokens, imbalance_sum, num_layers, dropped = totals[3], totals[4], totals[5], totals[6]
     # Every rank of a stage's TP x DP x CP group counts the layers and their imbalance.
-    stage_size = 1 if stage_group is None else stage_group.size
-    num_layers /= stage_size
-    imbalance_sum /= stage_size
+    num_layers /= stage_group.size
+    imbalance_sum /= stage_group.size
     metrics = {f"moe/{name}": value / max(tokens, 1.0) for name, value in zip(AUX_LOSS_NAMES, totals[:3])}
     metrics["moe/load_imbalance"] = imbalance_sum / max(num_layers, 1.0)
     metrics["moe/dropped_fraction"] = dropped / max(tokens * cfg.experts_per_token(), 1.0)

@@ -28,10 +28,15 @@ from optim.clip import clip_grad_norm_
 from optim.grad_buffers import BucketedGradReducer, GradBucket, GradReducers
 from optim.param_groups import build_param_groups
 from optim.schedules import LRScheduler
-from optim.step import StepInputs, load_optimizer_state
-from parallel_state.collectives import all_gather_async, all_reduce_inplace, all_reduce_sum
+from optim.step import StepInputs, counted_within_replica, load_optimizer_state
+from parallel_state.collectives import (
+    all_gather_async,
+    all_reduce_coalesced,
+    all_reduce_inplace,
+    all_reduce_sum,
+)
 from parallel_state.groups import AxisGroup
-from parallel_state.params import is_tp_duplicate, param_meta
+from parallel_state.params import param_meta
 
 
 @dataclass
@@ -115,31 +120,17 @@ class DistributedOptimizerStep:
 
     def _sync_replicated(self) -> None:
         ps = self.inputs.ps
-        if ps.tp.size > 1:
-            partial = [p.master.grad for p in self.pieces if param_meta(p.param).tp_partial_grad]
-            if partial:
-                flat = torch.cat(partial)
-                all_reduce_inplace(flat, ps.tp)
-                offset = 0
-                for grad in partial:
-                    grad.copy_(flat[offset:offset + grad.numel()])
-                    offset += grad.numel()
+        all_reduce_coalesced([p.master.grad for p in self.pieces if param_meta(p.param).tp_partial_grad], ps.tp)
         tied = self.inputs.tied_weight
         if tied is not None and ps.embedding.size > 1:
             bucket = next(b for b, _, _, _ in self.masters if any(p is tied for p in b.params))
             all_reduce_inplace(bucket.shard_grad, ps.embedding)
 
-    def _counted(self, param: nn.Parameter) -> bool:
-        """Each element once over all ranks: the pieces partition a group's parameters, so only the
-        TP (or ETP) replicas and the tied head copy are left out."""
-        meta, ps = param_meta(param), self.inputs.ps
-        if meta.expert:
-            return meta.shard is not None or ps.etp.rank == 0
-        return not is_tp_duplicate(param, ps.tp.rank) and not meta.tied_copy
-
     def _clip(self) -> float:
         """clip_grad_norm_ over the pieces (the same fp64 sum of per-chunk squares and fp32 coefficient)."""
-        counted = {id(p.master) for p in self.pieces if self._counted(p.param)}
+        # The pieces partition a group's parameters over its ranks: only the TP (ETP) replicas and the
+        # tied head copy are left out.
+        counted = {id(p.master) for p in self.pieces if counted_within_replica(p.param, self.inputs.ps)}
         masters = [p.master for p in self.pieces]
         norm = clip_grad_norm_(masters, self.inputs.cfg.clip_grad, counted=lambda m: id(m) in counted,
                                norm_reduce_fn=lambda s: all_reduce_sum(s, self.inputs.ps.world))

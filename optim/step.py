@@ -82,14 +82,21 @@ class OptimizerStep(Protocol):
 OptimizerStepFactory = Callable[[StepInputs], OptimizerStep]
 
 
-def counted_in_norm(param: torch.Tensor, ps: ParallelState) -> bool:
-    """Whether this rank counts `param` in the global grad norm (summed over all ranks), so every
-    parameter counts exactly once: dense ones on the first DP x CP replica, TP replicas on TP rank
-    0, a tied copy never; expert ones on the first EDP replica, ETP replicas on ETP rank 0."""
+def counted_within_replica(param: torch.Tensor, ps: ParallelState) -> bool:
+    """Whether this rank counts `param` among the ranks holding one replica of the model: TP replicas
+    on TP rank 0 only, a tied head copy never; expert ones on ETP rank 0 unless ETP-sharded."""
     meta = param_meta(param)
     if meta.expert:
-        return ps.edp.rank == 0 and (meta.shard is not None or ps.etp.rank == 0)
-    return ps.dp_cp.rank == 0 and not is_tp_duplicate(param, ps.tp.rank) and not meta.tied_copy
+        return meta.shard is not None or ps.etp.rank == 0
+    return not is_tp_duplicate(param, ps.tp.rank) and not meta.tied_copy
+
+
+def counted_in_norm(param: torch.Tensor, ps: ParallelState) -> bool:
+    """Whether this rank counts `param` in the global grad norm (summed over all ranks), so every
+    parameter counts exactly once: on the first DP x CP replica (EDP for experts), and there as
+    `counted_within_replica` says."""
+    first_replica = (ps.edp if param_meta(param).expert else ps.dp_cp).rank == 0
+    return first_replica and counted_within_replica(param, ps)
 
 
 def allreduce_tp_partial_grads(params, tp: AxisGroup) -> None:

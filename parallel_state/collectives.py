@@ -371,21 +371,28 @@ def all_reduce_inplace(tensor: torch.Tensor, group,
     return dist.all_reduce(tensor, op=op, group=comm.group, async_op=async_op)
 
 
+def all_reduce_coalesced(tensors: Sequence[torch.Tensor], group) -> None:
+    """Sum `tensors` over `group` in one flat buffer, each in place. Every rank of the group must pass
+    tensors of the same shapes in the same order."""
+    comm = resolve_group(group)
+    if comm.size == 1 or not tensors:
+        return
+    flat = torch._utils._flatten_dense_tensors(tensors)
+    all_reduce_inplace(flat, comm)
+    for tensor, synced in zip(tensors, torch._utils._unflatten_dense_tensors(flat, tensors)):
+        tensor.copy_(synced)
+
+
 def all_reduce_grads_coalesced(params, group) -> None:
     """Sum the gradients of `params` over `group` in one flat buffer, in place (a missing grad counts
     as zeros). Every rank of the group must pass the same parameters in the same order."""
-    comm = resolve_group(group)
     params = [p for p in params if p.requires_grad]
-    if comm.size == 1 or not params:
+    if resolve_group(group).size == 1:
         return
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-    grads = [p.grad for p in params]
-    flat = torch._utils._flatten_dense_tensors(grads)
-    all_reduce_inplace(flat, comm)
-    for grad, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
-        grad.copy_(synced)
+    all_reduce_coalesced([p.grad for p in params], group)
 
 
 def all_gather_async(x: torch.Tensor, group):

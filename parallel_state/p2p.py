@@ -19,15 +19,13 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
+from parallel_state.collectives import count
 from parallel_state.groups import AxisGroup
 
 SEND_OP = "send"  # CommStats op label of point-to-point sends
 
 
-def count_send(group: AxisGroup, nbytes: float) -> None:
-    """Add one send of `nbytes` on `group` to the group's CommStats."""
-    if group.stats is not None:
-        group.stats.record(SEND_OP, group.name, nbytes)
+
 
 
 def batch_send_recv(group: AxisGroup, sends: Sequence[tuple[torch.Tensor, int]] = (),
@@ -45,7 +43,7 @@ def batch_send_recv(group: AxisGroup, sends: Sequence[tuple[torch.Tensor, int]] 
         if not tensor.is_contiguous():
             raise ValueError("batch_send_recv: send tensors must be contiguous (call .contiguous())")
         ops.append(dist.P2POp(dist.isend, tensor, group.ranks[peer], group=group.group))
-        count_send(group, tensor.numel() * tensor.element_size())
+        count(group, SEND_OP, tensor.numel() * tensor.element_size())
     for buffer, peer in recvs:
         _check_peer(group, peer)
         ops.append(dist.P2POp(dist.irecv, buffer, group.ranks[peer], group=group.group))

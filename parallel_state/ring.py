@@ -6,7 +6,7 @@ shape from the previous one, asynchronously: `exchange(x)` launches both and ret
 the next K/V block before computing on the current one, so the transfer overlaps the compute.
 
 Byte accounting: each exchange counts the bytes this rank sends as op "send" on the group's
-name, e.g. ("send", "cp"), as the pipeline's p2p does (parallel_state/p2p.py `count_send`). A
+name, e.g. ("send", "cp"), as the pipeline's p2p does (parallel_state/collectives.py `count`). A
 group of size 1 exchanges with itself: nothing is sent or counted and `wait()` returns the
 tensor given.
 
@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from parallel_state.collectives import resolve_group
+from parallel_state.collectives import count, resolve_group
 from parallel_state.groups import AxisGroup
-from parallel_state.p2p import count_send
+from parallel_state.p2p import SEND_OP
 
 
 def zigzag_chunks(cp_size: int, cp_rank: int) -> tuple[int, int]:
@@ -68,7 +68,7 @@ class RingExchange:
         received = torch.empty_like(tensor)
         ops = [dist.P2POp(dist.isend, tensor, self.next_peer, self.group, tag),
                dist.P2POp(dist.irecv, received, self.prev_peer, self.group, tag)]
-        count_send(self.comm, tensor.numel() * tensor.element_size())
+        count(self.comm, SEND_OP, tensor.numel() * tensor.element_size())
         # The send buffer stays referenced by its request until wait().
         # Tags keep two rings in flight (K/V and dK/dV) apart on gloo; NCCL ignores tags, and there
         # every rank posts the two rings' messages in the same order, so they match by order.

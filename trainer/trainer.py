@@ -322,8 +322,7 @@ class Trainer:
         """Once per global batch: the aux-loss-free bias step and the MoE metrics (moe.metrics)."""
         if not self.cfg_has_moe:
             return {}
-        return moe_step_metrics(self.moe_layers, self.cfg.model.moe, self.ps.tp_dp_cp,
-                                world_group=self.ps.world)
+        return moe_step_metrics(self.moe_layers, self.cfg.model.moe, self.ps.tp_dp_cp, self.ps.world)
 
     def _global_sum(self, loss_sum: torch.Tensor) -> torch.Tensor:
         """A loss sum over the whole global batch: the last pipeline stage has it, DP x CP split it."""
@@ -331,10 +330,6 @@ class Trainer:
         if self.pipelined:
             loss_sum = all_reduce_sum(loss_sum, self.ps.pp)
         return all_reduce_sum(loss_sum, self.ps.dp_cp)
-
-    def _world_sum(self, value: torch.Tensor) -> torch.Tensor:
-        """A small sum over every rank (grad norm, MoE metrics), counted under comm/world."""
-        return all_reduce_sum(value, self.ps.world)
 
     def _pipeline(self, microbatches: list[dict], num_tokens: torch.Tensor, forward_only: bool = False) -> torch.Tensor:
         """Forward (and backward) of the microbatches through the pipeline; this rank's loss sum."""

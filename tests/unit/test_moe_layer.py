@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from models.init import materialize
 from moe import AuxLossScale, MoEConfig, MoEContext, MoELayer
 from moe.metrics import step_metrics
+from parallel_state.groups import AxisGroup
 from parallel_state.params import param_meta
 
 HIDDEN, BATCH, SEQ = 16, 2, 6
@@ -233,11 +234,12 @@ def test_step_metrics_follow_the_documented_formulas_and_run_the_bias_step():
     want["moe/dropped_fraction"] = sum(layer.last_dropped_slots for layer in layers) / (tokens * cfg.topk)
     want.update({f"moe/tokens_per_expert/{e}": float(sum(c[e] for c in counts)) for e in range(4)})
 
-    metrics = step_metrics(layers, cfg, None, max_logged_experts=4)
+    stage, world = AxisGroup.single("tp_dp_cp"), AxisGroup.single("world")
+    metrics = step_metrics(layers, cfg, stage, world, max_logged_experts=4)
 
     assert metrics == pytest.approx(want, rel=1e-12)
     assert want["moe/dropped_fraction"] > 0
     for layer, c in zip(layers, counts):
         torch.testing.assert_close(layer.router.expert_bias, (0.01 * torch.sign(c.mean() - c)).float())
         assert layer.router.tokens_per_expert.sum() == 0
-    assert not any(k.startswith("moe/tokens_per_expert/") for k in step_metrics(layers, cfg, None, 3))
+    assert not any(k.startswith("moe/tokens_per_expert/") for k in step_metrics(layers, cfg, stage, world, 3))

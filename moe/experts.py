@@ -71,6 +71,14 @@ def grouped_mm_supported(device: torch.device, dtype: torch.dtype, *widths: int)
     return False
 
 
+def grouped_mm_chosen(mode: str, device: torch.device, dtype: torch.dtype, *widths: int) -> bool:
+    """Whether model.moe.grouped_gemm=`mode` takes the grouped-GEMM path: "grouped_mm" always (the
+    experts refuse it where unsupported), "auto" where supported on CUDA (slower than the loop on CPU)."""
+    if mode == "grouped_mm":
+        return True
+    return mode == "auto" and device.type == "cuda" and grouped_mm_supported(device, dtype, *widths)
+
+
 def grouped_matmul(x: torch.Tensor, weights: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """Rows offsets[g-1]:offsets[g] of x [R, K] times weights[g] [K, N] -> [R, N] (one grouped GEMM)."""
     return _ContiguousGrad.apply(torch._grouped_mm(x, weights, offs=offsets))
@@ -111,16 +119,12 @@ class GroupedExperts(nn.Module):
 
     def uses_grouped_mm(self, x: torch.Tensor) -> bool:
         """Whether forward(x) takes the grouped-GEMM path (raises if forced and unsupported)."""
-        if self.grouped_gemm == "loop":
-            return False
-        ok = grouped_mm_supported(x.device, x.dtype, self.hidden_size, self.ffn_local)
-        if self.grouped_gemm == "auto":
-            return ok and x.device.type == "cuda"  # slower than the loop on CPU
-        if not ok:
+        chosen = grouped_mm_chosen(self.grouped_gemm, x.device, x.dtype, self.hidden_size, self.ffn_local)
+        if chosen and not grouped_mm_supported(x.device, x.dtype, self.hidden_size, self.ffn_local):
             raise RuntimeError(f"model.moe.grouped_gemm=grouped_mm but torch._grouped_mm does not support "
                                f"{x.dtype} on {x.device} with widths hidden={self.hidden_size}, "
                                f"ffn/etp={self.ffn_local}; use grouped_gemm=auto or loop")
-        return ok
+        return chosen
 
     def forward(self, x: torch.Tensor, rows_per_expert: list[int]) -> torch.Tensor:
         if self.uses_grouped_mm(x):

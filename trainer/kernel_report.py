@@ -14,7 +14,7 @@ from kernels.fast_paths import FastPaths
 from kernels.pararnn_plan import plan_solver
 from models.config import ModelConfig
 from models.layers.pararnn import PARARNN_CELLS, newton_options, recurrence_dtype
-from moe.experts import grouped_mm_supported
+from moe.experts import grouped_mm_chosen
 
 PARARNN_MIXERS = tuple(PARARNN_CELLS)
 
@@ -37,11 +37,9 @@ def _gla_kernel(model: ModelConfig, device: torch.device) -> str:
 
 
 def _expert_gemm(model: ModelConfig, device: torch.device, precision: str, etp: int) -> str:
-    moe = model.moe
     dtype = torch.bfloat16 if precision == "bf16" and device.type == "cuda" else torch.float32
-    supported = grouped_mm_supported(device, dtype, model.hidden_size, moe.ffn_hidden_size // etp)
-    grouped = moe.grouped_gemm == "grouped_mm" or (moe.grouped_gemm == "auto" and supported
-                                                   and device.type == "cuda")
+    grouped = grouped_mm_chosen(model.moe.grouped_gemm, device, dtype, model.hidden_size,
+                                model.moe.ffn_hidden_size // etp)
     return "torch._grouped_mm" if grouped else "one matmul per expert"
 
 

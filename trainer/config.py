@@ -16,6 +16,7 @@ from models.config import ModelConfig
 from optim.config import OptimConfig
 from parallel_state.config import ParallelConfig
 from parallel_state.errors import require, require_choice, require_positive
+from trainer.checkpoint import list_checkpoints
 from trainer.data.config import DataConfig
 
 
@@ -64,8 +65,6 @@ WANDB_MODES = ("online", "offline", "disabled")
 def check_trainer(t: TrainerConfig) -> None:
     """Raise ConfigError on the first bad `trainer.*` value (a resume target must exist, and a fresh
     run must not overwrite a run directory that holds checkpoints)."""
-    from trainer.checkpoint import list_checkpoints  # the checkpoint module imports the pipeline
-
     require_positive("trainer.max_steps", t.max_steps)
     require_positive("trainer.log_interval", t.log_interval)
     require_positive("trainer.eval_iters", t.eval_iters)

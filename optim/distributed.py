@@ -16,7 +16,6 @@ group. The global norm sums each piece once (the pieces of a group partition its
 """
 from __future__ import annotations
 
-from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,10 +24,9 @@ from torch import nn
 
 from optim.adamw import adamw_over
 from optim.clip import clip_grad_norm_
-from optim.grad_buffers import BucketedGradReducer, GradBucket, GradReducers
+from optim.grad_buffers import GradBucket
 from optim.param_groups import build_param_groups
-from optim.schedules import LRScheduler
-from optim.step import StepInputs, counted_within_replica, load_optimizer_state
+from optim.step import BucketedOptimizerStep, StepInputs, counted_within_replica
 from parallel_state.collectives import (
     all_gather_async,
     all_reduce_coalesced,
@@ -60,18 +58,16 @@ def _param_buffer(bucket: GradBucket) -> torch.Tensor:
     return flat
 
 
-class DistributedOptimizerStep:
+class DistributedOptimizerStep(BucketedOptimizerStep):
     """AdamW over this rank's shard of the master weights; see the module docstring."""
 
     def __init__(self, inputs: StepInputs):
-        self.inputs = inputs
-        ps = inputs.ps
-        params = [p for _, p in inputs.named_params]
-        own = [inputs.tied_weight] if inputs.tied_weight is not None else []
-        self.reducers = GradReducers([
-            BucketedGradReducer(params, group, bucket_size_mb=inputs.bucket_size_mb, experts=experts, shard=True,
-                                own_bucket=own)
-            for group, experts in ((ps.dp_cp, False), (ps.edp, True))])
+        super().__init__(inputs, shard=True)
+        self.pending: dict[int, tuple[torch.Tensor, torch.Tensor, Any]] = {}  # bucket slot -> gather in flight
+        self._hooks = self._register_gather_waits(inputs.modules) if inputs.cfg.overlap_param_gather else []
+
+    def _build_optimizer(self) -> torch.optim.Optimizer:
+        """Move the parameters into flat buffers, cut this rank's slices into pieces, AdamW over them."""
         # (bucket, its group, the flat parameter buffer, this rank's slice of it = the master weights)
         self.masters: list[tuple[GradBucket, AxisGroup, torch.Tensor, torch.Tensor]] = []
         self.pieces: list[Piece] = []
@@ -82,10 +78,7 @@ class DistributedOptimizerStep:
                 master = flat[rank * bucket.shard_numel:(rank + 1) * bucket.shard_numel]
                 self.masters.append((bucket, reducer.group, flat, master))
                 self.pieces += self._pieces_of(bucket, master, rank)
-        self.optimizer = adamw_over(self._piece_groups(), inputs.cfg)
-        self.scheduler = LRScheduler(self.optimizer, inputs.cfg.lr, inputs.cfg.schedule, inputs.max_steps)
-        self.pending: dict[int, tuple[torch.Tensor, torch.Tensor, Any]] = {}  # bucket slot -> gather in flight
-        self._hooks = self._register_gather_waits(inputs.modules) if inputs.cfg.overlap_param_gather else []
+        return adamw_over(self._piece_groups(), self.inputs.cfg)
 
     @staticmethod
     def _pieces_of(bucket: GradBucket, master: torch.Tensor, rank: int) -> list[Piece]:
@@ -107,9 +100,6 @@ class DistributedOptimizerStep:
             group["params"] = [m for p in group["params"] for m in by_param.get(id(p), [])]
             group.pop("names", None)
         return groups
-
-    def no_sync(self) -> AbstractContextManager[None]:
-        return self.reducers.no_sync()
 
     def reduce_and_clip(self) -> float:
         self.reducers.finish()
@@ -137,9 +127,8 @@ class DistributedOptimizerStep:
         return float(norm)
 
     def apply(self, step: int, update: bool) -> float:
-        lr = self.scheduler.apply(step)
+        lr = super().apply(step, update)
         if update:
-            self.optimizer.step()
             self._gather_params()
         return lr
 
@@ -188,13 +177,6 @@ class DistributedOptimizerStep:
                     self._wait_gather(slot)
         return wait
 
-    def zero_grad(self) -> None:
-        self.reducers.zero_grad()
-
     def state_dict(self) -> dict[str, Any]:
         self.finish_param_sync()
-        return self.optimizer.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """The moments of this rank's pieces (the master slices are the loaded weights themselves)."""
-        load_optimizer_state(self.optimizer, state, self.inputs.cfg)
+        return super().state_dict()

@@ -142,8 +142,12 @@ class AdamWStep:
     def __init__(self, inputs: StepInputs):
         self.inputs = inputs
         self.params = [p for _, p in inputs.named_params]
-        self.optimizer = build_optimizer(inputs.named_params, inputs.cfg)
+        self.optimizer = self._build_optimizer()
         self.scheduler = LRScheduler(self.optimizer, inputs.cfg.lr, inputs.cfg.schedule, inputs.max_steps)
+
+    def _build_optimizer(self) -> torch.optim.Optimizer:
+        """AdamW over the model's parameters (a sharded step builds it over its shard instead)."""
+        return build_optimizer(self.inputs.named_params, self.inputs.cfg)
 
     def apply(self, step: int, update: bool) -> float:
         lr = self.scheduler.apply(step)
@@ -165,11 +169,15 @@ class BucketedOptimizerStep(AdamWStep):
     """AdamW with gradients in flat buckets reduced from backward hooks: dense ones over DP x CP,
     expert ones over EDP (optim.grad_buffers), then the replica syncs, clipping and the update."""
 
-    def __init__(self, inputs: StepInputs):
+    def __init__(self, inputs: StepInputs, shard: bool = False):
         params = [p for _, p in inputs.named_params]
+        # shard: reduce-scatter (the distributed optimizer); the tied embedding then gets a bucket of
+        # its own so its slices line up on the first and the last stage.
+        own = [inputs.tied_weight] if shard and inputs.tied_weight is not None else []
         # The buckets exist before the optimizer, so its state follows the parameters, not the buffers.
         self.reducers = GradReducers([
-            BucketedGradReducer(params, group, bucket_size_mb=inputs.bucket_size_mb, experts=experts)
+            BucketedGradReducer(params, group, bucket_size_mb=inputs.bucket_size_mb, experts=experts, shard=shard,
+                                own_bucket=own)
             for group, experts in ((inputs.ps.dp_cp, False), (inputs.ps.edp, True))])
         super().__init__(inputs)
 

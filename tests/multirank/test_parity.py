@@ -162,13 +162,17 @@ LAYOUTS = [
     (2, True, 1, 2, 2, [*MOE, "model.moe.dispatcher=allgather", "parallel.ep=4", "parallel.etp=1"]),
     (1, False, 1, 2, 2, [*MOE, "parallel.pp=2", "model.num_layers=4", "parallel.ep=2"]),
     (1, False, 2, 1, 2, [*MOE, "parallel.ep=2"]),
+    # Sigmoid router with the aux-free bias and group-limited routing: the balance losses count the
+    # plain top-k, not the computed experts, and their counts are summed over the TP (SP) ranks.
+    (2, True, 1, 1, 2, [*MOE, "model.moe.score_function=sigmoid", "model.moe.n_group=2", "model.moe.topk_group=1",
+                        "model.moe.aux_free_bias_rate=0.01", "parallel.ep=2", "parallel.etp=1"]),
 ]
 
 
 def layout_id(tp, sp, cp, dp, micro, extra) -> str:
     parts = [f"tp{tp}" + ("-sp" if sp else ""), f"cp{cp}" if cp > 1 else "", f"dp{dp}", f"mb{micro}"]
     parts += [o.split("=")[1].strip("[]").replace(",", "+") for o in extra if "mixers" in o or "vocab" in o
-              or "cp_comm" in o or "dispatcher" in o]
+              or "cp_comm" in o or "dispatcher" in o or "score_function" in o]
     parts += [o.replace("parallel.", "").replace("=", "") for o in extra if o.startswith(("parallel.ep", "parallel.etp"))]
     parts += [o.split("=")[0].split(".")[1] + o.split("=")[1].replace(",", "+").strip("[]") for o in extra
               if o.startswith(("parallel.pp", "parallel.vpp", "parallel.pipeline_layers", "model.tie"))]

@@ -2,12 +2,12 @@
 
 For d = 1, 2, 4, 8 data-parallel gloo ranks, builds the Trainer on a small model, takes one step
 (so the optimizer state exists) and counts the tensors rank 0 holds for its model shard: weights,
-gradients (bucket padding excluded, reported apart) and optimizer state, divided by the shard's
-parameters. Reference: Megatron-LM's table (optim/memory.py), measured/analytic printed per row.
+gradients (bucket padding excluded, reported apart), optimizer state and separate fp32 masters,
+divided by the shard's parameters; for trainer.precision fp32 and bf16, with the all-reduce step and
+the distributed optimizer. Reference: Megatron-LM's table (optim/memory.py), measured/analytic
+printed per row.
 
-    .venv/bin/python bench/memory.py [--worlds 1 2 4 8]
-
-Only fp32 rows are measured: bf16 weights with fp32 master weights are not built yet.
+    .venv/bin/python bench/memory.py [--worlds 1 2 4 8] [--precisions fp32 bf16]
 """
 from __future__ import annotations
 
@@ -37,33 +37,35 @@ def held_bytes(overrides: list[str]) -> dict:
         trainer = Trainer(compose(overrides), env=RuntimeEnv(rank=rank, world_size=world, local_rank=rank,
                                                              local_world_size=world))
         trainer.train_step()
-    buffers = [b.buffer for r in trainer.optim_step.reducers.reducers for b in r.buckets]
-    held = measured_state_bytes(trainer.model, trainer.optimizer, grad_buffers=buffers)
+    held = measured_state_bytes(trainer.optim_step)
     return {"per_param": held.per_param, "params": held.params, "padding": held.padding}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--worlds", type=int, nargs="+", default=[1, 2, 4, 8])
+    parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"])
     args = parser.parse_args()
-    print(f"{'d':>3} {'optimizer':>12} {'measured B/param':>17} {'analytic':>9} {'ratio':>7} {'padding B':>10}")
+    print(f"{'d':>3} {'precision':>9} {'optimizer':>12} {'measured B/param':>17} {'analytic':>9} {'ratio':>7} "
+          f"{'padding B':>10}")
     with tempfile.TemporaryDirectory() as tmp:
         for world in args.worlds:
             pool = RankPool(world, timeout_s=900)
             try:
-                for distributed in (False, True):
-                    run = os.path.join(tmp, f"d{world}-{distributed}")
-                    overrides = tiny_overrides(_Path(run), run_dir=os.path.join(run, "run"), steps=3) + [
-                        f"optim.distributed={str(distributed).lower()}", "trainer.save_final=false",
-                        "data.micro_batch_size=1", f"data.global_batch_size={world}"]
-                    rank0 = pool.run(held_bytes, overrides)[0]
-                    analytic = analytic_bytes_per_param("fp32", distributed, world)
-                    name = "distributed" if distributed else "all-reduce"
-                    print(f"{world:>3} {name:>12} {rank0['per_param']:>17.3f} {analytic:>9.3f} "
-                          f"{rank0['per_param'] / analytic:>7.4f} {rank0['padding']:>10}")
+                for precision in args.precisions:
+                    for distributed in (False, True):
+                        run = os.path.join(tmp, f"d{world}-{precision}-{distributed}")
+                        overrides = tiny_overrides(_Path(run), run_dir=os.path.join(run, "run"), steps=3) + [
+                            f"optim.distributed={str(distributed).lower()}", "trainer.save_final=false",
+                            f"trainer.precision={precision}", "data.micro_batch_size=1",
+                            f"data.global_batch_size={world}"]
+                        rank0 = pool.run(held_bytes, overrides)[0]
+                        analytic = analytic_bytes_per_param(precision, distributed, world)
+                        name = "distributed" if distributed else "all-reduce"
+                        print(f"{world:>3} {precision:>9} {name:>12} {rank0['per_param']:>17.3f} {analytic:>9.3f} "
+                              f"{rank0['per_param'] / analytic:>7.4f} {rank0['padding']:>10}")
             finally:
                 pool.close()
-    print("bf16 (+ fp32 master) rows: analytic 18 and 6 + 12/d; not measured (bf16 master weights are not built yet)")
 
 
 class _Path(str):

@@ -1,10 +1,7 @@
-"""Build the optimizer for the single-process / data-parallel foundation.
+"""torch's AdamW over the decay / no-decay parameter groups.
 
-Mixed precision is "bf16 autocast with fp32 master weights": parameters (and hence gradients and
-optimizer state) stay fp32, and the trainer runs the forward pass under torch.autocast(bf16). The
-optimizer is therefore a plain torch.optim.AdamW; no separate master copy or loss scaling is
-needed (bf16 has fp32's exponent range). The distributed (ZeRO-1) optimizer will shard these same
-param groups.
+The optimizer always sees fp32 tensors: the parameters themselves in fp32 training, fp32 master
+copies (or a distributed optimizer's slices of them) with bf16/fp16 weights (docs/precision.md).
 """
 
 from __future__ import annotations

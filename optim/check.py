@@ -5,8 +5,9 @@ from optim.config import OPTIMIZER_NAMES, SCHEDULE_NAMES, WSD_DECAY_SHAPES, Opti
 from parallel_state.errors import require, require_choice, require_positive
 
 
-def check(cfg: OptimConfig, max_steps: int) -> None:
-    """Raise ConfigError on the first bad `optim.*` value for a run of `max_steps` steps."""
+def check(cfg: OptimConfig, max_steps: int, loss_scaling: bool = False) -> None:
+    """Raise ConfigError on the first bad `optim.*` value for a run of `max_steps` steps
+    (`loss_scaling`: the precision needs a dynamic loss scale, trainer.precision=fp16)."""
     s = cfg.schedule
     require_choice("optim.name", cfg.name, OPTIMIZER_NAMES)
     require_positive("optim.lr", cfg.lr)
@@ -22,6 +23,14 @@ def check(cfg: OptimConfig, max_steps: int) -> None:
     require(cfg.distributed or not cfg.overlap_param_gather, "optim.overlap_param_gather",
             cfg.overlap_param_gather, "overlaps the distributed optimizer's parameter all-gather",
             "set optim.distributed=true, or optim.overlap_param_gather=false")
+    if loss_scaling:
+        require(cfg.loss_scale_window is not None and cfg.loss_scale_window >= 1, "optim.loss_scale_window",
+                cfg.loss_scale_window, "trainer.precision=fp16 needs a dynamic loss scale that grows back after "
+                "this many clean steps", "set optim.loss_scale_window=1000 (Megatron's default), or use "
+                "trainer.precision=bf16, which needs no loss scale")
+        require(cfg.min_loss_scale > 0, "optim.min_loss_scale", cfg.min_loss_scale, "must be > 0", "use 1.0")
+        require(cfg.initial_loss_scale >= cfg.min_loss_scale, "optim.initial_loss_scale", cfg.initial_loss_scale,
+                f"is below optim.min_loss_scale={cfg.min_loss_scale}", "use e.g. 65536")
     require_choice("optim.schedule.name", s.name, SCHEDULE_NAMES)
     require_choice("optim.schedule.wsd_decay_shape", s.wsd_decay_shape, WSD_DECAY_SHAPES)
     require(0 <= s.warmup_steps < max_steps, "optim.schedule.warmup_steps",

@@ -61,6 +61,15 @@ class OptimConfig:
     # With the distributed optimizer: launch the parameter all-gathers after the update and wait for
     # each bucket only when the next forward first reaches a module holding its parameters.
     overlap_param_gather: bool = False
+    # fp16 only (trainer.precision=fp16), dynamic loss scaling: the loss is multiplied by the scale
+    # before backward; a step whose gradients overflow is skipped and halves the scale; this many clean
+    # steps in a row double it (Megatron's --loss-scale-window; its default 1000).
+    loss_scale_window: int | None = 1000
+    # fp16: the scale of the first step (torch.amp's default 2**16; a too-high start only costs a few
+    # skipped steps while it halves down).
+    initial_loss_scale: float = 65536.0
+    # fp16: the scale never halves below this.
+    min_loss_scale: float = 1.0
     # torch.optim.AdamW's foreach switch; None lets torch choose for the device.
     foreach: bool | None = None
     # torch.optim.AdamW's fused kernel (CUDA, and CPU since torch 2.4): one kernel per step is

@@ -3,11 +3,12 @@
 Gradients live in the same contiguous buckets as the default step (backward order, launched from
 backward hooks as they fill), padded to a multiple of the group size and reduce-scattered instead
 of all-reduced: dense ones over dp x cp, expert ones over edp. The parameters are moved into flat
-buffers with the same layout, so rank r's slice of a parameter buffer is its part of the fp32
-master weights (no copy: fp32 training keeps 4 + 4 + 8/d bytes per parameter). For that slice
-alone it keeps the Adam moments, as "pieces" (one per parameter the slice touches, so each piece
-joins its parameter's weight-decay group). After the update every bucket's slices are all-gathered
-back into the parameter buffer.
+buffers with the same layout, so rank r's slice of a parameter buffer is its part of the weights.
+With fp32 parameters that slice is the master itself (no copy: 4 + 4 + 8/d bytes per parameter);
+with bf16/fp16 parameters the rank keeps an fp32 master copy of its slice alone (2 + 4 + 12/d). For
+its slice the rank keeps the Adam moments, as "pieces" (one per parameter the slice touches, so each
+piece joins its parameter's weight-decay group). After the update the masters are copied into the
+slices and every bucket's slices are all-gathered back into the parameter buffer.
 
 The gradient syncs of replicated parameters work on the slices: TP ranks hold identical bucket
 layouts, so a TP-partial parameter's slice is summed over TP; the tied embedding gets a bucket
@@ -26,7 +27,15 @@ from optim.adamw import adamw_over
 from optim.clip import clip_grad_norm_
 from optim.grad_buffers import GradBucket
 from optim.param_groups import build_param_groups
-from optim.step import BucketedOptimizerStep, StepInputs, counted_within_replica
+from optim.step import (
+    BucketedOptimizerStep,
+    StepInputs,
+    counted_within_replica,
+    load_masters,
+    load_optimizer_state,
+    save_masters,
+    unscale_grads,
+)
 from parallel_state.collectives import (
     all_gather_async,
     all_reduce_coalesced,
@@ -35,6 +44,17 @@ from parallel_state.collectives import (
 )
 from parallel_state.groups import AxisGroup
 from parallel_state.params import param_meta
+
+
+@dataclass
+class ShardSlot:
+    """One bucket as this rank's optimizer sees it."""
+
+    bucket: GradBucket
+    group: AxisGroup  # the ranks the bucket is sharded over
+    flat: torch.Tensor  # the parameter buffer: every parameter of the bucket is a view into it
+    local: torch.Tensor  # this rank's slice of `flat`
+    master: torch.Tensor  # fp32 weights of that slice: `local` itself for fp32 parameters, else a copy
 
 
 @dataclass
@@ -50,7 +70,7 @@ class Piece:
 
 def _param_buffer(bucket: GradBucket) -> torch.Tensor:
     """A flat buffer laid out like the bucket's gradients; each parameter becomes a view into it."""
-    flat = torch.zeros(bucket.buffer.numel(), dtype=bucket.buffer.dtype, device=bucket.buffer.device)
+    flat = torch.zeros(bucket.buffer.numel(), dtype=bucket.params[0].dtype, device=bucket.buffer.device)
     with torch.no_grad():
         for p, offset in zip(bucket.params, bucket.offsets):
             flat[offset:offset + p.numel()] = p.detach().reshape(-1)
@@ -68,15 +88,15 @@ class DistributedOptimizerStep(BucketedOptimizerStep):
 
     def _build_optimizer(self) -> torch.optim.Optimizer:
         """Move the parameters into flat buffers, cut this rank's slices into pieces, AdamW over them."""
-        # (bucket, its group, the flat parameter buffer, this rank's slice of it = the master weights)
-        self.masters: list[tuple[GradBucket, AxisGroup, torch.Tensor, torch.Tensor]] = []
+        self.slots: list[ShardSlot] = []
         self.pieces: list[Piece] = []
         for reducer in self.reducers.reducers:
             rank = reducer.group.rank
             for bucket in reducer.buckets:
                 flat = _param_buffer(bucket)
-                master = flat[rank * bucket.shard_numel:(rank + 1) * bucket.shard_numel]
-                self.masters.append((bucket, reducer.group, flat, master))
+                local = flat[rank * bucket.shard_numel:(rank + 1) * bucket.shard_numel]
+                master = local if local.dtype == torch.float32 else local.float()
+                self.slots.append(ShardSlot(bucket, reducer.group, flat, local, master))
                 self.pieces += self._pieces_of(bucket, master, rank)
         return adamw_over(self._piece_groups(), self.inputs.cfg)
 
@@ -101,10 +121,11 @@ class DistributedOptimizerStep(BucketedOptimizerStep):
             group.pop("names", None)
         return groups
 
-    def reduce_and_clip(self) -> float:
+    def reduce_and_clip(self, unscale: float = 1.0) -> float:
         self.reducers.finish()
         for piece in self.pieces:
             piece.master.grad = piece.bucket.shard_grad[piece.start:piece.end]
+        unscale_grads([piece.master for piece in self.pieces], unscale)
         self._sync_replicated()
         return self._clip()
 
@@ -113,7 +134,7 @@ class DistributedOptimizerStep(BucketedOptimizerStep):
         all_reduce_coalesced([p.master.grad for p in self.pieces if param_meta(p.param).tp_partial_grad], ps.tp)
         tied = self.inputs.tied_weight
         if tied is not None and ps.embedding.size > 1:
-            bucket = next(b for b, _, _, _ in self.masters if any(p is tied for p in b.params))
+            bucket = next(slot.bucket for slot in self.slots if any(p is tied for p in slot.bucket.params))
             all_reduce_inplace(bucket.shard_grad, ps.embedding)
 
     def _clip(self) -> float:
@@ -126,18 +147,15 @@ class DistributedOptimizerStep(BucketedOptimizerStep):
                                norm_reduce_fn=lambda s: all_reduce_sum(s, self.inputs.ps.world))
         return float(norm)
 
-    def apply(self, step: int, update: bool) -> float:
-        lr = super().apply(step, update)
-        if update:
-            self._gather_params()
-        return lr
-
     @torch.no_grad()
-    def _gather_params(self) -> None:
-        """All-gather every bucket's updated slices into its parameter buffer (the parameters' storage);
-        with overlap_param_gather they stay in flight until a forward needs them."""
-        for slot, (_, group, flat, master) in enumerate(self.masters):
-            self.pending[slot] = (flat, *all_gather_async(master, group))
+    def _publish_update(self) -> None:
+        """Copy the updated masters into this rank's slices and all-gather every bucket's slices into
+        its parameter buffer (the parameters' storage); with overlap_param_gather they stay in flight
+        until a forward needs them."""
+        for index, slot in enumerate(self.slots):
+            if slot.master is not slot.local:
+                slot.local.copy_(slot.master)
+            self.pending[index] = (slot.flat, *all_gather_async(slot.local, slot.group))
         if not self._hooks:
             self.finish_param_sync()
 
@@ -155,7 +173,7 @@ class DistributedOptimizerStep(BucketedOptimizerStep):
     def _register_gather_waits(self, modules: list[nn.Module]) -> list:
         """A forward pre-hook on every module that holds parameters directly: it waits for the
         gathers of the buckets those parameters live in (the first forward use of each)."""
-        slot_of = {id(p): slot for slot, (bucket, _, _, _) in enumerate(self.masters) for p in bucket.params}
+        slot_of = {id(p): index for index, slot in enumerate(self.slots) for p in slot.bucket.params}
         slots_of: dict[nn.Module, set[int]] = {}
         for root in modules:
             for module in root.modules():
@@ -179,4 +197,24 @@ class DistributedOptimizerStep(BucketedOptimizerStep):
 
     def state_dict(self) -> dict[str, Any]:
         self.finish_param_sync()
-        return super().state_dict()
+        state = self.optimizer.state_dict()
+        return save_masters(self._masters(), state) if self.master_weights() else state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """The optimizer state and this rank's masters; the loaded model weights are in the buffers,
+        so the masters start from them unless the checkpoint holds separate fp32 masters."""
+        with torch.no_grad():
+            for slot in self.slots:
+                if slot.master is not slot.local:
+                    slot.master.copy_(slot.local)
+        load_optimizer_state(self.optimizer, load_masters(self._masters(), state), self.inputs.cfg)
+        self._publish_update()
+
+    def _masters(self) -> list[torch.Tensor]:
+        return [slot.master for slot in self.slots]
+
+    def master_weights(self) -> list[torch.Tensor]:
+        return [slot.master for slot in self.slots if slot.master is not slot.local]
+
+    def param_buffers(self) -> list[torch.Tensor]:
+        return [slot.flat for slot in self.slots]

@@ -19,6 +19,10 @@ Contracts:
 - `zero_grad()` of the reducer, not `optimizer.zero_grad(set_to_none=True)`: it zeroes the buckets
   and keeps `param.grad` a view into them. A hook that finds `param.grad` detached from its bucket
   raises with that fix.
+- Main gradients: with bf16/fp16 parameters the buckets are fp32 (`grad_dtype`). Autograd still
+  writes a low-precision `param.grad`; the hook adds it into the parameter's fp32 slice and drops
+  it, so gradients accumulate over microbatches and reduce in fp32 (Megatron's main_grad). The
+  optimizer step reads them through `main_grad(param)`.
 - A parameter passed twice (tied embedding and head) is one parameter; requires_grad=False
   parameters are skipped; expert parameters (`param_meta(p).expert`) are left out: their replicas
   are the EDP group, so they get a second reducer (`experts=True`) built over `ps.edp`;
@@ -110,7 +114,7 @@ class BucketedGradReducer:
     def __init__(self, params: Iterable[torch.nn.Parameter], group: AxisGroup,
                  bucket_size_mb: float = 25.0, overlap: bool = True,
                  experts: bool = False, shard: bool = False,
-                 own_bucket: Sequence[torch.nn.Parameter] = ()):
+                 own_bucket: Sequence[torch.nn.Parameter] = (), grad_dtype: torch.dtype | None = None):
         if bucket_size_mb <= 0:
             raise ValueError(f"bucket_size_mb={bucket_size_mb} must be > 0; the DDP default is 25")
         self.group = group
@@ -135,11 +139,15 @@ class BucketedGradReducer:
         self.params = [p for p in trainable if param_meta(p).expert == experts]
 
         backward_order = self.params[::-1]
-        element_bytes = max((p.element_size() for p in backward_order), default=4)
+        # grad_dtype: the dtype gradients accumulate and reduce in; parameters of another dtype get
+        # fp32 main gradients instead of .grad views (see the module docstring).
+        self.main_grads = grad_dtype is not None and any(p.dtype != grad_dtype for p in self.params)
+        dtype_of = (lambda p: grad_dtype) if grad_dtype is not None else (lambda p: p.dtype)
+        element_bytes = max((dtype_of(p).itemsize for p in backward_order), default=4)
         bucket_numel = max(1, int(bucket_size_mb * BYTES_PER_MB) // element_bytes)
         own = {id(p) for p in own_bucket}
         groups = assign_buckets([p.numel() for p in backward_order], bucket_numel,
-                                keys=[(p.dtype, p.device, id(p) in own) for p in backward_order])
+                                keys=[(dtype_of(p), p.device, id(p) in own) for p in backward_order])
         self.buckets: list[GradBucket] = []
         self._slot_of: dict[int, tuple[GradBucket, int]] = {}  # id(param) -> (bucket, index in it)
         for index, members in enumerate(groups):
@@ -151,7 +159,7 @@ class BucketedGradReducer:
             first = bucket_params[0]
             shard_numel = -(-total // group.size) if shard else 0
             padded = shard_numel * group.size if shard else total
-            buffer = torch.zeros(padded, dtype=first.dtype, device=first.device)
+            buffer = torch.zeros(padded, dtype=dtype_of(first), device=first.device)
             bucket = GradBucket(index, buffer, bucket_params, offsets, shard_numel=shard_numel)
             self.buckets.append(bucket)
             for i, p in enumerate(bucket_params):
@@ -206,15 +214,23 @@ class BucketedGradReducer:
 
     # ---- internals ------------------------------------------------------------------------------
 
+    def main_grad(self, param: torch.nn.Parameter) -> torch.Tensor:
+        """The slice of the buckets that holds `param`'s gradient (its .grad in the fp32 case)."""
+        bucket, i = self._slot_of[id(param)]
+        return bucket.view_of(i)
+
     def _attach_views(self) -> None:
         for bucket in self.buckets:
             for i, p in enumerate(bucket.params):
-                p.grad = bucket.view_of(i)
+                p.grad = None if self.main_grads else bucket.view_of(i)
 
     def _on_grad_ready(self, param: torch.nn.Parameter) -> None:
         bucket, i = self._slot_of[id(param)]
         view = bucket.view_of(i)
-        if param.grad is None or (view.numel() and param.grad.data_ptr() != view.data_ptr()):
+        if self.main_grads:
+            view.add_(param.grad)
+            param.grad = None
+        elif param.grad is None or (view.numel() and param.grad.data_ptr() != view.data_ptr()):
             raise RuntimeError(
                 "BucketedGradReducer: a parameter's .grad is no longer a view into its bucket (was "
                 "it set to None, e.g. optimizer.zero_grad(set_to_none=True)?); call "
@@ -264,3 +280,10 @@ class GradReducers:
     def zero_grad(self) -> None:
         for reducer in self.reducers:
             reducer.zero_grad()
+
+    def main_grad(self, param: torch.nn.Parameter) -> torch.Tensor:
+        """`param`'s slice of the gradient buckets, from the reducer that holds it."""
+        for reducer in self.reducers:
+            if id(param) in reducer._slot_of:
+                return reducer.main_grad(param)
+        raise KeyError("main_grad: the parameter is in no reducer (frozen, or not passed to the step)")

@@ -7,8 +7,9 @@ Analytic (Megatron-LM's table, d = data-parallel ranks the optimizer is sharded 
     bf16 + fp32 master         2 + 4 + 4 master + 8 moments           = 18
     bf16, distributed          2 + 4 + 12/d                           = 6 + 12/d
 
-`measured_state_bytes` counts the tensors a rank holds for its model shard: parameter and
-gradient storage, optimizer state, separate master copies; bucket padding is reported apart.
+`measured_state_bytes` counts the tensors an optimizer step holds on its rank for the model shard:
+parameter and gradient storage, optimizer state, separate master copies; bucket padding is reported
+apart.
 """
 from __future__ import annotations
 
@@ -16,7 +17,9 @@ from dataclasses import dataclass
 
 import torch
 
-WEIGHT_BYTES = {"fp32": 4, "bf16": 2}
+from optim.step import BucketedOptimizerStep
+
+WEIGHT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 
 def analytic_bytes_per_param(precision: str, distributed: bool, d: int = 1) -> float:
@@ -26,8 +29,8 @@ def analytic_bytes_per_param(precision: str, distributed: bool, d: int = 1) -> f
     if d < 1:
         raise ValueError(f"d={d}: the number of ranks must be >= 1")
     weights, grads = WEIGHT_BYTES[precision], 4
-    # fp32 master weights: the parameters themselves in fp32, a separate copy in bf16.
-    optimizer = 8 if precision == "fp32" else 12
+    # fp32 master weights: the parameters themselves in fp32, a separate copy for 2-byte weights.
+    optimizer = 8 if weights == 4 else 12
     return weights + grads + (optimizer / d if distributed else optimizer)
 
 
@@ -37,7 +40,7 @@ class StateBytes:
 
     params: int  # parameters of this rank's model shard (each counted once)
     weights: int  # bytes of their values
-    grads: int  # bytes of their gradients (buffer padding excluded)
+    grads: int  # bytes of their gradients (fp32 main gradients; buffer padding excluded)
     optimizer: int  # bytes of optimizer state tensors (moments; the step counters excluded)
     masters: int  # bytes of master weights kept apart from the parameters
     padding: int  # bytes of bucket padding (gradient and parameter buffers)
@@ -47,32 +50,20 @@ class StateBytes:
         return (self.weights + self.grads + self.optimizer + self.masters) / max(self.params, 1)
 
 
-def _unique(tensors) -> list[torch.Tensor]:
-    seen, out = set(), []
-    for t in tensors:
-        if id(t) not in seen:
-            seen.add(id(t))
-            out.append(t)
-    return out
+def _nbytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def measured_state_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                         grad_buffers: list[torch.Tensor] | None = None,
-                         separate_masters: list[torch.Tensor] | None = None) -> StateBytes:
-    """Count the state tensors `model` and `optimizer` hold on this rank.
-
-    grad_buffers: flat gradient buckets (their extra elements beyond the parameters are padding);
-    separate_masters: master weights that are not the parameters' own storage.
-    """
-    params = _unique(p for p in model.parameters() if p.requires_grad)
-    numel = sum(p.numel() for p in params)
-    weights = sum(p.numel() * p.element_size() for p in params)
-    grads = sum(p.numel() * (p.grad.element_size() if p.grad is not None else 0) for p in params)
-    padding = 0
-    if grad_buffers:
-        held = sum(b.numel() * b.element_size() for b in grad_buffers)
-        padding = held - grads
-    optim_bytes = sum(t.numel() * t.element_size() for state in optimizer.state.values()
+def measured_state_bytes(step: BucketedOptimizerStep) -> StateBytes:
+    """Count the state tensors a bucketed optimizer step (plain or distributed) holds on this rank."""
+    params = list({id(p): p for p in step.params if p.requires_grad}.values())
+    grads = [step.reducers.main_grad(p) for p in params]
+    grad_buffers = [b.buffer for r in step.reducers.reducers for b in r.buckets]
+    param_buffers = step.param_buffers()
+    padding = _nbytes(grad_buffers) - _nbytes(grads)
+    if param_buffers:
+        padding += _nbytes(param_buffers) - _nbytes(params)
+    optim_bytes = sum(t.numel() * t.element_size() for state in step.optimizer.state.values()
                       for key, t in state.items() if torch.is_tensor(t) and key != "step")
-    masters = sum(t.numel() * t.element_size() for t in (separate_masters or []))
-    return StateBytes(numel, weights, grads, optim_bytes, masters, padding)
+    return StateBytes(sum(p.numel() for p in params), _nbytes(params), _nbytes(grads), optim_bytes,
+                      _nbytes(step.master_weights()), padding)

@@ -10,12 +10,17 @@ the global norm, the learning rate, the update and zeroing. The trainer calls, p
     lr = step.apply(index, update=finite)                             # lr of step `index`, update
     step.zero_grad()
 
+With bf16/fp16 parameters (trainer.precision=bf16 or fp16) a step keeps fp32 master weights: the
+gradients accumulate in fp32 main-gradient buckets, AdamW updates the masters and the parameters are
+copied from them; with fp32 parameters the parameters are their own masters.
+
 `BucketedOptimizerStep` is the default: bucketed reductions overlapped with backward, AdamW. Other
 implementations (a sharded optimizer, an outer optimizer) are built from the same `StepInputs`
 and handed to the trainer as a factory.
 """
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -31,7 +36,10 @@ from optim.grad_buffers import BucketedGradReducer, GradReducers
 from optim.schedules import LRScheduler
 from parallel_state.collectives import all_reduce_grads_coalesced, all_reduce_inplace, all_reduce_sum
 from parallel_state.groups import AxisGroup, ParallelState
-from parallel_state.params import is_tp_duplicate, param_meta, tp_partial_grad_params
+from parallel_state.params import is_tp_duplicate, param_meta, set_param_meta, tp_partial_grad_params
+
+# The key of a step's state dict that holds separate fp32 master weights.
+MASTERS_KEY = "fp32_masters"
 
 
 @dataclass
@@ -58,8 +66,9 @@ class OptimizerStep(Protocol):
     def no_sync(self) -> AbstractContextManager[None]:
         """Backward inside accumulates gradients without communicating (all microbatches but the last)."""
 
-    def reduce_and_clip(self) -> float:
-        """After the last backward: complete every gradient and clip; the global norm before clipping."""
+    def reduce_and_clip(self, unscale: float = 1.0) -> float:
+        """After the last backward: complete every gradient, multiply it by `unscale` (1 / the fp16 loss
+        scale) and clip; the global norm before clipping (non-finite when a gradient overflowed)."""
 
     def apply(self, step: int, update: bool) -> float:
         """Set the learning rate of optimizer step `step` (0-based), update the parameters when
@@ -106,25 +115,60 @@ def allreduce_tp_partial_grads(params, tp: AxisGroup) -> None:
         all_reduce_grads_coalesced(tp_partial_grad_params(params), tp)
 
 
-def sync_replicated_grads(inputs: StepInputs, params: list[nn.Parameter]) -> None:
+def sync_replicated_grads(ps: ParallelState, tied_weight: torch.Tensor | None, params: list[torch.Tensor]) -> None:
     """Sum the gradients that are partial on each rank holding a replica: the tied embedding over the
     embedding group (first and last stage) and the TP-partial parameters over TP."""
-    ps = inputs.ps
-    if inputs.tied_weight is not None and ps.embedding.size > 1:
-        weight = inputs.tied_weight
-        if weight.grad is None:
-            weight.grad = torch.zeros_like(weight)
-        all_reduce_inplace(weight.grad, ps.embedding)
+    if tied_weight is not None and ps.embedding.size > 1:
+        if tied_weight.grad is None:
+            tied_weight.grad = torch.zeros_like(tied_weight)
+        all_reduce_inplace(tied_weight.grad, ps.embedding)
     allreduce_tp_partial_grads(params, ps.tp)
 
 
-def clip_by_global_norm(inputs: StepInputs, params: list[nn.Parameter]) -> float:
+def clip_by_global_norm(inputs: StepInputs, params: list[torch.Tensor]) -> float:
     """Clip every gradient by the norm over all ranks' parameters (each counted once); returns the
     norm before clipping."""
     ps = inputs.ps
     norm = clip_grad_norm_(params, inputs.cfg.clip_grad, norm_reduce_fn=lambda s: all_reduce_sum(s, ps.world),
                            counted=lambda p: counted_in_norm(p, ps))
     return float(norm)
+
+
+def unscale_grads(params: list[torch.Tensor], unscale: float) -> None:
+    """Multiply the gradients by `unscale` (an overflowed inf stays inf, so the norm reports it)."""
+    if unscale != 1.0:
+        torch._foreach_mul_([p.grad for p in params if p.grad is not None], unscale)
+
+
+def fp32_master(param: nn.Parameter) -> nn.Parameter:
+    """An fp32 copy of a low-precision parameter for the optimizer, with the same metadata (norm
+    counting, TP syncs); an fp32 parameter is its own master."""
+    if param.dtype == torch.float32:
+        return param
+    master = nn.Parameter(param.detach().float().clone())
+    return set_param_meta(master, **dataclasses.asdict(param_meta(param)))
+
+
+def save_masters(masters: list[torch.Tensor], state: dict[str, Any]) -> dict[str, Any]:
+    """A step's state with its fp32 masters: the bf16 weights in the model state are their rounding."""
+    return {**state, MASTERS_KEY: [m.detach().clone() for m in masters]}
+
+
+def load_masters(masters: list[torch.Tensor], state: dict[str, Any]) -> dict[str, Any]:
+    """Copy saved fp32 masters into `masters` (which may be the fp32 parameters themselves, so a
+    resume may switch precision without losing the masters); returns the rest of the state. Without
+    saved masters (a run saved in fp32 without them) the masters keep the values taken from the
+    loaded parameters."""
+    state = dict(state)
+    saved = state.pop(MASTERS_KEY, None)
+    if saved is not None:
+        if len(saved) != len(masters) or any(s.shape != m.shape for s, m in zip(saved, masters)):
+            raise ValueError(f"checkpoint holds {len(saved)} master tensors that do not match this run's "
+                             f"{len(masters)}: resume with the optimizer settings the checkpoint was saved with")
+        with torch.no_grad():
+            for master, value in zip(masters, saved):
+                master.copy_(value)
+    return state
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any], cfg: OptimConfig) -> None:
@@ -167,7 +211,8 @@ class AdamWStep:
 
 class BucketedOptimizerStep(AdamWStep):
     """AdamW with gradients in flat buckets reduced from backward hooks: dense ones over DP x CP,
-    expert ones over EDP (optim.grad_buffers), then the replica syncs, clipping and the update."""
+    expert ones over EDP (optim.grad_buffers), then the replica syncs, clipping and the update. With
+    low-precision parameters AdamW runs over fp32 masters whose gradients are the fp32 buckets."""
 
     def __init__(self, inputs: StepInputs, shard: bool = False):
         params = [p for _, p in inputs.named_params]
@@ -177,17 +222,65 @@ class BucketedOptimizerStep(AdamWStep):
         # The buckets exist before the optimizer, so its state follows the parameters, not the buffers.
         self.reducers = GradReducers([
             BucketedGradReducer(params, group, bucket_size_mb=inputs.bucket_size_mb, experts=experts, shard=shard,
-                                own_bucket=own)
+                                own_bucket=own, grad_dtype=torch.float32)
             for group, experts in ((inputs.ps.dp_cp, False), (inputs.ps.edp, True))])
+        if not shard:
+            self.master_of = {id(p): self._master(p) for p in params if p.requires_grad}
+            self.masters = list(self.master_of.values())
         super().__init__(inputs)
+
+    def _master(self, param: nn.Parameter) -> nn.Parameter:
+        master = fp32_master(param)
+        if master is not param:
+            master.grad = self.reducers.main_grad(param)
+        return master
+
+    def _build_optimizer(self) -> torch.optim.Optimizer:
+        named = [(name, self.master_of[id(p)]) for name, p in self.inputs.named_params if id(p) in self.master_of]
+        return build_optimizer(named, self.inputs.cfg)
 
     def no_sync(self) -> AbstractContextManager[None]:
         return self.reducers.no_sync()
 
-    def reduce_and_clip(self) -> float:
+    def reduce_and_clip(self, unscale: float = 1.0) -> float:
         self.reducers.finish()
-        sync_replicated_grads(self.inputs, self.params)
-        return clip_by_global_norm(self.inputs, self.params)
+        unscale_grads(self.masters, unscale)
+        tied = self.inputs.tied_weight
+        sync_replicated_grads(self.inputs.ps, self.master_of[id(tied)] if tied is not None else None, self.masters)
+        return clip_by_global_norm(self.inputs, self.masters)
+
+    def apply(self, step: int, update: bool) -> float:
+        lr = super().apply(step, update)
+        if update:
+            self._publish_update()
+        return lr
+
+    @torch.no_grad()
+    def _publish_update(self) -> None:
+        """Make the parameters the forward uses hold the updated masters."""
+        for p in self.params:
+            master = self.master_of.get(id(p), p)
+            if master is not p:
+                p.copy_(master)
 
     def zero_grad(self) -> None:
         self.reducers.zero_grad()  # keeps .grad views into the buckets (never set_to_none)
+
+    def master_weights(self) -> list[torch.Tensor]:
+        """The fp32 masters kept apart from the parameters (none when the parameters are fp32)."""
+        return [m for p in self._trainable() if (m := self.master_of[id(p)]) is not p]
+
+    def param_buffers(self) -> list[torch.Tensor]:
+        """Flat buffers the parameters live in (none: each parameter has its own storage)."""
+        return []
+
+    def _trainable(self) -> list[nn.Parameter]:
+        return [p for p in dict.fromkeys(self.params) if id(p) in self.master_of]
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        return save_masters(self.masters, state) if self.master_weights() else state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(load_masters(self.masters, state))
+        self._publish_update()

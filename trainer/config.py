@@ -18,6 +18,7 @@ from parallel_state.config import ParallelConfig
 from parallel_state.errors import require, require_choice, require_positive
 from trainer.checkpoint import list_checkpoints
 from trainer.data.config import DataConfig
+from trainer.precision import PRECISIONS
 
 
 @dataclass
@@ -34,7 +35,9 @@ class TrainerConfig:
     keep_last: int = 3  # complete checkpoints kept; older ones are deleted (0 keeps all)
     run_dir: str | None = None  # null: runs/<name>/<timestamp>, agreed by all ranks
     resume: str = "none"  # none | auto (newest complete checkpoint in run_dir) | path to a step_* dir
-    precision: str = "fp32"  # fp32 | bf16 (bf16 autocast, fp32 master weights)
+    # fp32 | bf16 (bf16 weights, fp32 main grads and master weights) | fp16 (as bf16, plus dynamic loss
+    # scaling) | bf16_autocast (fp32 weights, forward under autocast); see docs/precision.md
+    precision: str = "fp32"
     device: str = "auto"  # auto | cpu | cuda
     nan_policy: str = "stop"  # stop | skip: what a non-finite loss or grad norm does
     max_skipped_steps: int = 10  # with nan_policy=skip: stop after this many consecutive skips
@@ -55,7 +58,6 @@ class LoggerConfig:
     tags: list[str] = field(default_factory=list)  # W&B tags
 
 
-PRECISIONS = ("fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 NAN_POLICIES = ("stop", "skip")
 LOGGER_BACKENDS = ("none", "wandb", "tensorboard")

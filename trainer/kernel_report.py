@@ -15,6 +15,7 @@ from kernels.pararnn_plan import plan_solver
 from models.config import ModelConfig
 from models.layers.pararnn import PARARNN_CELLS, newton_options, recurrence_dtype
 from moe.experts import grouped_mm_chosen
+from trainer.precision import precision_of
 
 PARARNN_MIXERS = tuple(PARARNN_CELLS)
 
@@ -37,7 +38,8 @@ def _gla_kernel(model: ModelConfig, device: torch.device) -> str:
 
 
 def _expert_gemm(model: ModelConfig, device: torch.device, precision: str, etp: int) -> str:
-    dtype = torch.bfloat16 if precision == "bf16" and device.type == "cuda" else torch.float32
+    # The experts see the dtype of the weights (under bf16_autocast the stream stays fp32).
+    dtype = precision_of(precision).param_dtype
     grouped = grouped_mm_chosen(model.moe.grouped_gemm, device, dtype, model.hidden_size,
                                 model.moe.ffn_hidden_size // etp)
     return "torch._grouped_mm" if grouped else "one matmul per expert"

@@ -11,7 +11,6 @@ import math
 import os
 import sys
 import time
-from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -25,6 +24,7 @@ from moe.context import AuxLossScale, MoEContext
 from moe.layer import MoELayer
 from moe.metrics import step_metrics as moe_step_metrics
 from optim.factory import build_optimizer_step
+from optim.loss_scale import DynamicLossScale
 from optim.step import OptimizerStepFactory, StepInputs
 from parallel_state import RNGStreams, Topology
 from parallel_state.collectives import all_reduce_max, all_reduce_sum
@@ -51,6 +51,7 @@ from trainer.pipeline import (
     forward_backward_pipelining,
     pipeline_orders,
 )
+from trainer.precision import cast_parameters, precision_of
 from trainer.validation import ConfigError, validate
 
 log = logging.getLogger("foldtron")
@@ -181,8 +182,14 @@ class Trainer:
                                            sharded_optimizer=sharded_optimizer,
                                            num_layers=cfg.model.num_layers,
                                            pipeline_layers=cfg.parallel.pipeline_layers)
-        self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16)
-                         if cfg.trainer.precision == "bf16" else nullcontext())
+        # trainer.precision: the weights' dtype (bf16/fp16 keep fp32 masters in the optimizer step),
+        # autocast for bf16_autocast, a dynamic loss scale for fp16.
+        self.precision = precision_of(cfg.trainer.precision)
+        cast_parameters([self.model], self.precision.param_dtype)
+        self.autocast = self.precision.autocast(self.device)
+        o = cfg.optim
+        self.loss_scale = (DynamicLossScale(o.initial_loss_scale, o.loss_scale_window, o.min_loss_scale)
+                           if self.precision.loss_scaling else None)
 
     def _build_optimizer_step(self, factory: OptimizerStepFactory) -> None:
         cfg = self.cfg
@@ -197,7 +204,7 @@ class Trainer:
         cfg, t = self.cfg, self.cfg.trainer
         self.tokens_per_step = cfg.data.global_batch_size * cfg.data.seq_len
         self.flops_per_token = self.full_model.flops_per_token(cfg.data.seq_len)
-        self.peak_tflops, peak_source = peak_tflops(self.device, t.precision, t.peak_tflops)
+        self.peak_tflops, peak_source = peak_tflops(self.device, self.precision.peak_key, t.peak_tflops)
         resume_step = self.step if self.step > 0 else None  # checkpoints are saved after a step, never at 0
         self.sinks = (build_sinks(cfg.logger, self.run_dir, dataclasses.asdict(cfg), resume_step)
                       if self.env.is_writer else [])
@@ -220,14 +227,19 @@ class Trainer:
         rng = {"torch": torch.get_rng_state(), "streams": self.rng.state_dict()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
-        return {"model": self.model.state_dict(), "optimizer": self.optim_step.state_dict(), "step": self.step,
-                "skipped_in_a_row": self.skipped_in_a_row, "rng": rng, "config": to_yaml(self.cfg)}
+        state = {"model": self.model.state_dict(), "optimizer": self.optim_step.state_dict(), "step": self.step,
+                 "skipped_in_a_row": self.skipped_in_a_row, "rng": rng, "config": to_yaml(self.cfg)}
+        if self.loss_scale is not None:
+            state["loss_scale"] = self.loss_scale.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
         self.optim_step.load_state_dict(state["optimizer"])
         self.step = int(state["step"])
         self.skipped_in_a_row = int(state.get("skipped_in_a_row", 0))
+        if self.loss_scale is not None and "loss_scale" in state:
+            self.loss_scale.load_state_dict(state["loss_scale"])
         torch.set_rng_state(state["rng"]["torch"])
         self.rng.load_state_dict(state["rng"]["streams"])
         if "cuda" in state["rng"] and self.device.type == "cuda":
@@ -300,23 +312,39 @@ class Trainer:
         # "Loss normalisation").
         local_tokens = sum(mb["loss_mask"].sum() for mb in microbatches)
         num_tokens = all_reduce_sum(torch.as_tensor(local_tokens, dtype=torch.float32), self.ps.dp_cp)
-        self.aux_loss_scale.value = 1.0 / max(float(num_tokens), 1.0)
+        # fp16: backward runs on loss x scale (dividing by num_tokens / scale), the step divides it out.
+        scale = self.loss_scale.scale if self.loss_scale is not None else 1.0
+        self.aux_loss_scale.value = scale / max(float(num_tokens), 1.0)
+        divisor = (num_tokens / scale).to(self.device)
         if self.pipelined:
-            loss_sum = self._pipeline(microbatches, num_tokens.to(self.device))
+            loss_sum = self._pipeline(microbatches, divisor)
         else:
-            loss_sum = forward_backward_no_pipelining(self._loss_sum, microbatches, num_tokens.to(self.device),
+            loss_sum = forward_backward_no_pipelining(self._loss_sum, microbatches, divisor,
                                                       no_sync=self.optim_step.no_sync)
-        grad_norm = self.optim_step.reduce_and_clip()
+        grad_norm = self.optim_step.reduce_and_clip(unscale=1.0 / scale)
         loss = (self._global_sum(loss_sum) / num_tokens).item()
         update = math.isfinite(loss) and math.isfinite(grad_norm)
+        scaling = self._update_loss_scale(loss, grad_norm, scale)
         if update:
             self.skipped_in_a_row = 0
-        else:
+        elif not scaling.get("overflow"):
             self._handle_non_finite(loss, grad_norm)
         lr = self.optim_step.apply(self.step, update)
         self.optim_step.zero_grad()
         self.step += 1
-        return {"loss": loss, "lr": lr, "grad_norm": grad_norm, **self._moe_step()}
+        return {"loss": loss, "lr": lr, "grad_norm": grad_norm, **scaling, **self._moe_step()}
+
+    def _update_loss_scale(self, loss: float, grad_norm: float, scale: float) -> dict[str, float]:
+        """fp16: a step with a finite loss whose gradients overflowed is skipped and halves the scale
+        (not a non-finite step for trainer.nan_policy); clean steps count toward doubling it."""
+        if self.loss_scale is None or not math.isfinite(loss):
+            return {}
+        overflow = not math.isfinite(grad_norm)
+        self.loss_scale.update(overflow)
+        if overflow:
+            log.warning("step %d: fp16 gradients overflowed at loss scale %g; update skipped, loss scale -> %g",
+                        self.step + 1, scale, self.loss_scale.scale)
+        return {"loss_scale": scale, "overflow": float(overflow)}
 
     def _moe_step(self) -> dict[str, float]:
         """Once per global batch: the aux-loss-free bias step and the MoE metrics (moe.metrics)."""
@@ -344,7 +372,7 @@ class Trainer:
         with self.autocast, self.rng.fork(self.dropout_stream):
             return forward_backward_pipelining(
                 self.pp_orders, self.model.stage_fns(), [self._to_device(mb) for mb in microbatches], loss_sum_fn,
-                num_tokens, self.ps.pp, cfg.parallel.vpp, shape, torch.float32, self.device,
+                num_tokens, self.ps.pp, cfg.parallel.vpp, shape, self.precision.param_dtype, self.device,
                 forward_only=forward_only, no_sync=self.optim_step.no_sync)
 
     def _handle_non_finite(self, loss: float, grad_norm: float) -> None:
@@ -439,6 +467,9 @@ class Trainer:
             "tokens": float(self.step * self.tokens_per_step),
             # Bytes this rank sent per step, by group and collective (see parallel_state.comm_stats).
             **{key: value / len(window) for key, value in self._drain_comm_stats().items()},
+            # fp16: the loss scale of the window's last step and how many steps overflowed (skipped).
+            **({"loss_scale": window[-1]["loss_scale"], "overflow_steps": sum(m["overflow"] for m in window)}
+               if "loss_scale" in window[-1] else {}),
             # MoE: aux losses per routed token and load imbalance (max / mean tokens per expert).
             **{key: sum(m[key] for m in window) / len(window) for key in window[-1] if key.startswith("moe/")},
         }

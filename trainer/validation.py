@@ -16,6 +16,7 @@ from moe.config import check as check_moe
 from parallel_state import Topology
 from parallel_state.errors import ConfigError
 from trainer.config import Config, check_logger, check_trainer
+from trainer.precision import precision_of
 
 __all__ = ["ConfigError", "validate"]
 
@@ -30,6 +31,6 @@ def validate(cfg: Config, world_size: int = 1) -> Topology:
                   cfg.data.seq_len)
     trainer.data.check.check(cfg.data, cfg.parallel, topology, cfg.model.max_position_embeddings)
     check_trainer(cfg.trainer)
-    optim.check(cfg.optim, cfg.trainer.max_steps)
+    optim.check(cfg.optim, cfg.trainer.max_steps, loss_scaling=precision_of(cfg.trainer.precision).loss_scaling)
     check_logger(cfg.logger)
     return topology

@@ -35,11 +35,11 @@ class FlatReferenceStep(AdamWStep):
     def no_sync(self):
         return nullcontext()
 
-    def reduce_and_clip(self) -> float:
+    def reduce_and_clip(self, unscale: float = 1.0) -> float:
         ps = self.inputs.ps
         allreduce_gradients([p for p in self.params if param_meta(p).grad_group == "dp_cp"], ps.dp_cp)
         allreduce_gradients([p for p in self.params if param_meta(p).grad_group == "edp"], ps.edp)
-        sync_replicated_grads(self.inputs, self.params)
+        sync_replicated_grads(ps, self.inputs.tied_weight, self.params)
         self.reductions += 1
         return clip_by_global_norm(self.inputs, self.params)
 

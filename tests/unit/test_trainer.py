@@ -206,7 +206,7 @@ def test_peak_table_and_fast_paths_report():
 
 
 def test_bf16_autocast_trains(tmp_path, tiny):
-    t = Trainer(compose(tiny(run_dir=tmp_path / "run", steps=3) + ["trainer.precision=bf16"]))
+    t = Trainer(compose(tiny(run_dir=tmp_path / "run", steps=3) + ["trainer.precision=bf16_autocast"]))
     t.train()
     assert all(p.dtype == torch.float32 for p in t.model.parameters())  # fp32 master weights
 

@@ -157,8 +157,7 @@ def save_masters(masters: list[torch.Tensor], state: dict[str, Any]) -> dict[str
 def load_masters(masters: list[torch.Tensor], state: dict[str, Any]) -> dict[str, Any]:
     """Copy saved fp32 masters into `masters` (which may be the fp32 parameters themselves, so a
     resume may switch precision without losing the masters); returns the rest of the state. Without
-    saved masters (a run saved in fp32 without them) the masters keep the values taken from the
-    loaded parameters."""
+    saved masters (a checkpoint of an fp32 run) `masters` are left as they are."""
     state = dict(state)
     saved = state.pop(MASTERS_KEY, None)
     if saved is not None:
@@ -177,6 +176,44 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]
     for group in state["param_groups"]:
         group["fused"], group["foreach"] = cfg.fused, cfg.foreach
     optimizer.load_state_dict(state)
+
+
+@dataclass
+class ParamState:
+    """AdamW's state of elements [start, end) (row-major) of this rank's tensor of one parameter, as
+    flat fp32 views: a checkpoint reads and writes them in place, keyed by the parameter, so the
+    all-reduce step (whole parameters) and the distributed optimizer (pieces) map to the same keys."""
+
+    param: nn.Parameter  # the model parameter
+    start: int
+    end: int
+    # "exp_avg", "exp_avg_sq", and "master" where fp32 master weights are kept apart from the weights
+    tensors: dict[str, torch.Tensor]
+    step: torch.Tensor  # AdamW's step count of these elements (0-d)
+
+
+def adam_state(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> dict[str, torch.Tensor]:
+    """`param`'s AdamW state, created as torch's first step would (zero moments, step 0) if it does
+    not exist yet, so a checkpoint can be loaded into an optimizer that has not stepped."""
+    state = optimizer.state[param]
+    if not state:
+        group = next(g for g in optimizer.param_groups if any(q is param for q in g["params"]))
+        on_device = group.get("fused") or group.get("capturable")
+        dtype = torch.float64 if torch.get_default_dtype() == torch.float64 and not group.get("fused") else torch.float32
+        state["step"] = torch.zeros((), dtype=dtype, device=param.device if on_device else "cpu")
+        state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+        state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+    return state
+
+
+def param_state_of(optimizer: torch.optim.Optimizer, master: torch.Tensor, param: nn.Parameter, start: int,
+                   separate_master: bool) -> ParamState:
+    """The ParamState of `master` (what AdamW updates) for elements of `param` from `start` on."""
+    state = adam_state(optimizer, master)
+    tensors = {"exp_avg": state["exp_avg"].view(-1), "exp_avg_sq": state["exp_avg_sq"].view(-1)}
+    if separate_master:
+        tensors["master"] = master.detach().view(-1)
+    return ParamState(param, start, start + master.numel(), tensors, state["step"])
 
 
 class AdamWStep:
@@ -282,5 +319,12 @@ class BucketedOptimizerStep(AdamWStep):
         return save_masters(self.masters, state) if self.master_weights() else state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """The optimizer state and the masters: saved fp32 masters when the checkpoint has them, else
+        the loaded (possibly rounded) parameters."""
+        with torch.no_grad():
+            for p in self._trainable():
+                master = self.master_of[id(p)]
+                if master is not p:
+                    master.copy_(p)
         super().load_state_dict(load_masters(self.masters, state))
         self._publish_update()

@@ -121,6 +121,27 @@ def test_low_precision_resume_is_bit_exact(tmp_path, tiny, precision):
     assert losses == expected
 
 
+def test_a_precision_switch_on_resume_starts_the_masters_from_the_checkpoint(tmp_path, tiny):
+    """fp32 -> bf16: the masters start from the loaded weights (not the fresh initialisation);
+    bf16 -> fp32: the fp32 weights become the saved masters, not their bf16 rounding."""
+    fp32 = _trainer(tiny, tmp_path, "run", steps=6)
+    for _ in range(3):
+        fp32.train_step()
+    fp32.save()
+    saved = {n: p.detach().clone() for n, p in fp32.model.named_parameters()}
+    bf16 = _trainer(tiny, tmp_path, "run", "trainer.precision=bf16", "trainer.resume=auto")
+    for name, p in bf16.model.named_parameters():
+        torch.testing.assert_close(bf16.optim_step.master_of[id(p)], saved[name].to(torch.bfloat16).float(),
+                                   rtol=0, atol=0)
+    bf16.train_step()
+    bf16.save()
+    masters = {n: bf16.optim_step.master_of[id(p)].detach().clone() for n, p in bf16.model.named_parameters()}
+    back = _trainer(tiny, tmp_path, "run", "trainer.resume=auto")
+    assert back.step == 4
+    for name, p in back.model.named_parameters():
+        assert p.dtype == torch.float32 and torch.equal(p, masters[name]), name
+
+
 def test_fp16_overflow_skips_the_update_halves_the_scale_and_grows_it_back(tmp_path, tiny):
     t = _trainer(tiny, tmp_path, "fp16", "trainer.precision=fp16", "optim.initial_loss_scale=1e9",
                  "optim.loss_scale_window=2", steps=30)

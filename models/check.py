@@ -12,7 +12,7 @@ from kernels.dispatch import ON_MISSING as KERNEL_ON_MISSING
 from models.config import ModelConfig
 from models.layers.gla import GLA_MODES
 from models.mixers import CHANNEL_MIXERS, TOKEN_MIXERS
-from models.spec import RESIDUALS, layer_specs
+from models.spec import RESIDUALS, first_ladder_layer, layer_specs
 from parallel_state import ParallelConfig, Topology
 from parallel_state.errors import require, require_choice, require_divisible, require_positive
 
@@ -29,12 +29,16 @@ def check(model: ModelConfig, parallel: ParallelConfig, topology: Topology) -> N
         _check_gla(model)
     if any(name.startswith("pararnn") for name in model.token_mixers):
         _check_pararnn(model)
+    if "mla" in model.token_mixers:
+        _check_mla(model)
+    _check_rope_scaling(model)
     if topology.tp > 1:
         _check_tensor_parallel(model, topology.tp)
     if topology.cp > 1:
         _check_context_parallel(model, parallel, topology)
     if topology.pp > 1:
         _check_pipeline_split(model, parallel)
+        _check_ladder_stages(model, parallel)
 
 
 def _check_shapes(m: ModelConfig) -> None:
@@ -67,6 +71,23 @@ def _check_mixer_names(m: ModelConfig) -> None:
         for name in names:
             require(name in known, field, names, f"'{name}' is not an available layer", f"use only {list(known)}")
     require_choice("model.residual", m.residual, RESIDUALS)
+    _check_ladder(m)
+
+
+def _check_ladder(m: ModelConfig) -> None:
+    """model.ladder_layers counts layers of the model; restarts are layer indices (docs/ladder.md)."""
+    if m.ladder_layers is not None:
+        require(0 <= m.ladder_layers <= m.num_layers, "model.ladder_layers", m.ladder_layers,
+                f"must lie in [0, model.num_layers={m.num_layers}] (how many of the last layers use the ladder residual)",
+                f"use a count up to {m.num_layers}, or null for all layers")
+        require(m.residual == "ladder" or m.ladder_layers == 0, "model.ladder_layers", m.ladder_layers,
+                f"is set but model.residual={m.residual!r}", "set model.residual=ladder, or ladder_layers=null")
+    bad = [i for i in m.ladder_restarts if not 0 <= i < m.num_layers]
+    require(not bad, "model.ladder_restarts", list(m.ladder_restarts),
+            f"{bad} are not layer indices of a {m.num_layers}-layer model", f"list indices in [0, {m.num_layers})")
+    if m.residual == "ladder":
+        require(m.dropout == 0.0, "model.dropout", m.dropout, "is not implemented with model.residual=ladder",
+                "set model.dropout=0")
 
 
 def gla_heads(m: ModelConfig) -> tuple[int, str]:
@@ -113,6 +134,36 @@ def _check_pararnn(m: ModelConfig) -> None:
     require_choice("model.pararnn.mode", p.mode, PARARNN_MODES)
 
 
+def _check_mla(m: ModelConfig) -> None:
+    a = m.mla
+    require(a.q_lora_rank >= 0, "model.mla.q_lora_rank", a.q_lora_rank, "must be >= 0",
+            "use 0 to project queries from the hidden state directly, or a positive rank")
+    for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+        require_positive(f"model.mla.{name}", getattr(a, name))
+    require(a.qk_rope_head_dim % 2 == 0, "model.mla.qk_rope_head_dim", a.qk_rope_head_dim,
+            "is odd: RoPE rotates channels in pairs", f"use an even width such as {a.qk_rope_head_dim + 1}")
+
+
+def _check_rope_scaling(m: ModelConfig) -> None:
+    """model.rope_scaling: plain RoPE (type null) or YaRN with its original length, on mla layers."""
+    r = m.rope_scaling
+    require_choice("model.rope_scaling.type", r.type, (None, "yarn"))
+    if r.type is None:
+        return
+    require(r.original_max_position_embeddings is not None, "model.rope_scaling.original_max_position_embeddings",
+            r.original_max_position_embeddings, "YaRN needs the context length of the pretraining it extends",
+            "set it (e.g. 4096 for DeepSeek-V3), or model.rope_scaling.type=null")
+    require_positive("model.rope_scaling.original_max_position_embeddings", r.original_max_position_embeddings)
+    require(r.factor >= 1.0, "model.rope_scaling.factor", r.factor, "must be >= 1 (an extension factor)",
+            "use e.g. max_position_embeddings / original_max_position_embeddings")
+    require(r.beta_fast > r.beta_slow > 0, "model.rope_scaling.beta_fast", r.beta_fast,
+            f"must exceed model.rope_scaling.beta_slow={r.beta_slow} > 0", "use 32 and 1 (the YaRN defaults)")
+    others = sorted(set(m.token_mixers) - {"mla"})
+    require("attention" not in others, "model.rope_scaling.type", r.type,
+            "is implemented for the mla token mixer; attention layers rotate with plain RoPE",
+            "set model.rope_scaling.type=null, or use model.token_mixers=[mla]")
+
+
 def _check_tensor_parallel(m: ModelConfig, tp: int) -> None:
     """Every width TP splits divides by tp (the vocabulary is padded instead, see vocab_parallel)."""
     require_divisible(m.hidden_size, tp, "model.hidden_size", "the hidden size", "parallel.tp",
@@ -140,12 +191,13 @@ def _check_tensor_parallel(m: ModelConfig, tp: int) -> None:
 
 
 def _check_context_parallel(m: ModelConfig, p: ParallelConfig, topology: Topology) -> None:
-    """Attention-only token mixers, and the head split of the all-to-all variant."""
+    """Softmax-attention token mixers only (attention, mla), and the head split of the all-to-all variant."""
     cp, tp = topology.cp, topology.tp
-    others = sorted(set(m.token_mixers) - {"attention"})
+    others = sorted(set(m.token_mixers) - {"attention", "mla"})
     require(not others, "model.token_mixers", list(m.token_mixers),
             f"{', '.join(others)} with parallel.cp={cp}: context parallelism is implemented for attention only "
-            "(a recurrence would need its state passed between CP ranks)", "set parallel.cp=1 for these mixers")
+            "(the attention and mla mixers; a recurrence would need its state passed between CP ranks)",
+            "set parallel.cp=1 for these mixers")
     require(m.attention_dropout == 0.0, "model.attention_dropout", m.attention_dropout,
             f"not supported with parallel.cp={cp} (the ring and all-to-all kernels have no dropout)",
             "set model.attention_dropout=0")
@@ -154,8 +206,9 @@ def _check_context_parallel(m: ModelConfig, p: ParallelConfig, topology: Topolog
         require(heads % cp == 0, "model.num_heads", m.num_heads,
                 f"{heads} query heads per TP rank do not split over parallel.cp={cp} (parallel.cp_comm=a2a)",
                 "choose heads / tp divisible by cp, or parallel.cp_comm=ring")
-        require(kv % cp == 0 or cp % kv == 0, "model.num_kv_heads", m.kv_heads,
-                f"{kv} K/V heads per TP rank and parallel.cp={cp}: one must divide the other (a2a)",
+        # MLA expands K/V per query head: the query-head rule covers it.
+        require("attention" not in m.token_mixers or kv % cp == 0 or cp % kv == 0, "model.num_kv_heads",
+                m.kv_heads, f"{kv} K/V heads per TP rank and parallel.cp={cp}: one must divide the other (a2a)",
                 "change model.num_kv_heads, or parallel.cp_comm=ring")
 
 
@@ -173,3 +226,16 @@ def _check_pipeline_split(m: ModelConfig, p: ParallelConfig) -> None:
             "parallel.pipeline_layers", counts,
             f"needs pp * vpp = {stages} non-negative counts summing to model.num_layers={m.num_layers}",
             f"list {stages} layer counts in virtual-stage order (stage c*pp + r is chunk c of pp rank r)")
+
+
+def _check_ladder_stages(m: ModelConfig, p: ParallelConfig) -> None:
+    """Every virtual stage that starts inside the ladder part starts at a ladder restart: the activation
+    between stages is one complete tensor, which is where a ladder run ends (docs/ladder.md, "Pipelines")."""
+    first = first_ladder_layer(m)
+    stages = p.pp * p.vpp
+    counts = list(p.pipeline_layers) if p.pipeline_layers is not None else [m.num_layers // stages] * stages
+    starts = [sum(counts[:s]) for s in range(1, stages) if counts[s] > 0]
+    inside = sorted({i for i in starts if first < i < m.num_layers} - set(m.ladder_restarts))
+    require(not inside, "model.ladder_restarts", list(m.ladder_restarts),
+            f"pipeline stages start at layers {inside} inside the ladder part (layers {first}..), where a ladder "
+            "run cannot continue across a stage boundary", f"add {inside} to model.ladder_restarts")

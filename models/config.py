@@ -54,6 +54,42 @@ class ParaRNNConfig:
 
 
 @dataclass
+class MLAConfig:
+    """Multi-head latent attention token mixer "mla" (DeepSeek-V2/V3; docs/mla.md)."""
+
+    # Width of the query latent c_q = RMSNorm(x W_DQ); 0: queries are projected from x directly.
+    q_lora_rank: int = 0
+    # Width of the key/value latent c = RMSNorm(x W_DKV): with the RoPE key, what a decoder caches.
+    kv_lora_rank: int = 64
+    # Per-head query/key width without position (k_nope = c W_UK^h).
+    qk_nope_head_dim: int = 32
+    # Per-head RoPE width of the queries, and width of the one RoPE key all heads share; even.
+    qk_rope_head_dim: int = 16
+    # Per-head value width (v = c W_UV^h).
+    v_head_dim: int = 32
+
+
+@dataclass
+class RopeScalingConfig:
+    """RoPE context extension (used by the mla token mixer; docs/mla.md, "YaRN")."""
+
+    # None: plain RoPE; "yarn": YaRN frequency interpolation with DeepSeek's attention scales.
+    type: str | None = None
+    # Extension factor s: the model is meant to run at s x original_max_position_embeddings.
+    factor: float = 1.0
+    # cos and sin are multiplied by m(s, mscale) / m(s, mscale_all_dim), m(s, a) = 0.1 a ln(s) + 1.
+    mscale: float = 1.0
+    # The softmax scale is multiplied by m(s, mscale_all_dim)^2 (0 leaves it unchanged).
+    mscale_all_dim: float = 0.0
+    # Context length of the pretraining YaRN extends; required with type=yarn.
+    original_max_position_embeddings: int | None = None
+    # Frequencies turning more than beta_fast times over the original length keep their value ...
+    beta_fast: float = 32.0
+    # ... those turning fewer than beta_slow times are divided by factor; a linear ramp in between.
+    beta_slow: float = 1.0
+
+
+@dataclass
 class ModelConfig:
     """Shape and initialisation of a Llama-style decoder.
 
@@ -96,12 +132,23 @@ class ModelConfig:
     # Channel mixer names, cycled over layers. "moe" layers follow model.moe's placement
     # (first_k_dense_layers, moe_layer_freq): a layer the placement skips keeps a dense "mlp".
     channel_mixers: list[str] = field(default_factory=lambda: ["mlp"])
-    # Residual pattern of every block.
+    # Residual pattern: "standard" (s_j = s_{j-1} + f_j(s_{j-1})) or "ladder" (s_j = s_{j-1} +
+    # f_j(s_{j-2}): each mixer's TP reduction overlaps the next mixer's compute; docs/ladder.md).
     residual: str = "standard"
+    # With residual=ladder: how many of the LAST layers use it (the others stay standard); None = all.
+    ladder_layers: int | None = None
+    # Global layer indices where the ladder completes its pending outputs and starts afresh, as it
+    # does at the start of the ladder part. A pipeline stage that begins inside the ladder part must
+    # begin at one of them (the activation between stages is one tensor; docs/ladder.md, "Pipelines").
+    ladder_restarts: list[int] = field(default_factory=list)
     # Settings of the "gla" token mixer (used only by layers whose token mixer is gla).
     gla: GLAConfig = field(default_factory=GLAConfig)
     # Settings of the ParaRNN token mixers (used only by pararnn_gru / pararnn_lstm layers).
     pararnn: ParaRNNConfig = field(default_factory=ParaRNNConfig)
+    # Settings of the "mla" token mixer (used only by layers whose token mixer is mla).
+    mla: MLAConfig = field(default_factory=MLAConfig)
+    # RoPE context extension (YaRN) of the mla layers.
+    rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)
     # Router, experts and dispatcher of the "moe" channel mixer.
     moe: MoEConfig = field(default_factory=MoEConfig)
     # Which implementation fused ops (GLA chunk, ParaRNN scan) use: auto = Triton on CUDA, torch elsewhere.

@@ -16,6 +16,7 @@ from torch import nn
 
 from models.layers.attention import Attention
 from models.layers.gla import GatedLinearAttention
+from models.layers.mla import MultiHeadLatentAttention
 from models.layers.mlp import SwiGLUMLP
 from models.layers.moe import MoEMixer
 from models.layers.pararnn import ParaGRUMixer, ParaLSTMMixer
@@ -37,6 +38,7 @@ class MixerEntry:
 MIXERS: dict[str, MixerEntry] = {
     "attention": MixerEntry(TOKEN, Attention),
     "gla": MixerEntry(TOKEN, GatedLinearAttention),
+    "mla": MixerEntry(TOKEN, MultiHeadLatentAttention),
     "pararnn_gru": MixerEntry(TOKEN, ParaGRUMixer),
     "pararnn_lstm": MixerEntry(TOKEN, ParaLSTMMixer),
     "mlp": MixerEntry(CHANNEL, SwiGLUMLP),

@@ -12,6 +12,7 @@ from torch import nn
 from models.block import DecoderBlock
 from models.config import ModelConfig
 from models.init import full_shape, materialize, normal_init
+from models.ladder import run_ladder
 from models.layers.norm import RMSNorm
 from models.layers.vocab_parallel import (
     EMBEDDING_WEIGHT_NAME,
@@ -21,7 +22,7 @@ from models.layers.vocab_parallel import (
     vocab_parallel_cross_entropy,
 )
 from models.parallel_context import ParallelContext, resolve_context
-from models.spec import layer_specs
+from models.spec import first_ladder_layer, ladder_run_starts, layer_specs
 
 
 class DecoderModel(nn.Module):
@@ -40,6 +41,10 @@ class DecoderModel(nn.Module):
     weights); the vocabulary is padded to a multiple of tp and split over ranks, and the loss is
     computed without gathering the logits. Under sequence parallelism the residual stream between
     the embedding and the head is this rank's chunk of the sequence [B, T/tp, hidden].
+
+    Ladder residual (model.residual=ladder, docs/ladder.md): consecutive ladder layers run as one
+    ladder run (models/ladder.py), which starts afresh at model.ladder_restarts and returns one
+    complete tensor; a pipeline stage starting inside the ladder part must start at a restart.
 
     Construct through `build_model` (below); direct construction leaves torch's default init.
     """
@@ -75,6 +80,7 @@ class DecoderModel(nn.Module):
             self.embedding = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp.group,
                                                     init=normal_init(cfg.init_std), **vocab_layer_args)
         self.layers = nn.ModuleDict({str(i): DecoderBlock(cfg, specs[i], par) for i in layer_ids})
+        self._runs = _layer_runs(cfg, layer_ids)
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps) if has_head else None
         self.output = None
         if has_head:
@@ -91,19 +97,41 @@ class DecoderModel(nn.Module):
         """Global indices of the layers this instance holds, in forward order."""
         return [int(key) for key in self.layers]
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
+                caches: dict | None = None) -> torch.Tensor:
         """input_ids [B, T] long -> logits [B, T, vocab] (under TP this rank's vocabulary slice
         [B, T, V_p / tp], V_p the vocabulary padded to a multiple of tp).
+
+        `caches` (decoding, launch/generate.py): a models.decode_cache.DecodeCache per held layer
+        (by global index) that the token mixers read and extend; position_ids are then required.
 
         Without the embedding, `input_ids` is the previous stage's hidden state [B, T, hidden]
         ([B, T/tp, hidden] under SP); without the head, the result is this stage's hidden state.
         """
         hidden = self.embedding(input_ids) if self.embedding is not None else input_ids
-        for block in self.layers.values():
-            hidden = block(hidden, position_ids)
+        hidden = self.run_layers(hidden, position_ids, caches)
         if self.output is None:
             return hidden
         return self.output(self.norm(hidden))
+
+    def run_layers(self, hidden: torch.Tensor, position_ids: torch.Tensor | None = None,
+                   caches: dict | None = None) -> torch.Tensor:
+        """The decoder layers on the residual stream: standard blocks one by one, each ladder run as
+        one (its pending outputs completed at its end). `caches` (decoding, launch/generate.py):
+        the token mixer's cache of each layer, by global index."""
+        for run_is_ladder, keys in self._runs:
+            if run_is_ladder:
+                modules = [m for key in keys for m in self.layers[key].ladder_modules()]
+                run_caches = None if caches is None else [c for key in keys for c in (caches[int(key)], None)]
+                hidden = run_ladder(modules, hidden, position_ids, run_caches)
+                continue
+            for key in keys:
+                block = self.layers[key]
+                if caches is None:
+                    hidden = block(hidden, position_ids)
+                else:
+                    hidden = block.forward_cached(hidden, position_ids, caches[int(key)])
+        return hidden
 
     def token_losses(
         self,
@@ -150,6 +178,25 @@ class DecoderModel(nn.Module):
         if self.output is not None:
             total += self.output.flops_per_token(seq_len)
         return total
+
+
+def _layer_runs(cfg: ModelConfig, layer_ids: Sequence[int]) -> list[tuple[bool, tuple[str, ...]]]:
+    """The held layers grouped into runs (is_ladder, keys): each standard layer alone, ladder layers
+    together until a ladder restart. A holder whose first layer is inside the ladder part must start
+    at a restart, or it would compute a different model than one process (docs/ladder.md, "Pipelines")."""
+    first_ladder, starts = first_ladder_layer(cfg), set(ladder_run_starts(cfg))
+    if layer_ids and first_ladder < layer_ids[0] and layer_ids[0] not in starts:
+        raise ValueError(f"layers {layer_ids[0]}.. start inside the ladder part (layers {first_ladder}..) at a layer "
+                         f"that is not in model.ladder_restarts={list(cfg.ladder_restarts)}; add {layer_ids[0]} to it")
+    runs: list[tuple[bool, tuple[str, ...]]] = []
+    for i in layer_ids:
+        if i < first_ladder:
+            runs.append((False, (str(i),)))
+        elif runs and runs[-1][0] and i not in starts and str(i - 1) in runs[-1][1]:
+            runs[-1] = (True, (*runs[-1][1], str(i)))
+        else:
+            runs.append((True, (str(i),)))
+    return runs
 
 
 def build_model(

@@ -1,8 +1,8 @@
 """Per-layer description of the decoder stack.
 
 A layer is a token mixer (mixes across positions), a channel mixer (mixes across features) and a
-residual pattern. `layer_specs` is pure, so a stack can be reasoned about (in the model, the
-tests) without building it.
+residual pattern ("standard", or "ladder" for the last model.ladder_layers layers, docs/ladder.md).
+`layer_specs` is pure, so a stack can be reasoned about (in the model, the tests) without building it.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from models.config import ModelConfig
 
 # The implemented residual patterns (the mixer names are the registry's, models/mixers.py);
 # the config validation rejects anything else before building.
-RESIDUALS = ("standard",)
+RESIDUALS = ("standard", "ladder")
 
 
 @dataclass(frozen=True)
@@ -39,10 +39,35 @@ def layer_specs(cfg: ModelConfig) -> list[LayerSpec]:
         LayerSpec(
             token_mixer=cfg.token_mixers[i % len(cfg.token_mixers)],
             channel_mixer=_placed(cfg, i, cfg.channel_mixers[i % len(cfg.channel_mixers)]),
-            residual=cfg.residual,
+            residual=_residual(cfg, i),
         )
         for i in range(cfg.num_layers)
     ]
+
+
+def _residual(cfg: ModelConfig, layer: int) -> str:
+    # Any other name passes through unchanged, so the block can reject it by name.
+    if cfg.residual != "ladder":
+        return cfg.residual
+    return "ladder" if layer >= first_ladder_layer(cfg) else "standard"
+
+
+def first_ladder_layer(cfg: ModelConfig) -> int:
+    """Global index of the first ladder layer (num_layers when there is none): with
+    residual=ladder the last `ladder_layers` layers (all when None) use it."""
+    if cfg.residual != "ladder":
+        return cfg.num_layers
+    count = cfg.num_layers if cfg.ladder_layers is None else cfg.ladder_layers
+    return cfg.num_layers - count
+
+
+def ladder_run_starts(cfg: ModelConfig) -> list[int]:
+    """Layers where a ladder run starts afresh (s_{-1} := s_0): the first ladder layer and every
+    `ladder_restarts` entry after it (docs/ladder.md)."""
+    first = first_ladder_layer(cfg)
+    if first >= cfg.num_layers:
+        return []
+    return sorted({first, *(i for i in cfg.ladder_restarts if first < i < cfg.num_layers)})
 
 
 def _placed(cfg: ModelConfig, layer: int, channel_mixer: str) -> str:

@@ -29,10 +29,12 @@ from optim.grad_buffers import GradBucket
 from optim.param_groups import build_param_groups
 from optim.step import (
     BucketedOptimizerStep,
+    ParamState,
     StepInputs,
     counted_within_replica,
     load_masters,
     load_optimizer_state,
+    param_state_of,
     save_masters,
     unscale_grads,
 )
@@ -218,3 +220,26 @@ class DistributedOptimizerStep(BucketedOptimizerStep):
 
     def param_buffers(self) -> list[torch.Tensor]:
         return [slot.flat for slot in self.slots]
+
+    def param_states(self) -> list[ParamState]:
+        """AdamW's state of this rank's pieces: each covers a flat range of its parameter."""
+        states = []
+        for slot in self.slots:
+            lo = slot.group.rank * slot.bucket.shard_numel
+            offset_of = {id(p): offset for p, offset in zip(slot.bucket.params, slot.bucket.offsets)}
+            for piece in self.pieces:
+                if piece.bucket is slot.bucket:
+                    start = lo + piece.start - offset_of[id(piece.param)]
+                    states.append(param_state_of(self.optimizer, piece.master, piece.param, start,
+                                                 slot.master is not slot.local))
+        return states
+
+    @torch.no_grad()
+    def finish_state_import(self, masters_loaded: bool) -> None:
+        """After a checkpoint was read into the parameter buffers and `param_states()`: masters the
+        checkpoint did not hold start from the loaded weights; then every rank's slices are gathered."""
+        if not masters_loaded:
+            for slot in self.slots:
+                if slot.master is not slot.local:
+                    slot.master.copy_(slot.local)
+        self._publish_update()

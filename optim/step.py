@@ -87,6 +87,14 @@ class OptimizerStep(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore from `state_dict()`; this run's config decides the implementation flags."""
 
+    def param_states(self) -> list[ParamState]:
+        """The optimizer state per parameter (whole or flat ranges of it), as views a checkpoint
+        reads and writes in place; created empty if the optimizer has not stepped yet."""
+
+    def finish_state_import(self, masters_loaded: bool) -> None:
+        """After a checkpoint was read into the parameters and `param_states()`: derive what it did
+        not hold (masters from the weights) and make the weights the forward uses current."""
+
 
 OptimizerStepFactory = Callable[[StepInputs], OptimizerStep]
 
@@ -245,6 +253,13 @@ class AdamWStep:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         load_optimizer_state(self.optimizer, state, self.inputs.cfg)
 
+    def param_states(self) -> list[ParamState]:
+        """AdamW's state of every trainable parameter, whole (the parameters are their own masters)."""
+        return [param_state_of(self.optimizer, p, p, 0, False) for p in dict.fromkeys(self.params) if p.requires_grad]
+
+    def finish_state_import(self, masters_loaded: bool) -> None:
+        """Nothing to derive: AdamW updates the parameters themselves."""
+
 
 class BucketedOptimizerStep(AdamWStep):
     """AdamW with gradients in flat buckets reduced from backward hooks: dense ones over DP x CP,
@@ -327,4 +342,20 @@ class BucketedOptimizerStep(AdamWStep):
                 if master is not p:
                     master.copy_(p)
         super().load_state_dict(load_masters(self.masters, state))
+        self._publish_update()
+
+    def param_states(self) -> list[ParamState]:
+        """AdamW's state of every trainable parameter, whole (see ParamState)."""
+        return [param_state_of(self.optimizer, self.master_of[id(p)], p, 0, self.master_of[id(p)] is not p)
+                for p in self._trainable()]
+
+    @torch.no_grad()
+    def finish_state_import(self, masters_loaded: bool) -> None:
+        """After a checkpoint was read into the parameters and `param_states()`: masters the
+        checkpoint did not hold start from the loaded weights, and the weights from the masters."""
+        if not masters_loaded:
+            for p in self._trainable():
+                master = self.master_of[id(p)]
+                if master is not p:
+                    master.copy_(p)
         self._publish_update()

@@ -24,8 +24,11 @@ column-parallel linear: each rank's gradient w.r.t. the gathered input is a part
 output shard, so the backward sums and scatters. With False (the gathered tensor feeds replicated
 computation, e.g. a loss every rank computes in full) each rank keeps its own slice.
 
-Async variants (`all_reduce_async`, `all_gather_async`, `reduce_scatter_async`) launch the
-collective and return `(out, handle)`; `out` is valid only after `handle.wait()`.
+Async variants (`all_reduce_async`, `all_gather_async`, `reduce_scatter_async`,
+`reduce_scatter_to_sequence_parallel_region_async`) launch the
+collective and return `(out, handle)`; `out` is valid only after `handle.wait()`. The
+`*_async_grad` input mappings launch their backward collective instead and leave its handle in a
+list the caller waits on (docs/ladder.md).
 """
 from __future__ import annotations
 
@@ -248,6 +251,72 @@ class _AllReduceAsync(torch.autograd.Function):
         return grad, None, None
 
 
+def _launch_reduce_scatter(x: torch.Tensor, comm: AxisGroup, dim: int, holder: list) -> torch.Tensor:
+    """Start a reduce-scatter of x along `dim`; its handle goes to `holder`. Returns the receiving
+    buffer itself, with `dim` moved to the front: a view of it taken before the collective has
+    written it could not be differentiated (autograd forbids in-place writes to a custom Function's
+    view output), so the caller moves the dim back after waiting."""
+    if x.shape[dim] % comm.size != 0:
+        raise ValueError(f"cannot reduce-scatter dim {dim} of size {x.shape[dim]} over a group of "
+                         f"{comm.size} ranks ({comm.name}); make that size a multiple of {comm.size}")
+    moved = x.movedim(dim, 0).contiguous()
+    out = torch.empty((moved.shape[0] // comm.size, *moved.shape[1:]), dtype=x.dtype, device=x.device)
+    count(comm, "reduce_scatter", ring_bytes_sent("reduce_scatter", _nbytes(moved), comm.size))
+    holder.append(_reduce_scatter_single(out, moved, group=comm.group, async_op=True))
+    return out
+
+
+def _launch_all_reduce(x: torch.Tensor, comm: AxisGroup, holder: list) -> torch.Tensor:
+    """Start a sum all-reduce of a copy of x; handle to `holder`, copy valid after its wait."""
+    out = x.contiguous().clone()
+    count(comm, "all_reduce", ring_bytes_sent("all_reduce", _nbytes(out), comm.size))
+    holder.append(dist.all_reduce(out, group=comm.group, async_op=True))
+    return out
+
+
+class _ReduceScatterAsync(torch.autograd.Function):
+    """Forward: launch a reduce-scatter along dim (handle in `holder`; the output has dim moved to
+    the front). Backward: all-gather."""
+
+    @staticmethod
+    def forward(ctx, x, comm, dim, holder):
+        ctx.comm, ctx.dim = comm, dim
+        return _launch_reduce_scatter(x, comm, dim, holder)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_gather(grad, ctx.comm, 0).movedim(0, ctx.dim), None, None, None
+
+
+class _CopyToRegionAsyncGrad(torch.autograd.Function):
+    """Forward: identity. Backward: launch the all-reduce of the gradient (handle in `grad_holder`)
+    and return its buffer, which whoever waits on the handle may read."""
+
+    @staticmethod
+    def forward(ctx, x, comm, grad_holder):
+        ctx.comm, ctx.grad_holder = comm, grad_holder
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _launch_all_reduce(grad, ctx.comm, ctx.grad_holder), None, None
+
+
+class _GatherAsyncGrad(torch.autograd.Function):
+    """Forward: all-gather along dim. Backward: launch the reduce-scatter of the gradient (handle in
+    `grad_holder`) and return its buffer, valid once the handle is waited on."""
+
+    @staticmethod
+    def forward(ctx, x, comm, dim, grad_holder):
+        ctx.comm, ctx.dim, ctx.grad_holder = comm, dim, grad_holder
+        return _all_gather(x, comm, dim)
+
+    @staticmethod
+    def backward(ctx, grad):
+        out = _launch_reduce_scatter(grad, ctx.comm, ctx.dim, ctx.grad_holder)
+        return out.movedim(0, ctx.dim), None, None, None
+
+
 # ---- public API ---------------------------------------------------------------------------------
 
 
@@ -333,6 +402,26 @@ def all_to_all_scatter_gather(x: torch.Tensor, group, scatter_dim: int, gather_d
     if comm.size == 1:
         return x
     return _AllToAllDims.apply(x, comm, scatter_dim, gather_dim)
+
+
+class NoGradWait:
+    """A collective's handle whose wait runs with autograd off.
+
+    gloo finishes a reduce-scatter by copying into the output on the waiting thread; with grad mode
+    on, autograd would record that copy as an in-place op on a tensor that requires grad and cut
+    its history (its gradient would silently become zero).
+    """
+
+    def __init__(self, work):
+        self.work = work
+
+    def wait(self) -> bool:
+        with torch.no_grad():
+            self.work.wait()
+        return True
+
+    def is_completed(self) -> bool:
+        return self.work.is_completed()
 
 
 class CompletedHandle:
@@ -430,3 +519,37 @@ def all_reduce_sum(x: torch.Tensor, group) -> torch.Tensor:
     """Elementwise sum over the group (not differentiable); a new tensor."""
     comm = resolve_group(group)
     return x if comm.size == 1 else _all_reduce(x, comm)
+
+
+def reduce_scatter_to_sequence_parallel_region_async(x: torch.Tensor, group, dim: int = SEQUENCE_DIM):
+    """Launch the reduce-scatter of a row-parallel output under SP; returns (out, handle): after
+    handle.wait(), out.movedim(0, dim) is the result (out is the receiving buffer, `dim` first, see
+    _launch_reduce_scatter). Differentiable like reduce_scatter_to_sequence_parallel_region
+    (all-gather backward). On one rank out is x.movedim(dim, 0)."""
+    comm = resolve_group(group)
+    if comm.size == 1:
+        return x.movedim(dim, 0), CompletedHandle()
+    holder: list = []
+    out = _ReduceScatterAsync.apply(x, comm, dim, holder)
+    return out, NoGradWait(holder[0])
+
+
+def copy_to_tp_region_async_grad(x: torch.Tensor, group, grad_holder: list) -> torch.Tensor:
+    """copy_to_tp_region whose backward all-reduce is only launched: its handle is appended to
+    `grad_holder`, and the gradient it hands back is valid once that handle is waited on.
+
+    For a consumer that can defer reading the input gradient (the ladder residual, docs/ladder.md),
+    so the reduction overlaps other backward work.
+    """
+    comm = resolve_group(group)
+    return x if comm.size == 1 else _CopyToRegionAsyncGrad.apply(x, comm, grad_holder)
+
+
+def gather_from_sequence_parallel_region_async_grad(x: torch.Tensor, group, grad_holder: list,
+                                                    dim: int = SEQUENCE_DIM) -> torch.Tensor:
+    """gather_from_sequence_parallel_region (tensor_parallel_output_grad=True) whose backward
+    reduce-scatter is only launched, its handle appended to `grad_holder` (see
+    copy_to_tp_region_async_grad). The gradient it hands back is a view of the receiving buffer:
+    read it only after the wait."""
+    comm = resolve_group(group)
+    return x if comm.size == 1 else _GatherAsyncGrad.apply(x, comm, dim, grad_holder)

@@ -35,6 +35,10 @@ class TrainerConfig:
     keep_last: int = 3  # complete checkpoints kept; older ones are deleted (0 keeps all)
     run_dir: str | None = None  # null: runs/<name>/<timestamp>, agreed by all ranks
     resume: str = "none"  # none | auto (newest complete checkpoint in run_dir) | path to a step_* dir
+    # Weights only (fine-tuning): a step_* dir of any layout or an export of launch/export.py; the
+    # optimizer, LR schedule and data start fresh. A resume, when it finds a checkpoint, wins.
+    load: str | None = None
+    async_save: bool = False  # write checkpoints in a background thread while training goes on
     # fp32 | bf16 (bf16 weights, fp32 main grads and master weights) | fp16 (as bf16, plus dynamic loss
     # scaling) | bf16_autocast (fp32 weights, forward under autocast); see docs/precision.md
     precision: str = "fp32"
@@ -44,6 +48,14 @@ class TrainerConfig:
     peak_tflops: float | None = None  # per-device peak for MFU; null: GPU table or a CPU matmul probe
     progress_bar: bool = True  # draw a progress bar in the console line
     num_threads: int | None = None  # torch intra-op threads per rank on CPU; null: cores / local ranks
+    # A rank whose step time over a log window exceeds the median rank's by this factor is named in the
+    # console and the metrics (perf/stragglers).
+    straggler_factor: float = 1.5
+    # [first, last] (1-based, inclusive): record a torch.profiler trace of these steps (Chrome trace
+    # under run_dir/profile/); empty: no profiling.
+    profile_steps: list[int] = field(default_factory=list)
+    # The global ranks that record the trace.
+    profile_ranks: list[int] = field(default_factory=lambda: [0])
 
 
 @dataclass
@@ -64,9 +76,9 @@ LOGGER_BACKENDS = ("none", "wandb", "tensorboard")
 WANDB_MODES = ("online", "offline", "disabled")
 
 
-def check_trainer(t: TrainerConfig) -> None:
-    """Raise ConfigError on the first bad `trainer.*` value (a resume target must exist, and a fresh
-    run must not overwrite a run directory that holds checkpoints)."""
+def check_trainer(t: TrainerConfig, world_size: int = 1) -> None:
+    """Raise ConfigError on the first bad `trainer.*` value for a run on `world_size` ranks (a resume
+    target must exist, and a fresh run must not overwrite a run directory that holds checkpoints)."""
     require_positive("trainer.max_steps", t.max_steps)
     require_positive("trainer.log_interval", t.log_interval)
     require_positive("trainer.eval_iters", t.eval_iters)
@@ -76,11 +88,24 @@ def check_trainer(t: TrainerConfig) -> None:
     require_choice("trainer.precision", t.precision, PRECISIONS)
     require_choice("trainer.device", t.device, DEVICES)
     require_choice("trainer.nan_policy", t.nan_policy, NAN_POLICIES)
+    require(t.straggler_factor > 1.0, "trainer.straggler_factor", t.straggler_factor,
+            "must be > 1 (a rank is a straggler when slower than this times the median)", "use e.g. 1.5")
+    if t.profile_steps:
+        steps = list(t.profile_steps)
+        require(len(steps) == 2 and 1 <= steps[0] <= steps[1] <= t.max_steps, "trainer.profile_steps", steps,
+                f"must be [first, last] with 1 <= first <= last <= trainer.max_steps={t.max_steps}",
+                "e.g. trainer.profile_steps=[5,7], or [] to profile nothing")
+        bad = [r for r in t.profile_ranks if not 0 <= r < world_size]
+        require(not bad, "trainer.profile_ranks", list(t.profile_ranks),
+                f"ranks {bad} do not exist in a world of {world_size}", f"use ranks in [0, {world_size})")
     if t.peak_tflops is not None:
         require_positive("trainer.peak_tflops", t.peak_tflops)
     if t.resume not in ("none", "auto"):
         require(os.path.isdir(t.resume), "trainer.resume", t.resume, "checkpoint directory does not exist",
                 "point it at an existing checkpoints/step_XXXXXX directory, or use auto / none")
+    if t.load is not None:
+        require(os.path.exists(t.load), "trainer.load", t.load, "no such checkpoint",
+                "point it at a checkpoints/step_XXXXXX directory or an export of launch/export.py")
     if t.resume == "none" and t.run_dir is not None:
         existing = list_checkpoints(t.run_dir)
         require(not existing, "trainer.resume", t.resume,

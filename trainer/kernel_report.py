@@ -51,6 +51,8 @@ def kernel_plan(model: ModelConfig, device: torch.device, precision: str, etp: i
     mixers = set(model.token_mixers)
     if "attention" in mixers:
         plan["attention"] = "torch SDPA"
+    if "mla" in mixers:
+        plan["mla"] = "torch SDPA (Q/K or V zero-padded to one head width in memory)"
     if "gla" in mixers:
         plan["gla"] = _gla_kernel(model, device)
     if mixers & set(PARARNN_MIXERS):

@@ -1,6 +1,10 @@
 """Metric sinks (metrics.jsonl always; W&B or TensorBoard on request) and the console line.
 
 Only the writer rank (global rank 0) creates sinks; the others never touch shared files.
+metrics.jsonl keeps the trainer's own keys (`loss`, `val_loss`, `tokens_per_s`, ...); W&B and
+TensorBoard get the same values under dashboard groups (`dashboard_key`: train/, val/, perf/, mem/,
+moe/, comm/, ranks/). A value may be a list (one per rank or per expert): metrics.jsonl stores it,
+the dashboards show it as a histogram over the rank or expert index.
 """
 from __future__ import annotations
 
@@ -8,6 +12,8 @@ import json
 import logging
 import math
 import os
+import subprocess
+import sys
 from typing import Any, Protocol
 
 from trainer.config import LoggerConfig
@@ -17,8 +23,45 @@ log = logging.getLogger(__name__)
 METRICS_FILE = "metrics.jsonl"
 
 
+# The trainer's plain keys and their dashboard group; keys that already hold a "/" keep their name.
+DASHBOARD_KEYS = {
+    "loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm", "loss_scale": "train/loss_scale",
+    "overflow_steps": "train/overflow_steps", "tokens": "train/tokens", "val_loss": "val/loss",
+    "tokens_per_s": "perf/tokens_per_s", "mfu": "perf/mfu", "step_time_s": "perf/step_time_s",
+    "elapsed_s": "perf/elapsed_s",
+}
+STEP_KEY = "train/step"  # the x axis every dashboard panel shares
+
+
+def dashboard_key(key: str) -> str:
+    """The name a metric has in W&B and TensorBoard."""
+    return DASHBOARD_KEYS.get(key, key)
+
+
+def histogram(values: list[float]) -> tuple[list[float], list[float]]:
+    """(counts, bin edges) of a per-index vector: bin i spans [i, i + 1) and holds values[i]."""
+    return list(values), [float(i) for i in range(len(values) + 1)]
+
+
+def run_provenance(argv: list[str] | None = None) -> dict[str, Any]:
+    """What the dashboards attach besides the resolved config: the command line, its overrides
+    and the git commit of the code (with "-dirty" when it has uncommitted changes)."""
+    argv = list(sys.argv if argv is None else argv)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                                timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+        commit += "-dirty" if dirty else ""
+    except (OSError, subprocess.SubprocessError):
+        commit = "unknown (not a git checkout)"
+    return {"command": " ".join(argv), "overrides": [a for a in argv[1:] if "=" in a and not a.startswith("-")],
+            "git_commit": commit}
+
+
 class MetricsSink(Protocol):
-    def log(self, step: int, metrics: dict[str, float]) -> None: ...
+    def log(self, step: int, metrics: dict[str, Any]) -> None: ...
 
     def close(self) -> None: ...
 
@@ -30,7 +73,7 @@ class JsonlSink:
         self.path = os.path.join(run_dir, METRICS_FILE)
         self._file = open(self.path, "a")  # noqa: SIM115 - held open for the run, closed by close()
 
-    def log(self, step: int, metrics: dict[str, float]) -> None:
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
         self._file.write(json.dumps({"step": step, **metrics}) + "\n")
         self._file.flush()
 
@@ -70,9 +113,20 @@ class TensorBoardSink:
         purge_step = None if resume_step is None else resume_step + 1
         self._writer = SummaryWriter(log_dir=os.path.join(run_dir, "tensorboard"), purge_step=purge_step)
 
-    def log(self, step: int, metrics: dict[str, float]) -> None:
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        import numpy as np
+
         for key, value in metrics.items():
-            self._writer.add_scalar(key, value, step)
+            if isinstance(value, list):
+                counts, edges = histogram(value)
+                index = np.arange(len(counts), dtype=np.float64)
+                weights = np.asarray(counts, dtype=np.float64)
+                self._writer.add_histogram_raw(dashboard_key(key), min=0.0, max=float(len(counts)),
+                                               num=float(weights.sum()), sum=float((index * weights).sum()),
+                                               sum_squares=float((index**2 * weights).sum()),
+                                               bucket_limits=edges[1:], bucket_counts=counts, global_step=step)
+            else:
+                self._writer.add_scalar(dashboard_key(key), value, step)
         self._writer.flush()
 
     def close(self) -> None:
@@ -126,11 +180,19 @@ class WandbSink:
             log.warning("W&B: offline runs cannot rewind to step %d: the steps logged after it before the "
                         "restart stay in the W&B run and the replayed ones are dropped by W&B until it passes "
                         "them; metrics.jsonl and TensorBoard show the resumed curve", resume_step)
+        self._wandb = wandb
         self._run = wandb.init(project=cfg.project, entity=cfg.entity, name=run_name, config=config,
                                dir=run_dir, mode=mode, tags=list(cfg.tags) or None, **where)
+        # Every panel shares the step axis, whichever group (train/, val/, perf/, ...) it shows.
+        self._run.define_metric(STEP_KEY)
+        self._run.define_metric("*", step_metric=STEP_KEY)
 
-    def log(self, step: int, metrics: dict[str, float]) -> None:
-        self._run.log(metrics, step=step)
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        row: dict[str, Any] = {STEP_KEY: step}
+        for key, value in metrics.items():
+            row[dashboard_key(key)] = (self._wandb.Histogram(np_histogram=histogram(value))
+                                       if isinstance(value, list) else value)
+        self._run.log(row, step=step)
 
     def close(self) -> None:
         self._run.finish()

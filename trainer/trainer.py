@@ -9,9 +9,9 @@ import dataclasses
 import logging
 import math
 import os
+import re
 import sys
 import time
-from typing import Any
 
 import torch
 
@@ -30,28 +30,25 @@ from parallel_state import RNGStreams, Topology
 from parallel_state.collectives import all_reduce_max, all_reduce_sum
 from parallel_state.comm_stats import CommStats
 from trainer import distributed
-from trainer.checkpoint import (
-    CheckpointLayoutError,
-    ShardLayout,
-    find_latest_checkpoint,
-    list_checkpoints,
-    load_checkpoint,
-    save_checkpoint,
-)
+from trainer.checkpoint import find_latest_checkpoint, list_checkpoints
+from trainer.checkpointer import Checkpointer, RunState
 from trainer.config import Config, to_yaml
 from trainer.data import DataPipeline, load_tokenizer, prepare
 from trainer.data.context_split import zigzag_split
 from trainer.distributed import RuntimeEnv
 from trainer.kernel_report import describe_kernels, kernel_plan
-from trainer.metrics import build_sinks, console_line, drop_metrics_after
+from trainer.metrics import build_sinks, console_line, drop_metrics_after, run_provenance
 from trainer.mfu import peak_tflops
 from trainer.pipeline import (
     PipelineChunks,
+    PipelineTiming,
     forward_backward_no_pipelining,
     forward_backward_pipelining,
     pipeline_orders,
 )
 from trainer.precision import cast_parameters, precision_of
+from trainer.profiling import StepProfiler
+from trainer.rank_metrics import RankSample, gather_samples, peak_memory_bytes, straggler_lines, summarize
 from trainer.validation import ConfigError, validate
 
 log = logging.getLogger("foldtron")
@@ -174,18 +171,25 @@ class Trainer:
             self.full_model = DecoderModel(cfg.model, par=par)
         # Dropout on the residual stream: replicated over TP unless SP splits the sequence over it.
         self.dropout_stream = "tp-sharded" if self.tp.sp else "tp-replicated"
-        self.moe_layers = [m for m in self.model.modules() if isinstance(m, MoELayer)]
+        moe_named = [(name, m) for name, m in self.model.named_modules() if isinstance(m, MoELayer)]
+        self.moe_layers = [m for _, m in moe_named]
+        # Global layer index of each ("layers.5.moe..." and, in pipeline chunks, "chunks.1.layers.5...").
+        self.moe_layer_ids = [int(re.search(r"(?:^|\.)layers\.(\d+)\.", name).group(1)) for name, _ in moe_named]
+        # Receive waits of this rank's pipeline schedule, summed over a log window (perf/pipeline_idle_fraction).
+        self.pipeline_timing = PipelineTiming()
         self.cfg_has_moe = "moe" in cfg.model.channel_mixers
-        # Distributed-optimizer moments differ per DP rank: each rank writes its own file.
-        sharded_optimizer = cfg.optim.distributed and max(self.ps.dp_cp.size, self.ps.edp.size) > 1
-        self.shard_layout = ShardLayout.of(self.ps, experts_spread=bool(self.moe_layers), vpp=cfg.parallel.vpp,
-                                           sharded_optimizer=sharded_optimizer,
-                                           num_layers=cfg.model.num_layers,
-                                           pipeline_layers=cfg.parallel.pipeline_layers)
+        # Checkpoints hold global tensors (any layout loads them); the layout string decides only
+        # whether the per-rank RNG states carry over.
+        layout = f"{self.ps.topology!r} vpp={cfg.parallel.vpp} pipeline_layers={cfg.parallel.pipeline_layers}"
+        self.checkpointer = Checkpointer(self.run_dir, self.env.rank, self.env.world_size, layout,
+                                         cfg.trainer.keep_last, asynchronous=cfg.trainer.async_save)
         # trainer.precision: the weights' dtype (bf16/fp16 keep fp32 masters in the optimizer step),
         # autocast for bf16_autocast, a dynamic loss scale for fp16.
         self.precision = precision_of(cfg.trainer.precision)
         cast_parameters([self.model], self.precision.param_dtype)
+        if cfg.trainer.load is not None:  # weights only, before the optimizer takes its masters from them
+            self.checkpointer.load(cfg.trainer.load, self.model, None, "trainer.load")
+            log.info("loaded the weights of %s", cfg.trainer.load)
         self.autocast = self.precision.autocast(self.device)
         o = cfg.optim
         self.loss_scale = (DynamicLossScale(o.initial_loss_scale, o.loss_scale_window, o.min_loss_scale)
@@ -206,7 +210,8 @@ class Trainer:
         self.flops_per_token = self.full_model.flops_per_token(cfg.data.seq_len)
         self.peak_tflops, peak_source = peak_tflops(self.device, self.precision.peak_key, t.peak_tflops)
         resume_step = self.step if self.step > 0 else None  # checkpoints are saved after a step, never at 0
-        self.sinks = (build_sinks(cfg.logger, self.run_dir, dataclasses.asdict(cfg), resume_step)
+        self.sinks = (build_sinks(cfg.logger, self.run_dir, {**dataclasses.asdict(cfg), "run": run_provenance()},
+                                  resume_step)
                       if self.env.is_writer else [])
         log.info("foldtron: run_dir=%s device=%s precision=%s", self.run_dir, self.device, t.precision)
         log.info("layout: %s", self.ps.topology)
@@ -223,67 +228,61 @@ class Trainer:
 
     # ---- state -------------------------------------------------------------------------------
 
-    def state_dict(self) -> dict[str, Any]:
+    def run_state(self) -> RunState:
+        """What a checkpoint keeps besides the tensors (the step is the schedule's and the data's position)."""
         rng = {"torch": torch.get_rng_state(), "streams": self.rng.state_dict()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
-        state = {"model": self.model.state_dict(), "optimizer": self.optim_step.state_dict(), "step": self.step,
-                 "skipped_in_a_row": self.skipped_in_a_row, "rng": rng, "config": to_yaml(self.cfg)}
-        if self.loss_scale is not None:
-            state["loss_scale"] = self.loss_scale.state_dict()
-        return state
+        return RunState(step=self.step, skipped_in_a_row=self.skipped_in_a_row,
+                        loss_scale=self.loss_scale.state_dict() if self.loss_scale is not None else None, rng=rng)
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optim_step.load_state_dict(state["optimizer"])
-        self.step = int(state["step"])
-        self.skipped_in_a_row = int(state.get("skipped_in_a_row", 0))
-        if self.loss_scale is not None and "loss_scale" in state:
-            self.loss_scale.load_state_dict(state["loss_scale"])
-        torch.set_rng_state(state["rng"]["torch"])
-        self.rng.load_state_dict(state["rng"]["streams"])
-        if "cuda" in state["rng"] and self.device.type == "cuda":
-            torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
+    def load_run_state(self, state: RunState) -> None:
+        self.step = state.step
+        self.skipped_in_a_row = state.skipped_in_a_row
+        if self.loss_scale is not None and state.loss_scale is not None:
+            self.loss_scale.load_state_dict(state.loss_scale)
+        if state.rng is not None:  # saved in this layout: the same random streams continue
+            torch.set_rng_state(state.rng["torch"])
+            self.rng.load_state_dict(state.rng["streams"])
+            if "cuda" in state.rng and self.device.type == "cuda":
+                torch.cuda.set_rng_state(state.rng["cuda"], self.device)
 
     def resume(self) -> None:
+        """trainer.resume: everything (weights, optimizer, step, RNG in the same layout) from a
+        checkpoint of any layout; auto takes the newest complete one of run_dir."""
         mode = self.cfg.trainer.resume
         if mode == "none":
             return
-        try:
-            loaded = self._agreed_latest_checkpoint() if mode == "auto" else load_checkpoint(mode, self.shard_layout)
-        except CheckpointLayoutError as e:
-            raise ConfigError("trainer.resume", mode, e.problem, e.fix) from e
-        if loaded is None:
+        path = self._agreed_latest_checkpoint() if mode == "auto" else mode
+        if path is None:
             log.info("resume=auto: no complete checkpoint in %s, starting from step 0", self.run_dir)
             return
-        self.load_state_dict(loaded.state)
-        log.info("resumed from %s at step %d", loaded.path, self.step)
+        self.optim_step.finish_param_sync()
+        self.load_run_state(self.checkpointer.load(path, self.model, self.optim_step, "trainer.resume"))
+        log.info("resumed from %s at step %d", path, self.step)
         if self.env.is_writer:
             dropped = drop_metrics_after(self.run_dir, self.step)
             if dropped:
                 log.info("metrics.jsonl: dropped %d rows logged after step %d (rolled back by the resume)",
                          dropped, self.step)
 
-    def _agreed_latest_checkpoint(self):
-        """The newest checkpoint every rank can load (a shard unreadable on one rank makes all fall
-        back together rather than resume from different steps)."""
-        loaded = find_latest_checkpoint(self.run_dir, self.shard_layout)
-        mine = torch.tensor(loaded.step if loaded is not None else -1, dtype=torch.int64)
-        agreed = -all_reduce_max(-mine, self.ps.world).item()
-        if agreed == mine.item():
-            return loaded
+    def _agreed_latest_checkpoint(self) -> str | None:
+        """The newest complete checkpoint as every rank sees it (the oldest of their answers, should a
+        rank see a directory the others do not yet)."""
+        found = find_latest_checkpoint(self.run_dir)
+        step = int(os.path.basename(found[0]).removeprefix("step_")) if found is not None else -1
+        agreed = -all_reduce_max(-torch.tensor(step, dtype=torch.int64), self.ps.world).item()
         if agreed < 0:
             return None
-        path = dict(list_checkpoints(self.run_dir))[agreed]
-        log.warning("rank %d: resuming from step %d, the newest checkpoint every rank can load", self.env.rank,
-                    agreed)
-        return load_checkpoint(path, self.shard_layout)
+        return dict(list_checkpoints(self.run_dir))[agreed]
 
     def save(self) -> None:
+        """Checkpoint the current step (in the background with trainer.async_save)."""
         self.optim_step.finish_param_sync()  # the weights the checkpoint holds must be the updated ones
-        path = save_checkpoint(self.run_dir, self.step, self.state_dict(), self.cfg.trainer.keep_last,
-                               layout=self.shard_layout, is_writer=self.env.is_writer, barrier=distributed.barrier)
-        log.info("saved checkpoint %s", path)
+        path = self.checkpointer.save(self.model, self.optim_step, self.run_state(), to_yaml(self.cfg),
+                                      barrier=distributed.barrier)
+        if self.checkpointer.asynchronous:
+            log.info("saving checkpoint %s in the background", path)
 
     # ---- steps -------------------------------------------------------------------------------
 
@@ -307,11 +306,15 @@ class Trainer:
     def train_step(self) -> dict[str, float]:
         """One optimizer step on global batch `self.step`; returns its loss, lr and grad norm."""
         self.model.train()
+        data_start = time.perf_counter()
         microbatches = self._local(self.data.train_microbatches(self.step))
+        data_time = time.perf_counter() - data_start
         # Summed over DP x CP: the loss tokens of the global batch (docs/loss_and_layout.md,
         # "Loss normalisation").
         local_tokens = sum(mb["loss_mask"].sum() for mb in microbatches)
+        sync_start = time.perf_counter()  # ranks meet here first: a late one makes the others wait
         num_tokens = all_reduce_sum(torch.as_tensor(local_tokens, dtype=torch.float32), self.ps.dp_cp)
+        wait_time = time.perf_counter() - sync_start
         # fp16: backward runs on loss x scale (dividing by num_tokens / scale), the step divides it out.
         scale = self.loss_scale.scale if self.loss_scale is not None else 1.0
         self.aux_loss_scale.value = scale / max(float(num_tokens), 1.0)
@@ -321,7 +324,9 @@ class Trainer:
         else:
             loss_sum = forward_backward_no_pipelining(self._loss_sum, microbatches, divisor,
                                                       no_sync=self.optim_step.no_sync)
+        reduce_start = time.perf_counter()  # the gradient reductions wait for the slowest replica
         grad_norm = self.optim_step.reduce_and_clip(unscale=1.0 / scale)
+        wait_time += time.perf_counter() - reduce_start
         loss = (self._global_sum(loss_sum) / num_tokens).item()
         update = math.isfinite(loss) and math.isfinite(grad_norm)
         scaling = self._update_loss_scale(loss, grad_norm, scale)
@@ -332,7 +337,9 @@ class Trainer:
         lr = self.optim_step.apply(self.step, update)
         self.optim_step.zero_grad()
         self.step += 1
-        return {"loss": loss, "lr": lr, "grad_norm": grad_norm, **scaling, **self._moe_step()}
+        return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "data_time_s": data_time, "wait_time_s": wait_time,
+                **scaling,
+                **self._moe_step()}
 
     def _update_loss_scale(self, loss: float, grad_norm: float, scale: float) -> dict[str, float]:
         """fp16: a step with a finite loss whose gradients overflowed is skipped and halves the scale
@@ -350,7 +357,8 @@ class Trainer:
         """Once per global batch: the aux-loss-free bias step and the MoE metrics (moe.metrics)."""
         if not self.cfg_has_moe:
             return {}
-        return moe_step_metrics(self.moe_layers, self.cfg.model.moe, self.ps.tp_dp_cp, self.ps.world)
+        return moe_step_metrics(self.moe_layers, self.cfg.model.moe, self.ps.tp_dp_cp, self.ps.world,
+                                layer_ids=self.moe_layer_ids, num_layers=self.cfg.model.num_layers)
 
     def _global_sum(self, loss_sum: torch.Tensor) -> torch.Tensor:
         """A loss sum over the whole global batch: the last pipeline stage has it, DP x CP split it."""
@@ -373,7 +381,8 @@ class Trainer:
             return forward_backward_pipelining(
                 self.pp_orders, self.model.stage_fns(), [self._to_device(mb) for mb in microbatches], loss_sum_fn,
                 num_tokens, self.ps.pp, cfg.parallel.vpp, shape, self.precision.param_dtype, self.device,
-                forward_only=forward_only, no_sync=self.optim_step.no_sync)
+                forward_only=forward_only, no_sync=self.optim_step.no_sync,
+                timing=None if forward_only else self.pipeline_timing)
 
     def _handle_non_finite(self, loss: float, grad_norm: float) -> None:
         t = self.cfg.trainer
@@ -424,10 +433,12 @@ class Trainer:
         window: list[dict[str, float]] = []
         window_time, train_time = 0.0, 0.0
         last: dict[str, float] = {}
+        profiler = StepProfiler(list(t.profile_steps), list(t.profile_ranks), self.env.rank, self.run_dir, self.device)
         try:
             while self.step < t.max_steps:
                 tic = time.perf_counter()
-                window.append(self.train_step())
+                with profiler.step(self.step + 1):
+                    window.append(self.train_step())
                 dt = time.perf_counter() - tic
                 window_time += dt
                 train_time += dt
@@ -447,7 +458,9 @@ class Trainer:
                 if (t.save_interval and self.step % t.save_interval == 0) or (is_last and t.save_final):
                     self.save()
         finally:
+            profiler.close()
             self.optim_step.finish_param_sync()  # the caller may read the trained weights
+            self.checkpointer.wait()  # the last save is on disk when train() returns
             for sink in self.sinks:
                 sink.close()
         if "val_loss" in last:
@@ -457,6 +470,7 @@ class Trainer:
 
     def _window_metrics(self, window: list[dict[str, float]], seconds: float) -> dict[str, float]:
         tokens_per_s = self.tokens_per_step * len(window) / max(seconds, 1e-9)
+        across_ranks = self._rank_metrics(window, seconds)  # reads this window's bytes before the drain
         return {
             "loss": sum(m["loss"] for m in window) / len(window),
             "lr": window[-1]["lr"],
@@ -471,8 +485,32 @@ class Trainer:
             **({"loss_scale": window[-1]["loss_scale"], "overflow_steps": sum(m["overflow"] for m in window)}
                if "loss_scale" in window[-1] else {}),
             # MoE: aux losses per routed token and load imbalance (max / mean tokens per expert).
-            **{key: sum(m[key] for m in window) / len(window) for key in window[-1] if key.startswith("moe/")},
+            **{key: _window_mean([m[key] for m in window]) for key in window[-1] if key.startswith("moe/")},
+            **across_ranks,
         }
+
+    def _rank_metrics(self, window: list[dict], seconds: float) -> dict:
+        """Every rank's step time, data time, peak memory, pipeline idle fraction and bytes, gathered
+        in one collective (not counted as a step's traffic); names the stragglers (trainer/rank_metrics.py)."""
+        timing, self.pipeline_timing = self.pipeline_timing, PipelineTiming()
+        # Busy time: the step without the time spent waiting for other ranks (the first all-reduce, the
+        # gradient reductions, pipeline receives). In synchronous training every rank's step time is the
+        # slowest rank's; the busy time tells which rank that is.
+        waits = sum(m["wait_time_s"] for m in window) + timing.wait_s
+        sample = RankSample(
+            step_time_s=seconds / len(window),
+            busy_time_s=max(seconds - waits, 0.0) / len(window),
+            data_time_s=sum(m["data_time_s"] for m in window) / len(window),
+            peak_mem_bytes=peak_memory_bytes(self.device),
+            pipeline_idle=timing.idle_fraction if self.pipelined else math.nan,
+            comm={key: value / len(window) for key, value in self.comm_stats.bytes_sent.items()})
+        with self.comm_stats.paused():
+            samples = gather_samples(sample, self.ps.world)
+        factor = self.cfg.trainer.straggler_factor
+        metrics, stragglers = summarize(samples, factor)
+        for line in straggler_lines(samples, stragglers, factor):
+            log.warning("step %d: %s", self.step, line)
+        return metrics
 
     def _drain_comm_stats(self) -> dict[str, float]:
         summary = self.comm_stats.summary()
@@ -487,6 +525,13 @@ class Trainer:
             log.info("step %d | val %.4f", self.step, metrics["val_loss"])
         for sink in self.sinks:
             sink.log(self.step, {**metrics, "elapsed_s": elapsed})
+
+
+def _window_mean(values: list):
+    """The mean over a log window of scalars, or element-wise of equal-length lists."""
+    if isinstance(values[0], list):
+        return [sum(column) / len(values) for column in zip(*values)]
+    return sum(values) / len(values)
 
 
 def train(cfg: Config) -> dict[str, float]:

@@ -30,7 +30,7 @@ def validate(cfg: Config, world_size: int = 1) -> Topology:
         check_moe(cfg.model.moe, topology, cfg.parallel.sequence_parallel, cfg.data.micro_batch_size,
                   cfg.data.seq_len)
     trainer.data.check.check(cfg.data, cfg.parallel, topology, cfg.model.max_position_embeddings)
-    check_trainer(cfg.trainer)
+    check_trainer(cfg.trainer, world_size)
     optim.check(cfg.optim, cfg.trainer.max_steps, loss_scaling=precision_of(cfg.trainer.precision).loss_scaling)
     check_logger(cfg.logger)
     return topology

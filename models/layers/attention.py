@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.config import ModelConfig
+from models.decode_cache import DecodeCache
 from models.init import normal_init
 from models.layers.context_parallel import ring_attention, ulysses_attention
 from models.layers.masks import causal_mask_from_positions
@@ -83,9 +84,14 @@ class Attention(nn.Module):
         self.wo = tp.row(self.num_heads * self.head_dim, self.hidden_size, out_std)
         self.rope = RotaryEmbedding(self.head_dim, cfg.rope_theta)
 
-    def forward(self, x: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor | None = None,
+                cache: DecodeCache | None = None) -> torch.Tensor:
         """x [B, T, hidden] (under SP this rank's [B, T/tp, hidden]); position_ids [B, T] or None
-        for 0..T-1 -> same shape as x."""
+        for 0..T-1 -> same shape as x.
+
+        With `cache` (decoding, launch/generate.py) the new keys and values are appended to it and
+        the queries attend over everything cached; position_ids are then the new tokens' positions.
+        """
         x = self.wq.prepare_input(x)  # one input collective for q, k and v
         batch, seq_len, _ = x.shape
         q = self.wq(x, input_prepared=True).view(batch, seq_len, -1, self.head_dim).transpose(1, 2)
@@ -102,6 +108,9 @@ class Attention(nn.Module):
         q = apply_rotary(q, cos, sin)
         k = apply_rotary(k, cos, sin)
 
+        if cache is not None:
+            return self.wo(self._cached_attention(q, k, v, rope_positions.expand(batch, seq_len), cache)
+                           .transpose(1, 2).reshape(batch, seq_len, self.heads_per_rank * self.head_dim))
         if self.cp.size > 1:
             out = self._context_parallel_attention(q, k, v, position_ids)
             return self.wo(out.transpose(1, 2).reshape(batch, seq_len, self.heads_per_rank * self.head_dim))
@@ -119,6 +128,16 @@ class Attention(nn.Module):
                 out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
         out = out.transpose(1, 2).reshape(batch, seq_len, self.heads_per_rank * self.head_dim)
         return self.wo(out)
+
+    def _cached_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                          cache: DecodeCache) -> torch.Tensor:
+        """Attention of the new queries over the cached and new keys (no CP, no dropout: inference)."""
+        if self.cp.size > 1:
+            raise ValueError("decoding with a KV cache runs without context parallelism (parallel.cp=1)")
+        k, v, key_positions = cache.append_keys_values(k, v, positions)
+        groups = q.shape[1] // k.shape[1]
+        mask = causal_mask_from_positions(positions, key_positions)
+        return F.scaled_dot_product_attention(q, repeat_kv_heads(k, groups), repeat_kv_heads(v, groups), attn_mask=mask)
 
     def _context_parallel_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                     position_ids: torch.Tensor | None) -> torch.Tensor:

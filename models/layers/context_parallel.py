@@ -1,9 +1,9 @@
 """Context-parallel causal attention: ring attention over the zigzag split, and Ulysses all-to-all.
 
-Both take this CP rank's slice of the sequence, q [B, Hq, T_local, D] and k, v [B, Hkv, T_local, D]
-(Hq % Hkv == 0; query head h reads K/V head h // (Hq/Hkv)), and return this rank's output
-[B, Hq, T_local, D], equal to full causal attention over the whole sequence restricted to the
-local tokens.
+Both take this CP rank's slice of the sequence, q [B, Hq, T_local, D], k [B, Hkv, T_local, D] and
+v [B, Hkv, T_local, Dv] (Hq % Hkv == 0; query head h reads K/V head h // (Hq/Hkv); Dv may differ
+from D, as in multi-head latent attention), and return this rank's output [B, Hq, T_local, Dv],
+equal to full causal attention over the whole sequence restricted to the local tokens.
 
 Ring attention (`ring_attention`): K/V blocks (the Hkv heads, never repeated ones) travel around
 the CP ring; each step computes a partial (o, lse) for the block it holds and merges it by
@@ -27,23 +27,27 @@ The backward (a custom autograd Function) uses the final lse and output: for eac
 recomputes P = exp(S - lse_final), which is that block's exact share of the softmax, so the block
 gradients sum to the full gradients. K/V travel the ring again, and a second ring carries each
 block's dK/dV accumulator from rank to rank; after P hops it is home, complete. Every send of the
-next block is launched before the current block's compute (overlap). Bytes this rank sends
+next block is launched before the current block's compute (overlap). K and V travel as one flat
+message of their exact sizes (`pack_kv`), so a narrower V costs nothing extra. Bytes this rank sends
 (counted as op "send" on the group's name, e.g. ("send", "cp")): forward (P-1) x K/V block; backward
 (P-1) x K/V block + P x dK/dV block (the dK/dV accumulators are in the accumulation dtype:
 fp32 for fp32/bf16/fp16 inputs, fp64 for fp64).
 
 Block kernel: "torch" (matmul + logsumexp, accumulated in fp32 or fp64: the reference) or "fused"
 (`torch.ops.aten._scaled_dot_product_flash_attention_for_cpu` and its backward, which return and
-accept the lse; CPU tensors only). "auto" picks fused for CPU tensors when that op exists, torch
-otherwise (`resolve_block_kernel` says which). Dropout is not supported here.
+accept the lse; CPU tensors only; it needs one head width, so a narrower V or Q/K is padded with
+zeros for the kernel only, never on the wire). "auto" picks fused for CPU tensors when that op
+exists, torch otherwise (`resolve_block_kernel` says which). Dropout is not supported here.
 
 Ulysses (`ulysses_attention`): an all-to-all turns sequence-sharded [B, H, T/P, D] into
 head-sharded [B, H/P, T, D]; attention runs over the whole sequence for H/P heads; a second
 all-to-all turns it back. The gathered sequence is in rank order, i.e. zigzag chunk order, so the
-causal mask comes from the gathered position ids, never from is_causal.
+causal mask comes from the gathered position ids, never from is_causal. K and V (of any widths)
+go in one all-to-all, concatenated along the head width.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -99,7 +103,7 @@ def _causal_block_mask(tq: int, tk: int, device: torch.device) -> torch.Tensor:
 def torch_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                           causal: bool = False, mask: torch.Tensor | None = None
                           ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reference partial attention: (o, lse) of q [B, Hq, Tq, D] over k, v [B, Hkv, Tk, D].
+    """Reference partial attention: (o, lse) of q [B, Hq, Tq, D] over k [B, Hkv, Tk, D], v [B, Hkv, Tk, Dv].
 
     GQA without repeating K/V (query heads are grouped onto their K/V head). `causal` masks keys
     after the query (Tq == Tk, aligned); `mask` (bool, broadcastable to [B, 1, Tq, Tk], True =
@@ -115,7 +119,7 @@ def torch_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sca
     lse = torch.logsumexp(scores, dim=-1)
     probs = torch.exp(scores - _finite_or_zero(lse).unsqueeze(-1))
     out = torch.matmul(probs, v.to(acc).unsqueeze(2))
-    return out.reshape(batch, hq, tq, dim), lse.reshape(batch, hq, tq)
+    return out.reshape(batch, hq, tq, v.shape[-1]), lse.reshape(batch, hq, tq)
 
 
 def _apply_masks(scores: torch.Tensor, causal: bool, mask: torch.Tensor | None) -> torch.Tensor:
@@ -141,10 +145,10 @@ def torch_block_attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch
     hkv = k.shape[1]
     groups = hq // hkv
     acc = accumulation_dtype(q.dtype)
-    shape5 = (batch, hkv, groups, tq, dim)
-    qg, dog = q.to(acc).reshape(shape5), dout.to(acc).reshape(shape5)
+    value_shape5 = (batch, hkv, groups, tq, v.shape[-1])
+    qg, dog = q.to(acc).reshape(batch, hkv, groups, tq, dim), dout.to(acc).reshape(value_shape5)
     kk, vv = k.to(acc).unsqueeze(2), v.to(acc).unsqueeze(2)
-    delta = (dog * out.to(acc).reshape(shape5)).sum(-1, keepdim=True)
+    delta = (dog * out.to(acc).reshape(value_shape5)).sum(-1, keepdim=True)
     scores = _apply_masks(torch.matmul(qg, kk.transpose(-1, -2)) * scale, causal, None)
     probs = torch.exp(scores - _finite_or_zero(lse.to(acc)).reshape(batch, hkv, groups, tq, 1))
     dv = torch.matmul(probs.transpose(-1, -2), dog).sum(2)
@@ -160,17 +164,31 @@ def fused_block_available() -> bool:
         torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward")
 
 
+def pad_head_width(x: torch.Tensor, width: int) -> torch.Tensor:
+    """x [..., D] zero-padded to [..., width] (x itself when D == width)."""
+    return x if x.shape[-1] == width else F.pad(x, (0, width - x.shape[-1]))
+
+
 def fused_block_attention(q, k, v, scale, causal=False):
-    """(o, lse) of one block with the CPU flash-attention op (GQA handled by the op)."""
-    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
-    return out, lse
+    """(o, lse) of one block with the CPU flash-attention op (GQA handled by the op).
+
+    The op takes one head width: the narrower of Q/K and V is zero-padded for it (zero channels
+    change neither the scores, whose scale is explicit, nor the kept output columns).
+    """
+    width = max(q.shape[-1], v.shape[-1])
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        pad_head_width(q, width), pad_head_width(k, width), pad_head_width(v, width), 0.0, causal, scale=scale)
+    return out[..., :v.shape[-1]], lse
 
 
 def fused_block_attention_backward(dout, q, k, v, out, lse, scale, causal):
-    """(dq, dk, dv) of one block with the CPU flash-attention backward fed the FINAL out and lse."""
-    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-        dout.contiguous(), q.contiguous(), k.contiguous(), v.contiguous(), out.contiguous(),
+    """(dq, dk, dv) of one block with the CPU flash-attention backward fed the FINAL out and lse
+    (padded to one head width as in `fused_block_attention`)."""
+    width = max(q.shape[-1], v.shape[-1])
+    dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        *(pad_head_width(t, width).contiguous() for t in (dout, q, k, v, out)),
         lse.contiguous(), 0.0, causal, scale=scale)
+    return dq[..., :q.shape[-1]], dk[..., :k.shape[-1]], dv[..., :v.shape[-1]]
 
 
 @dataclass(frozen=True)
@@ -220,17 +238,29 @@ def ring_block_plan(step: int, rank: int, cp_size: int, local_len: int, zigzag: 
     return [(slice(half, local_len), whole, False)]
 
 
+def pack_kv(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """K and V as one flat message of exactly their elements (their widths may differ)."""
+    return torch.cat([k.reshape(-1), v.reshape(-1)])
+
+
+def unpack_kv(flat: torch.Tensor, k_shape: torch.Size, v_shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
+    """Contiguous views of K and V in a `pack_kv` message (or an accumulator laid out like one)."""
+    split = math.prod(k_shape)
+    return flat[:split].view(k_shape), flat[split:].view(v_shape)
+
+
 def _ring_forward(q, k, v, comm: AxisGroup, zigzag: bool, scale: float, kernel: BlockKernel):
-    batch, hq, tlocal, dim = q.shape
+    batch, hq, tlocal, _ = q.shape
     acc = accumulation_dtype(q.dtype)
-    out = torch.zeros(batch, hq, tlocal, dim, dtype=acc, device=q.device)
+    out = torch.zeros(batch, hq, tlocal, v.shape[-1], dtype=acc, device=q.device)
     lse = torch.full((batch, hq, tlocal), float("-inf"), dtype=acc, device=q.device)
     ring = RingExchange(comm)
-    kv = torch.stack([k, v])  # one message per step
+    kv = pack_kv(k, v)  # one message per step
     for step in range(comm.size):
         incoming = ring.exchange(kv, KV_TAG) if step < comm.size - 1 else None
+        block_k, block_v = unpack_kv(kv, k.shape, v.shape)
         for rows, cols, causal in ring_block_plan(step, comm.rank, comm.size, tlocal, zigzag):
-            block_out, block_lse = kernel.forward(q[:, :, rows], kv[0][:, :, cols], kv[1][:, :, cols],
+            block_out, block_lse = kernel.forward(q[:, :, rows], block_k[:, :, cols], block_v[:, :, cols],
                                                   scale, causal)
             out[:, :, rows], lse[:, :, rows] = merge_attention_partials(
                 out[:, :, rows], lse[:, :, rows], block_out, block_lse.to(acc))
@@ -244,26 +274,28 @@ def _ring_backward(dout, q, k, v, out, lse, comm: AxisGroup, zigzag, scale, kern
     acc = accumulation_dtype(q.dtype)
     ring = RingExchange(comm)
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)
-    kv = torch.stack([k, v])
+    kv = pack_kv(k, v)
     dkv_incoming = None
     for step in range(comm.size):
         incoming = ring.exchange(kv, KV_TAG) if step < comm.size - 1 else None
+        block_k, block_v = unpack_kv(kv, k.shape, v.shape)
         # This step's contribution to the dK/dV of the block held (owned by rank - step).
         dkv = torch.zeros(kv.shape, dtype=acc, device=q.device)
+        block_dk, block_dv = unpack_kv(dkv, k.shape, v.shape)
         for rows, cols, causal in ring_block_plan(step, comm.rank, comm.size, tlocal, zigzag):
-            dq_b, dk_b, dv_b = kernel.backward(dout[:, :, rows], q[:, :, rows], kv[0][:, :, cols],
-                                               kv[1][:, :, cols], out[:, :, rows], lse[:, :, rows],
+            dq_b, dk_b, dv_b = kernel.backward(dout[:, :, rows], q[:, :, rows], block_k[:, :, cols],
+                                               block_v[:, :, cols], out[:, :, rows], lse[:, :, rows],
                                                scale, causal)
             dq[:, :, rows] += dq_b
-            dkv[0][:, :, cols] += dk_b
-            dkv[1][:, :, cols] += dv_b
+            block_dk[:, :, cols] += dk_b
+            block_dv[:, :, cols] += dv_b
         if dkv_incoming is not None:  # the same block's accumulator from the ranks before us
             dkv += dkv_incoming.wait()
         dkv_incoming = ring.exchange(dkv, DKV_TAG)  # P hops in all: the last one brings it home
         if incoming is not None:
             kv = incoming.wait()
-    dkv = dkv_incoming.wait()
-    return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype)
+    dk, dv = unpack_kv(dkv_incoming.wait(), k.shape, v.shape)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
 class _RingAttention(torch.autograd.Function):
@@ -285,11 +317,11 @@ class _RingAttention(torch.autograd.Function):
 
 
 def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-    if q.dim() != 4 or k.shape != v.shape or k.dim() != 4:
-        raise ValueError(f"expected q [B, Hq, T, D] and k, v [B, Hkv, T, D]; got {tuple(q.shape)}, "
-                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or k.shape[:3] != v.shape[:3]:
+        raise ValueError(f"expected q [B, Hq, T, D], k [B, Hkv, T, D] and v [B, Hkv, T, Dv]; got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     if (q.shape[0], q.shape[2], q.shape[3]) != (k.shape[0], k.shape[2], k.shape[3]):
-        raise ValueError(f"q {tuple(q.shape)} and k/v {tuple(k.shape)} differ in batch, length or head dim")
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} differ in batch, length or head dim")
     if q.shape[1] % k.shape[1] != 0:
         raise ValueError(f"{q.shape[1]} query heads cannot share {k.shape[1]} K/V heads evenly")
 
@@ -299,10 +331,10 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cp,
                    return_lse: bool = False):
     """Causal attention over a sequence split across the CP group `cp` (ring, see module docstring).
 
-    q [B, Hq, T_local, D], k, v [B, Hkv, T_local, D]: this rank's tokens, in the zigzag layout
-    (chunks r and 2P-1-r, T_local even) or, with zigzag=False, the contiguous chunk r. `cp`: an
-    AxisGroup (ps.cp). scale defaults to D^-1/2. Returns
-    out [B, Hq, T_local, D] (q's dtype), and with return_lse also lse [B, Hq, T_local] (the
+    q [B, Hq, T_local, D], k [B, Hkv, T_local, D], v [B, Hkv, T_local, Dv]: this rank's tokens, in
+    the zigzag layout (chunks r and 2P-1-r, T_local even) or, with zigzag=False, the contiguous
+    chunk r. `cp`: an AxisGroup (ps.cp). scale defaults to D^-1/2. Returns
+    out [B, Hq, T_local, Dv] (q's dtype), and with return_lse also lse [B, Hq, T_local] (the
     accumulation dtype, not differentiable). Differentiable in q, k, v.
     """
     _check_qkv(q, k, v)
@@ -339,9 +371,26 @@ def ulysses_kv_replication(num_heads: int, num_kv_heads: int, cp_size: int) -> i
                      f"or use ring attention")
 
 
-def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """Default Ulysses attention: SDPA with a boolean mask (True = attend), GQA without repeating K/V."""
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=keep, enable_gqa=q.shape[1] != k.shape[1])
+def equal_width_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
+                     **sdpa_kwargs) -> torch.Tensor:
+    """F.scaled_dot_product_attention for any value width Dv: [B, Hq, Tq, Dv] out.
+
+    SDPA's fused kernels need one head width and otherwise fall back to the math path, which
+    materialises the T x T probabilities (3x slower on CPU at T = 2048); so the narrower of Q/K and
+    V is zero-padded to one width and the output cut back. The scale stays that of the true D.
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    width = max(q.shape[-1], v.shape[-1])
+    out = F.scaled_dot_product_attention(pad_head_width(q, width), pad_head_width(k, width),
+                                         pad_head_width(v, width), scale=scale, **sdpa_kwargs)
+    return out[..., :v.shape[-1]]
+
+
+def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor,
+                     scale: float | None = None) -> torch.Tensor:
+    """Default Ulysses attention: SDPA with a boolean mask (True = attend), GQA without repeating K/V;
+    `scale` defaults to D^-1/2."""
+    return equal_width_sdpa(q, k, v, scale, attn_mask=keep, enable_gqa=q.shape[1] != k.shape[1])
 
 
 def gather_positions(position_ids: torch.Tensor, cp) -> torch.Tensor:
@@ -353,14 +402,16 @@ def gather_positions(position_ids: torch.Tensor, cp) -> torch.Tensor:
 
 
 def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cp, position_ids: torch.Tensor,
-                      attn_fn: Callable[..., torch.Tensor] = masked_attention) -> torch.Tensor:
+                      attn_fn: Callable[..., torch.Tensor] = masked_attention,
+                      scale: float | None = None) -> torch.Tensor:
     """Causal attention over a sequence split across `cp` by head-scattering all-to-alls (Ulysses).
 
-    q [B, Hq, T_local, D], k, v [B, Hkv, T_local, D], position_ids [B or 1, T_local]: this rank's
-    tokens with their ORIGINAL positions (any split, zigzag included). attn_fn(q, k, v, keep)
-    gets [B, Hq/P, T, D], [B, Hkv', T, D] and keep [B, 1, T, T] (True = attend), built from the
-    gathered positions. Returns [B, Hq, T_local, D]. Bytes are counted by the collectives under
-    the group's name.
+    q [B, Hq, T_local, D], k [B, Hkv, T_local, D], v [B, Hkv, T_local, Dv], position_ids
+    [B or 1, T_local]: this rank's tokens with their ORIGINAL positions (any split, zigzag
+    included). attn_fn(q, k, v, keep, scale=scale) gets [B, Hq/P, T, D], [B, Hkv', T, D],
+    [B, Hkv', T, Dv] and keep [B, 1, T, T] (True = attend), built from the gathered positions;
+    scale None means D^-1/2. Returns [B, Hq, T_local, Dv]. Bytes are counted by the collectives
+    under the group's name.
     """
     _check_qkv(q, k, v)
     comm = resolve_group(cp)
@@ -370,9 +421,10 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cp, pos
     if position_ids.shape[-1] != q.shape[2]:
         raise ValueError(f"position_ids {tuple(position_ids.shape)} do not match the local length {q.shape[2]}")
     positions = gather_positions(position_ids.expand(q.shape[0], -1), comm)
-    # [B, H, T/P, D] -> [B, H/P, T, D]; K and V go in one all-to-all.
+    # [B, H, T/P, D] -> [B, H/P, T, D]; K and V go in one all-to-all, side by side in the head width.
     q_heads = all_to_all_scatter_gather(q, comm, scatter_dim=1, gather_dim=2)
-    kv_heads = all_to_all_scatter_gather(torch.stack([k, v]), comm, scatter_dim=2, gather_dim=3)
+    kv_heads = all_to_all_scatter_gather(torch.cat([k, v], dim=-1), comm, scatter_dim=1, gather_dim=2)
+    k_heads, v_heads = kv_heads.split([k.shape[-1], v.shape[-1]], dim=-1)
     keep = causal_mask_from_positions(positions, positions)
-    out = attn_fn(q_heads, kv_heads[0], kv_heads[1], keep)
+    out = attn_fn(q_heads, k_heads, v_heads, keep, scale=scale)
     return all_to_all_scatter_gather(out, comm, scatter_dim=2, gather_dim=1)

@@ -25,6 +25,7 @@ from torch import nn
 
 from kernels.gla import chunk_gla, fused_recurrent_gla
 from models.config import ModelConfig
+from models.decode_cache import DecodeCache
 from models.init import ParamInit, normal_init, ones_init
 from models.layers.tensor_parallel import ColumnParallelLinear
 from models.parallel_context import ParallelContext, resolve_context
@@ -87,10 +88,12 @@ class GatedLinearAttention(nn.Module):
             specs.update({f"{name}.{key}": init for key, init in layer_specs.items()})
         return specs
 
-    def forward(self, x: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor | None = None,
+                cache: DecodeCache | None = None) -> torch.Tensor:
         """x [B, T, hidden] (under SP this rank's [B, T/tp, hidden]) -> same shape.
 
-        position_ids is unused (see the class docstring).
+        position_ids is unused (see the class docstring). With `cache` (decoding, launch/generate.py)
+        the recurrence starts from the cached state and leaves its final state there.
         """
         x = self.q_proj.prepare_input(x)  # one input collective for every projection
         batch, seq_len, _ = x.shape
@@ -102,7 +105,11 @@ class GatedLinearAttention(nn.Module):
         # The gate is a log-decay summed over up to 64 steps per chunk: keep it in fp32 under autocast.
         gate = F.logsigmoid(gate_logits.float()) / self.gate_logit_normalizer
         gate = gate.view(batch, seq_len, heads, self.head_k_dim)
-        o, _ = GLA_MODES[self.mode](q, k, v, gate, kernels=self.kernels)
+        initial_state = None if cache is None else cache.state
+        o, final_state = GLA_MODES[self.mode](q, k, v, gate, kernels=self.kernels, initial_state=initial_state,
+                                              output_final_state=cache is not None)
+        if cache is not None:
+            cache.state = final_state
         o32 = o.float()
         o32 = o32 * torch.rsqrt(o32.pow(2).mean(dim=-1, keepdim=True) + self.norm_eps)
         o32 = o32 * self.g_norm_weight.float()

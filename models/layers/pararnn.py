@@ -33,6 +33,7 @@ from kernels.dispatch import KernelsConfig
 from kernels.pararnn import NewtonReport, parallel_recurrence, sequential_recurrence
 from kernels.pararnn_plan import NewtonOptions, SolverPlan, build_solver_plan
 from models.config import ModelConfig
+from models.decode_cache import DecodeCache
 from models.init import ParamInit, normal_init, zeros_init
 from models.layers.tensor_parallel import TPContext, tp_region_input
 from models.parallel_context import ParallelContext, resolve_context
@@ -297,11 +298,12 @@ class _ParaRNN(nn.Module):
         return u + bias
 
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor | None = None,
-                mode: str | None = None) -> torch.Tensor:
+                mode: str | None = None, cache: DecodeCache | None = None) -> torch.Tensor:
         """x [B, T, hidden] (under SP this rank's [B, T/tp, hidden]) -> same shape, in `mode`
         (default: the layer's).
 
-        position_ids is unused: the recurrence follows token order.
+        position_ids is unused: the recurrence follows token order. With `cache` (decoding,
+        launch/generate.py) the recurrence steps on from the cached state and leaves its last state there.
         """
         del position_ids
         mode = self.mode if mode is None else mode
@@ -312,7 +314,9 @@ class _ParaRNN(nn.Module):
         compute_dtype = recurrence_dtype(u.dtype)
         u = u.to(compute_dtype)
         params = [getattr(self, name).to(compute_dtype) for name in self.recurrent_names]
-        if mode == "parallel":
+        if cache is not None:
+            states = self._continue_recurrence(u, params, cache)
+        elif mode == "parallel":
             plan = self.solver_plan(u.device, compute_dtype)
             states, self.last_newton_report = parallel_recurrence(self.cell, u, params, self.newton, plan=plan)
         elif mode == "sequential":
@@ -320,6 +324,20 @@ class _ParaRNN(nn.Module):
         else:
             raise ValueError(f"mode={mode!r}: unknown ParaRNN mode. Fix: use one of {', '.join(MODES)}")
         return self.w_out(self.cell.output(states).to(x.dtype))
+
+    def _continue_recurrence(self, u: torch.Tensor, params: Sequence[torch.Tensor],
+                             cache: DecodeCache) -> torch.Tensor:
+        """The reference step loop from the cached state (zeros at first); the last state is cached.
+
+        Decoding feeds a token at a time, where a Newton solve has nothing to parallelise.
+        """
+        state = self.cell.zero_state(u[:, 0]) if cache.state is None else cache.state
+        states = []
+        for u_t in u.unbind(1):
+            state = self.cell.step(state, u_t, params)
+            states.append(state)
+        cache.state = state
+        return torch.stack(states, dim=1)
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token: 3 x forward, forward = 2 x (input + output projection parameters),

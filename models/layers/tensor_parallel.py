@@ -29,6 +29,7 @@ from __future__ import annotations
 
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -36,11 +37,17 @@ from torch import nn
 
 from models.init import ParamInit, zeros_init
 from parallel_state.collectives import (
+    SEQUENCE_DIM,
+    CompletedHandle,
+    all_reduce_async,
     copy_to_tp_region,
+    copy_to_tp_region_async_grad,
     gather_from_sequence_parallel_region,
+    gather_from_sequence_parallel_region_async_grad,
     gather_from_tp_region,
     reduce_from_tp_region,
     reduce_scatter_to_sequence_parallel_region,
+    reduce_scatter_to_sequence_parallel_region_async,
     resolve_group,
     scatter_to_tp_region,
 )
@@ -57,12 +64,76 @@ def divide_exactly(total: int, parts: int, what: str) -> int:
     return total // parts
 
 
+# Attribute set on a tensor that has already been through a TP region's input mapping (see
+# `enter_tp_region_deferred_grad`); the mixers' own mapping then passes it through unchanged.
+_IN_TP_REGION = "_foldtron_in_tp_region"
+
+
 def tp_region_input(x: torch.Tensor, tp: AxisGroup, sequence_parallel: bool) -> torch.Tensor:
     """Enter a TP region with the full activation: all-gather the sequence under SP (reduce-scatter
-    in backward), else identity forward with an all-reduce in backward."""
+    in backward), else identity forward with an all-reduce in backward.
+
+    A tensor that `enter_tp_region_deferred_grad` produced is already inside the region and is
+    returned as is, so a mixer keeps one code path whether or not its caller defers the reduction.
+    """
+    if getattr(x, _IN_TP_REGION, False):
+        return x
     if sequence_parallel:
         return gather_from_sequence_parallel_region(x, tp, tensor_parallel_output_grad=True)
     return copy_to_tp_region(x, tp)
+
+
+def enter_tp_region_deferred_grad(x: torch.Tensor, tp: AxisGroup, sequence_parallel: bool,
+                                  grad_handles: list) -> torch.Tensor:
+    """`tp_region_input` whose backward collective is only launched: its handle is appended to
+    `grad_handles`, and the input gradient is valid once the caller has waited on it.
+
+    The ladder residual (models/block.py, docs/ladder.md) enters a mixer's TP region itself with
+    this, so that the reduction of the mixer's input gradient overlaps the previous module's
+    backward. With one TP rank nothing is communicated and x is returned unchanged.
+    """
+    comm = resolve_group(tp)
+    if comm.size == 1:
+        return x
+    if sequence_parallel:
+        y = gather_from_sequence_parallel_region_async_grad(x, comm, grad_handles)
+    else:
+        y = copy_to_tp_region_async_grad(x, comm, grad_handles)
+    setattr(y, _IN_TP_REGION, True)
+    return y
+
+
+@dataclass
+class PendingTensor:
+    """A row-parallel output whose reduction (all-reduce, or reduce-scatter under SP) is in flight.
+
+    `partial_result` is the collective's receiving buffer: read it only through `wait()`. With
+    `moved_dim` set it holds the result with that dim moved to the front (a reduce-scatter's buffer,
+    see parallel_state.collectives), and `wait()` moves it back. A complete tensor (no collective,
+    e.g. a MoE output) is wrapped with a CompletedHandle.
+    """
+
+    partial_result: torch.Tensor
+    handle: Any
+    moved_dim: int | None = None
+
+    @classmethod
+    def completed(cls, value: torch.Tensor) -> PendingTensor:
+        """A tensor that needs no waiting, in the same wrapper."""
+        return cls(value, CompletedHandle())
+
+    def wait(self) -> torch.Tensor:
+        """The reduced tensor (blocks until the collective is done)."""
+        self.handle.wait()
+        return self.as_result(self.partial_result)
+
+    def as_result(self, buffer: torch.Tensor) -> torch.Tensor:
+        """`buffer` (shaped like partial_result) in the result's layout."""
+        return buffer if self.moved_dim is None else buffer.movedim(0, self.moved_dim)
+
+    def as_buffer(self, result: torch.Tensor) -> torch.Tensor:
+        """`result` (e.g. its gradient) in partial_result's layout."""
+        return result if self.moved_dim is None else result.movedim(self.moved_dim, 0)
 
 
 @dataclass(frozen=True)
@@ -202,11 +273,29 @@ class RowParallelLinear(_TPLinear):
             self.bias = nn.Parameter(torch.empty(out_features))
             # Under SP each rank adds the bias to its own tokens only: its gradient is partial.
             set_param_meta(self.bias, tp_partial_grad=self.sequence_parallel)
+        # Return the output as a PendingTensor with its reduction in flight (`defer_output_reduction`).
+        self.defer_reduction = False
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def defer_output_reduction(self) -> None:
+        """From now on forward returns a PendingTensor: the reduction is launched, not waited on.
+
+        Set by the ladder residual (models/block.py) on a mixer's output projection, whose caller
+        waits only when the residual stream needs the value.
+        """
+        if self.bias is not None:
+            raise ValueError("RowParallelLinear with a bias cannot defer its reduction (the bias is added "
+                             "after it); build the layer without bias")
+        self.defer_reduction = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | PendingTensor:
         if not self.input_is_parallel:
             x = scatter_to_tp_region(x, self.tp)
         partial = F.linear(x, self.weight)
+        if self.defer_reduction:
+            if self.sequence_parallel:
+                out, handle = reduce_scatter_to_sequence_parallel_region_async(partial, self.tp)
+                return PendingTensor(out, handle, moved_dim=SEQUENCE_DIM)
+            return PendingTensor(*all_reduce_async(partial, self.tp))
         if self.sequence_parallel:
             y = reduce_scatter_to_sequence_parallel_region(partial, self.tp)
         else:

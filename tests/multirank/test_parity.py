@@ -4,8 +4,8 @@ The real Trainer runs three steps from the same seed and data on one process and
 under test. Per step, the losses match, and the gradients each rank hands to the optimizer (after
 the DP, TP, PP and EP reductions and the global-norm clipping), assembled from every rank's slices,
 match the one-process gradients, fp32, relative tolerance 1e-5 (see assert_grad_close). LAYOUTS
-covers TP (with and without SP), DP, the GLA and ParaRNN mixers under TP, CP (ring and all-to-all),
-pipelines (1F1B, interleaved, tied embeddings, an explicit split) and MoE folding.
+covers TP (with and without SP), DP, the GLA, ParaRNN and MLA mixers under TP, CP (ring and all-to-all),
+pipelines (1F1B, interleaved, tied embeddings, an explicit split), MoE folding and the ladder residual.
 """
 from __future__ import annotations
 
@@ -119,6 +119,15 @@ MOE = ["model.channel_mixers=[moe]", "model.moe.num_experts=4", "model.moe.ffn_h
        "model.moe.aux_loss_coeff=0.01", "model.moe.seq_aux_loss_coeff=0.01", "model.moe.z_loss_coeff=0.001",
        "model.moe.num_shared_experts=1"]
 
+# The ladder residual on every layer (docs/ladder.md): deferred TP reductions, same model as one process.
+LADDER = ["model.residual=ladder"]
+
+# Multi-head latent attention (docs/mla.md): V narrower than K, query and key/value latents.
+MLA = ["model.token_mixers=[mla]", "model.mla.q_lora_rank=16", "model.mla.kv_lora_rank=16",
+       "model.mla.qk_nope_head_dim=8", "model.mla.qk_rope_head_dim=4", "model.mla.v_head_dim=6"]
+YARN = ["model.rope_scaling.type=yarn", "model.rope_scaling.factor=4", "model.rope_scaling.mscale_all_dim=1",
+        "model.rope_scaling.original_max_position_embeddings=16"]
+
 # (tp, sequence_parallel, cp, dp, micro batch size, extra overrides); pp and vpp go in the overrides.
 LAYOUTS = [
     (1, False, 1, 2, 2, []),
@@ -136,6 +145,17 @@ LAYOUTS = [
     (2, True, 1, 1, 2, ["model.token_mixers=[gla,attention]"]),
     (2, False, 1, 2, 1, ["model.token_mixers=[pararnn_gru]", "model.pararnn.newton_iterations=6"]),
     (2, True, 1, 1, 2, ["model.token_mixers=[pararnn_lstm]", "model.pararnn.newton_iterations=6"]),
+    # MLA: heads over TP with the down-projections and latent norms replicated (grads summed over TP);
+    # CP with V narrower than K on the ring and through the all-to-all; a pipeline with YaRN; a
+    # DeepSeek-V3-like MoE (sigmoid, aux-free bias, group-limited routing, shared expert, dense first layer).
+    (2, False, 1, 1, 2, MLA),
+    (2, True, 1, 1, 2, MLA),
+    (1, False, 2, 1, 2, [*MLA, "parallel.cp_comm=ring"]),
+    (1, False, 2, 1, 2, [*MLA, "parallel.cp_comm=a2a"]),
+    (1, False, 1, 1, 1, [*MLA, *YARN, "parallel.pp=2", "model.num_layers=4"]),
+    (2, True, 1, 1, 2, [*MLA, *MOE, "model.moe.score_function=sigmoid", "model.moe.n_group=2",
+                        "model.moe.topk_group=1", "model.moe.aux_free_bias_rate=0.01",
+                        "model.moe.first_k_dense_layers=1", "parallel.ep=2", "parallel.etp=1"]),
     # Context parallelism: zigzag chunks, ring or all-to-all attention, loss over the global token count.
     (1, False, 2, 1, 2, []),
     (1, False, 4, 1, 2, []),
@@ -166,13 +186,21 @@ LAYOUTS = [
     # plain top-k, not the computed experts, and their counts are summed over the TP (SP) ranks.
     (2, True, 1, 1, 2, [*MOE, "model.moe.score_function=sigmoid", "model.moe.n_group=2", "model.moe.topk_group=1",
                         "model.moe.aux_free_bias_rate=0.01", "parallel.ep=2", "parallel.etp=1"]),
+    # Ladder residual: the row-parallel reductions (all-reduce, or reduce-scatter under SP) and the
+    # input-gradient reductions are in flight while the next module computes; the pipeline stage
+    # boundary is a declared ladder restart; a MoE mixer completes its own output.
+    (2, False, 1, 1, 2, [*LADDER, "model.token_mixers=[attention,gla]"]),
+    (2, True, 1, 1, 2, [*LADDER, "model.token_mixers=[pararnn_gru,attention]", "model.pararnn.newton_iterations=6"]),
+    (2, True, 1, 1, 1, [*LADDER, "parallel.pp=2", "model.num_layers=4", "model.ladder_restarts=[2]"]),
+    (2, False, 1, 1, 2, [*MOE, *LADDER, "parallel.ep=2", "parallel.etp=1"]),
+    (2, True, 2, 1, 2, [*LADDER, "model.ladder_layers=1", "parallel.cp_comm=ring"]),
 ]
 
 
 def layout_id(tp, sp, cp, dp, micro, extra) -> str:
     parts = [f"tp{tp}" + ("-sp" if sp else ""), f"cp{cp}" if cp > 1 else "", f"dp{dp}", f"mb{micro}"]
     parts += [o.split("=")[1].strip("[]").replace(",", "+") for o in extra if "mixers" in o or "vocab" in o
-              or "cp_comm" in o or "dispatcher" in o or "score_function" in o]
+              or "cp_comm" in o or "dispatcher" in o or "score_function" in o or "residual" in o]
     parts += [o.replace("parallel.", "").replace("=", "") for o in extra if o.startswith(("parallel.ep", "parallel.etp"))]
     parts += [o.split("=")[0].split(".")[1] + o.split("=")[1].replace(",", "+").strip("[]") for o in extra
               if o.startswith(("parallel.pp", "parallel.vpp", "parallel.pipeline_layers", "model.tie"))]

@@ -32,7 +32,8 @@ def test_step_bytes_count_every_collective_and_no_evaluation(tmp_path, rank_pool
     results = rank_pools.get(2).run(train_dp2, overrides)
     with open(f"{results[0]['run_dir']}/metrics.jsonl") as f:
         rows = [json.loads(line) for line in f]
-    steps = {row["step"]: {k: v for k, v in row.items() if k.startswith("comm/")} for row in rows if "loss" in row}
+    steps = {row["step"]: {k: v for k, v in row.items() if k.startswith("comm/") and not k.endswith("_all_ranks")}
+             for row in rows if "loss" in row}
     assert sorted(steps) == [1, 2, 3, 4]
     # dp=2: the gradient buckets, then the loss-token count and the loss sum (fp32 scalars) over DP x CP,
     # and the squared grad norm (fp64) over every rank.
@@ -44,3 +45,7 @@ def test_step_bytes_count_every_collective_and_no_evaluation(tmp_path, rank_pool
     for step, comm in steps.items():
         # Step 3 follows an evaluation (eval_interval=2): its bytes must not include it.
         assert comm == pytest.approx(expected), f"step {step}"
+    # Summed over the ranks (gathered once per log window; both ranks send the same here).
+    for row in (r for r in rows if "loss" in r):
+        assert row["comm/dp_cp/all_reduce_bytes_all_ranks"] == pytest.approx(2 * expected["comm/dp_cp/all_reduce_bytes"])
+        assert row["comm/total_bytes_all_ranks"] == pytest.approx(2 * expected["comm/total_bytes"])

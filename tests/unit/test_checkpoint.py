@@ -1,45 +1,63 @@
-"""Atomic checkpoints, keep-last pruning, skipping incomplete ones, and bitwise resume."""
+"""Atomic checkpoint directories, keep-last pruning, skipping incomplete ones, and bitwise resume."""
 from __future__ import annotations
 
 import json
 import os
-import shutil
 
 import pytest
 
-from trainer.checkpoint import find_latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from trainer.checkpoint import (
+    commit_save,
+    find_latest_checkpoint,
+    list_checkpoints,
+    prepare_save,
+    read_meta,
+)
 from trainer.config import compose
+
+
+def _save(run_dir, step: int, payload: str, keep_last: int = 0) -> str:
+    pending = prepare_save(str(run_dir), step)
+    with open(os.path.join(pending.tmp, "payload.txt"), "w") as f:
+        f.write(payload)
+    return commit_save(pending, {}, keep_last)
+
+
+def _payload(path: str) -> str:
+    with open(os.path.join(path, "payload.txt")) as f:
+        return f.read()
 
 
 def test_save_is_atomic_and_prunes(tmp_path):
     for step in (1, 2, 3, 4):
-        save_checkpoint(str(tmp_path), step, {"x": step}, keep_last=2)
+        _save(tmp_path, step, str(step), keep_last=2)
     assert [s for s, _ in list_checkpoints(str(tmp_path))] == [3, 4]
     assert not [n for n in os.listdir(tmp_path / "checkpoints") if n.startswith(".tmp")]
-    assert load_checkpoint(str(tmp_path / "checkpoints" / "step_000004")).state == {"x": 4}
+    path, meta = find_latest_checkpoint(str(tmp_path))
+    assert meta["step"] == 4 and meta["format"] == "foldtron-dcp-v1" and _payload(path) == "4"
 
 
 def test_resave_same_step_replaces(tmp_path):
-    save_checkpoint(str(tmp_path), 5, {"x": 1})
-    save_checkpoint(str(tmp_path), 5, {"x": 2})
-    assert find_latest_checkpoint(str(tmp_path)).state == {"x": 2}
+    _save(tmp_path, 5, "a")
+    _save(tmp_path, 5, "b")
+    assert _payload(find_latest_checkpoint(str(tmp_path))[0]) == "b"
 
 
 def test_incomplete_and_corrupt_checkpoints_are_skipped_with_a_warning(tmp_path, caplog):
-    save_checkpoint(str(tmp_path), 1, {"x": 1})
+    _save(tmp_path, 1, "1")
     incomplete = tmp_path / "checkpoints" / "step_000003"
     incomplete.mkdir()  # e.g. a half-finished copy: no meta.json
-    (incomplete / "state.pt").write_bytes(b"partial")
+    (incomplete / "payload.txt").write_text("partial")
     corrupt = tmp_path / "checkpoints" / "step_000002"
     corrupt.mkdir()
-    (corrupt / "state.pt").write_bytes(b"not a torch file")
-    (corrupt / "meta.json").write_text(json.dumps({"step": 2}))
+    (corrupt / "meta.json").write_text("{not json")
+    (tmp_path / "checkpoints" / ".tmp_step_000004").mkdir()  # a save that never committed
     with caplog.at_level("WARNING"):
         found = find_latest_checkpoint(str(tmp_path))
-    assert found.step == 1
-    assert "step_000003" in caplog.text and "step_000002" in caplog.text
+    assert found[1]["step"] == 1
+    assert "step_000003" in caplog.text and "step_000002" in caplog.text and ".tmp_step_000004" in caplog.text
     with pytest.raises(ValueError, match="incomplete"):
-        load_checkpoint(str(incomplete))
+        read_meta(str(incomplete))
 
 
 def _losses(run_dir) -> list[float]:
@@ -111,97 +129,28 @@ def test_resume_drops_metrics_logged_after_the_checkpoint(tmp_path, tiny):
     assert [s for s in steps if s <= 8] == sorted(steps) and len(set(steps)) == len(steps)
 
 
-def test_trainer_checkpoint_loads_with_weights_only(tmp_path, tiny):
-    """State files hold tensors and primitives only: torch.load(weights_only=True) reads them, and
-    load_checkpoint uses it, so a pickled object in a state file is refused, never executed."""
-    import torch
+def test_checkpoint_objects_load_with_weights_only(tmp_path):
+    """Objects in a checkpoint (step counters, RNG states) are read with torch.load(weights_only=True):
+    a pickled object that is not a tensor or primitive is refused, never executed."""
+    from trainer.checkpoint_dcp import load_boxes, save_boxes
 
-    from trainer.trainer import Trainer
-
-    run = tmp_path / "run"
-    trainer = Trainer(compose(tiny(run_dir=run, steps=3) + ["model.dropout=0.1"]))
-    trainer.train()
-    path = run / "checkpoints" / "step_000003"
-    state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
-    assert state["step"] == 3 and isinstance(state["rng"]["torch"], torch.Tensor)
-    assert all(isinstance(v, torch.Tensor) for v in state["rng"]["streams"].values())
-    assert load_checkpoint(str(path)).state.keys() == trainer.state_dict().keys()
-
-    save_checkpoint(str(tmp_path / "evil"), 1, {"x": _NotAllowlisted()})
-    refused = r"unreadable by torch.load\(weights_only=True\).*Unsupported global.*_NotAllowlisted"
+    save_boxes(str(tmp_path / "evil"), [], {"trainer": _NotAllowlisted()}, distributed=False)
+    refused = r"'trainer' is unreadable by torch.load\(weights_only=True\).*Unsupported global.*_NotAllowlisted"
     with pytest.raises(ValueError, match=refused):
-        load_checkpoint(str(tmp_path / "evil" / "checkpoints" / "step_000001"))
+        load_boxes(str(tmp_path / "evil"), [], ["trainer"], distributed=False)
 
 
 class _NotAllowlisted:
     """A picklable object torch.load(weights_only=True) must refuse."""
 
 
-def _pipeline_layout(pp_rank: int, vpp: int, layers: tuple[int, ...] | None):
-    from trainer.checkpoint import ShardLayout
+def test_checkpoint_of_the_old_per_layout_format_is_a_clear_error(tmp_path, tiny):
+    from trainer.trainer import Trainer
+    from trainer.validation import ConfigError
 
-    return ShardLayout(pp_rank=pp_rank, pp=2, vpp=vpp, stage_layers=layers)
-
-
-def _save_pipeline_checkpoint(run_dir, vpp: int, layers: tuple[int, ...] | None) -> str:
-    """Both pp shards of a pp=2 checkpoint, as the two ranks would write them."""
-    path = save_checkpoint(str(run_dir), 4, {"x": 0}, layout=_pipeline_layout(0, vpp, layers))
-    first, second = (os.path.join(path, _pipeline_layout(r, vpp, layers).file_name()) for r in (0, 1))
-    shutil.copyfile(first, second)
-    return path
-
-
-def test_checkpoint_of_another_vpp_or_layer_split_is_refused_with_both_values(tmp_path):
-    from trainer.checkpoint import CheckpointLayoutError
-
-    path = _save_pipeline_checkpoint(tmp_path / "run", vpp=2, layers=(1, 1, 1, 1))
-    meta = json.loads((tmp_path / "run" / "checkpoints" / "step_000004" / "meta.json").read_text())
-    assert (meta["vpp"], meta["stage_layers"]) == (2, [1, 1, 1, 1])
-    for rank in (0, 1):
-        assert load_checkpoint(path, _pipeline_layout(rank, 2, (1, 1, 1, 1))).step == 4
-
-    with pytest.raises(CheckpointLayoutError) as e:
-        load_checkpoint(path, _pipeline_layout(0, 1, (2, 2)))
-    assert "saved with parallel.vpp=2 parallel.pipeline_layers=[1,1,1,1]" in str(e.value)
-    assert "this run has parallel.vpp=1 parallel.pipeline_layers=[2,2]" in str(e.value)
-    assert e.value.fix.startswith("run with the checkpoint's parallel.vpp=2 parallel.pipeline_layers=[1,1,1,1]")
-    assert "trainer.run_dir" in e.value.fix
-
-    uneven = _save_pipeline_checkpoint(tmp_path / "uneven", vpp=1, layers=(3, 1))
-    with pytest.raises(CheckpointLayoutError, match=r"pipeline_layers=\[3,1\].*this run has parallel.vpp=1 "
-                                                    r"parallel.pipeline_layers=\[2,2\]") as e:
-        find_latest_checkpoint(str(tmp_path / "uneven"), _pipeline_layout(1, 1, (2, 2)))
-    assert "parallel.pipeline_layers=[3,1]" in e.value.fix
-    assert load_checkpoint(uneven, _pipeline_layout(1, 1, (3, 1))).step == 4
-
-
-def test_checkpoint_without_pipeline_metadata_loads_in_the_same_tp_pp(tmp_path):
-    """Checkpoints from before vpp and the layer split were recorded: unknown, so not refused."""
-    path = _save_pipeline_checkpoint(tmp_path / "run", vpp=2, layers=(1, 1, 1, 1))
-    meta_path = os.path.join(path, "meta.json")
-    with open(meta_path) as f:
-        meta = json.load(f)
-    del meta["vpp"], meta["stage_layers"]
-    with open(meta_path, "w") as f:
-        json.dump(meta, f)
-    assert load_checkpoint(path, _pipeline_layout(0, 1, (2, 2))).step == 4
-    # A run that does not know its own split (layout built without it) compares vpp only.
-    path = _save_pipeline_checkpoint(tmp_path / "new", vpp=2, layers=(1, 1, 1, 1))
-    assert load_checkpoint(path, _pipeline_layout(0, 2, None)).step == 4
-
-
-def test_shard_layout_resolves_the_pipeline_split():
-    from types import SimpleNamespace
-
-    from trainer.checkpoint import ShardLayout
-
-    def ps(pp: int, pp_rank: int = 0):
-        one = SimpleNamespace(size=1, rank=0)
-        return SimpleNamespace(tp=one, pp=SimpleNamespace(size=pp, rank=pp_rank), ep=one, etp=one, dp_cp=one,
-                               world_size=pp, rank=pp_rank)
-
-    assert ShardLayout.of(ps(2), vpp=2, num_layers=8).stage_layers == (2, 2, 2, 2)
-    assert ShardLayout.of(ps(2, 1), vpp=1, num_layers=5, pipeline_layers=[3, 2]).stage_layers == (3, 2)
-    # Without a pipeline the model is one piece whatever parallel.vpp says.
-    single = ShardLayout.of(ps(1), vpp=2, num_layers=8)
-    assert (single.vpp, single.stage_layers) == (1, None)
+    old = tmp_path / "run" / "checkpoints" / "step_000004"
+    old.mkdir(parents=True)
+    (old / "meta.json").write_text(json.dumps({"step": 4, "format": "foldtron-shards-v1", "tp": 1, "pp": 1}))
+    (old / "state.pt").write_bytes(b"")
+    with pytest.raises(ConfigError, match="format 'foldtron-shards-v1'.*Fix: resume it with the foldtron version"):
+        Trainer(compose(tiny(run_dir=tmp_path / "run", steps=6) + ["trainer.resume=auto"]))

@@ -94,7 +94,7 @@ def test_spec_constants_match_implemented_classes():
     [
         ("token_mixers", {"token_mixers": ["attention", "mamba"]}, "mamba"),
         ("channel_mixers", {"channel_mixers": ["nope"]}, "nope"),
-        ("residual", {"residual": "ladder"}, "ladder"),
+        ("residual", {"residual": "hyper"}, "hyper"),
     ],
 )
 def test_unknown_mixer_raises_naming_field_value_and_choices(field_name, overrides, bad_value):

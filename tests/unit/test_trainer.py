@@ -132,19 +132,27 @@ def test_tensorboard_resume_purges_the_replayed_steps(tmp_path, tiny):
     assert start == [3]  # purge_step: TensorBoard drops the first run's events from step 3 on
     acc = EventAccumulator(str(run / "tensorboard"))
     acc.Reload()
-    assert [e.step for e in acc.Scalars("loss")] == [1, 2, 3, 4]
+    assert [e.step for e in acc.Scalars("train/loss")] == [1, 2, 3, 4]
 
 
 class _FakeWandb(types.ModuleType):
-    """Records wandb.init's arguments (the real one would need a server for online mode)."""
+    """Records wandb.init's arguments, define_metric and log calls (the real one would need a server
+    for online mode)."""
 
     def __init__(self):
         super().__init__("wandb")
         self.inits: list[dict] = []
+        self.defined: list[tuple] = []
+        self.rows: list[dict] = []
 
     def init(self, **kwargs):
         self.inits.append(kwargs)
-        return types.SimpleNamespace(log=lambda *a, **k: None, finish=lambda: None)
+        return types.SimpleNamespace(log=lambda row, **k: self.rows.append(row), finish=lambda: None,
+                                     define_metric=lambda *a, **k: self.defined.append((a, k)))
+
+    class Histogram:
+        def __init__(self, np_histogram):
+            self.np_histogram = np_histogram
 
 
 @pytest.fixture

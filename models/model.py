@@ -22,6 +22,7 @@ from models.layers.vocab_parallel import (
     vocab_parallel_cross_entropy,
 )
 from models.parallel_context import ParallelContext, resolve_context
+from models.recompute import full_recompute_groups, run_checkpointed_layers
 from models.spec import first_ladder_layer, ladder_run_starts, layer_specs
 
 
@@ -81,6 +82,13 @@ class DecoderModel(nn.Module):
                                                     init=normal_init(cfg.init_std), **vocab_layer_args)
         self.layers = nn.ModuleDict({str(i): DecoderBlock(cfg, specs[i], par) for i in layer_ids})
         self._runs = _layer_runs(cfg, layer_ids)
+        # model.recompute=full: the held layers (one pipeline stage or virtual stage) checkpointed together.
+        self._recompute_groups = (full_recompute_groups(len(layer_ids), cfg.recompute_method, cfg.recompute_layers)
+                                  if cfg.recompute == "full" else [])
+        self._rng = tp.rng
+        if self._recompute_groups and any(self.layers[str(i)].is_ladder for i in layer_ids):
+            raise ValueError("model.recompute=full with ladder-residual layers is not implemented; "
+                             "use model.recompute=selective or model.residual=standard")
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps) if has_head else None
         self.output = None
         if has_head:
@@ -119,6 +127,8 @@ class DecoderModel(nn.Module):
         """The decoder layers on the residual stream: standard blocks one by one, each ladder run as
         one (its pending outputs completed at its end). `caches` (decoding, launch/generate.py):
         the token mixer's cache of each layer, by global index."""
+        if self._recompute_groups and caches is None and torch.is_grad_enabled():
+            return self._run_recomputed_layers(hidden, position_ids)
         for run_is_ladder, keys in self._runs:
             if run_is_ladder:
                 modules = [m for key in keys for m in self.layers[key].ladder_modules()]
@@ -131,6 +141,22 @@ class DecoderModel(nn.Module):
                     hidden = block(hidden, position_ids)
                 else:
                     hidden = block.forward_cached(hidden, position_ids, caches[int(key)])
+        return hidden
+
+    def _run_recomputed_layers(self, hidden: torch.Tensor, position_ids: torch.Tensor | None) -> torch.Tensor:
+        """model.recompute=full (models/recompute.py): each group of layers runs as one checkpoint,
+        the layers outside every group as usual (recompute_method=block)."""
+        blocks = list(self.layers.values())
+        grouped = {group.start: group for group in self._recompute_groups}
+        position = 0
+        while position < len(blocks):
+            group = grouped.get(position)
+            if group is None:
+                hidden = blocks[position](hidden, position_ids)
+                position += 1
+                continue
+            hidden = run_checkpointed_layers(blocks[group.start:group.stop], hidden, position_ids, self._rng)
+            position = group.stop
         return hidden
 
     def token_losses(

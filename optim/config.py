@@ -12,7 +12,10 @@ from dataclasses import dataclass, field
 
 SCHEDULE_NAMES = ("cosine", "linear", "wsd", "constant")
 WSD_DECAY_SHAPES = ("linear", "cosine", "sqrt")
-OPTIMIZER_NAMES = ("adamw",)
+OPTIMIZER_NAMES = ("adamw", "sgd")
+# Outer optimizers over workers (optim/outer, docs/co2.md): none, or the three that average workers.
+OUTER_NAMES = ("none", "localsgd", "diloco", "co2")
+STALENESS_PENALTIES = ("constant", "gap")
 
 
 @dataclass
@@ -33,8 +36,43 @@ class LRScheduleConfig:
 
 
 @dataclass
+class CO2Config:
+    """The outer optimizer's settings (docs/co2.md), read by every `optim.outer` but "none"."""
+
+    # Workers the data-parallel ranks are split into: blocks of dp / workers contiguous data-parallel
+    # ranks (typically one node each) that train synchronously inside and average every tau steps.
+    workers: int = 1
+    # Inner optimizer steps per outer round (the paper uses 12-48; DiLoCo hundreds).
+    tau: int = 12
+    # Outer learning rate: x_{t+1} = x_t - alpha * m_t (1.0 with beta 0: plain parameter averaging).
+    alpha: float = 1.0
+    # Outer momentum: m_t = beta * m_{t-1} + Lambda_t * Delta (DiLoCo: Nesterov, typically 0.9).
+    beta: float = 0.5
+    # Element-wise clip of the outer momentum to [-clip, clip]; 0 disables it (the paper's phi).
+    clip: float = 0.0
+    # co2 only, the staleness gap penalty Lambda_t: "constant" (1, the public code's default) or "gap"
+    # (1 / (1 + |x_t - x_{t-1}| / |Delta|): shrinks a stale Delta when the anchor moved far since).
+    penalty: str = "constant"
+
+
+BACKENDS = ("native", "deepspeed")
+
+
+@dataclass
+class DeepSpeedConfig:
+    """The DeepSpeed engine's settings (optim.backend=deepspeed; optim/deepspeed_engine.py, docs/deepspeed.md)."""
+
+    # ZeRO stage: 1 shards the optimizer state over the data-parallel ranks, 2 also the gradients,
+    # 3 also the parameters (gathered module by module in forward and backward).
+    stage: int = 1
+    # Bucket size (elements) of ZeRO's gradient reduce and parameter all-gather (DeepSpeed's default 5e8).
+    bucket_size: int = 500_000_000
+
+
+@dataclass
 class OptimConfig:
-    # Optimizer implementation: "adamw" (the only one implemented).
+    # Optimizer implementation: "adamw", or "sgd" (torch's SGD with optim.momentum; weight_decay is
+    # then L2, added to the gradient; beta1/beta2/eps are unused).
     name: str = "adamw"
     # Peak learning rate; the schedule scales it each step.
     lr: float = 3e-4
@@ -76,6 +114,19 @@ class OptimConfig:
     # faster, but it rounds differently from the for-loop/foreach paths, so it is off by default to
     # keep the pinned one-process losses. Exclusive with foreach=true (torch refuses both).
     fused: bool = False
+    # optim.name=sgd: heavy-ball momentum coefficient (0: plain SGD) and Nesterov's variant of it.
+    momentum: float = 0.0
+    nesterov: bool = False
+    # Outer optimizer over optim.co2.workers workers (docs/co2.md): "none"; "localsgd" (synchronous
+    # averaging every tau steps, with outer momentum beta); "diloco" (synchronous, Nesterov outer
+    # momentum); "co2" (the average runs during the next round and is applied one round late).
+    outer: str = "none"
+    co2: CO2Config = field(default_factory=CO2Config)
+    # Who runs the optimizer step: "native" (foldtron's steps above) or "deepspeed" (DeepSpeed's engine
+    # with ZeRO optim.deepspeed.stage; data parallelism only, fp32, checkpoints in DeepSpeed's format;
+    # needs the `deepspeed` package, in the dev extras; docs/deepspeed.md).
+    backend: str = "native"
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
 
 
 def resolved_decay_steps(cfg: LRScheduleConfig, max_steps: int) -> int:

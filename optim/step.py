@@ -53,6 +53,8 @@ class StepInputs:
     tied_weight: nn.Parameter | None = None
     # The model's modules (a step may hook their forward, e.g. to wait for a parameter all-gather).
     modules: list[nn.Module] = field(default_factory=list)
+    # Microbatches per optimizer step on this rank (the DeepSpeed engine's gradient accumulation steps).
+    microbatches: int = 1
 
 
 class OptimizerStep(Protocol):

@@ -50,11 +50,15 @@ class CommStats:
     calls: dict[tuple[str, str], int] = field(default_factory=dict)  # (op, group) -> number of calls
 
     paused_depth: int = 0  # > 0 inside `paused()`: calls are not counted
+    # The (op, group) this rank started last, paused or not: a collective that times out is named
+    # by it (trainer/faults.py).
+    last: tuple[str, str] | None = None
 
     def record(self, op: str, group: str, nbytes: float) -> None:
         """Count one call of `op` on `group` that sent `nbytes` from this rank."""
         if op not in COMM_OPS:
             raise ValueError(f"unknown collective {op!r}; counted ones: {', '.join(COMM_OPS)}")
+        self.last = (op, group)
         if self.paused_depth:
             return
         key = (op, group)

@@ -6,6 +6,7 @@ two ParallelStates (e.g. two layouts in one test) can live in one process.
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -15,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from parallel_state.comm_stats import CommStats
-from parallel_state.topology import GROUP_NAMES, RankCoords, Topology
+from parallel_state.topology import GROUP_NAMES, WORKER_GROUPS, RankCoords, Topology
 
 
 @dataclass(frozen=True)
@@ -51,7 +52,10 @@ class ParallelState:
 
     Axes: tp, cp, dp, pp, dp_cp, tp_cp, tp_dp_cp, mp (dense grid), ep, etp, edp, etp_ep, etp_ep_pp
     (expert grid), embedding (the first and last pipeline stage; on middle stages, which hold
-    neither the input embedding nor the output layer, the rank alone), and world (every rank).
+    neither the input embedding nor the output layer, the rank alone), world (every rank), and an
+    outer optimizer's worker (every rank of this rank's worker; the world with one worker) and outer
+    (this rank's counterparts in every worker; the rank alone with one worker). With several workers
+    every other group lies inside one worker.
     """
 
     topology: Topology
@@ -71,6 +75,8 @@ class ParallelState:
     etp_ep: AxisGroup
     etp_ep_pp: AxisGroup
     world: AxisGroup  # every rank (the default group): grad-norm and metric sums
+    worker: AxisGroup  # every rank of this rank's outer-optimizer worker
+    outer: AxisGroup  # the ranks at this rank's place in every worker (the outer average)
     stats: CommStats  # the bytes sent on every group of this state (each AxisGroup holds it)
     owned_groups: tuple = ()  # process groups this state created (destroy() releases them)
 
@@ -92,11 +98,28 @@ class ParallelState:
         """Whether this rank is on the last pipeline stage (holds the output layer and the loss)."""
         return self.pp.rank == self.pp.size - 1
 
+    @property
+    def data_rank(self) -> int:
+        """Which of the job's data-parallel ranks this rank reads for (its dp rank with one worker)."""
+        return self.topology.data_rank(self.rank)
+
+    @property
+    def data_size(self) -> int:
+        """How many data-parallel ranks the job's global batch is split over (all workers')."""
+        return self.topology.dp
+
     def axis(self, name: str) -> AxisGroup:
-        """The AxisGroup of kind `name` (see topology.GROUP_NAMES)."""
-        if name not in GROUP_NAMES:
-            raise KeyError(f"unknown group {name!r}; known: {', '.join(GROUP_NAMES)}")
+        """The AxisGroup of kind `name` (see topology.GROUP_NAMES and WORKER_GROUPS)."""
+        if name not in GROUP_NAMES and name not in WORKER_GROUPS:
+            raise KeyError(f"unknown group {name!r}; known: {', '.join(GROUP_NAMES + tuple(WORKER_GROUPS))}")
         return getattr(self, name)
+
+    def within_worker(self) -> ParallelState:
+        """This state as the inner optimizer of an outer one sees it: its worker is the whole world
+        (sums over "every rank", such as the global grad norm, stay inside the worker)."""
+        if self.outer.size == 1:
+            return self
+        return dataclasses.replace(self, world=dataclasses.replace(self.worker, name="world"))
 
     def destroy(self) -> None:
         """Release the process groups this state created (the default group stays)."""
@@ -141,7 +164,9 @@ def init(topology: Topology, backend: str | None = None, device: torch.device | 
     mine: dict[tuple[int, ...], Any] = {}
     # Every rank walks the same kinds and groups in the same order: new_group is collective over the
     # default group even for ranks outside the new group.
-    for name in GROUP_NAMES:
+    # The worker groups exist only with several workers (with one, "worker" is the world itself).
+    names = GROUP_NAMES + (tuple(WORKER_GROUPS) if topology.workers > 1 else ())
+    for name in names:
         for members in topology.groups(name):
             key = tuple(members)
             if key in created:
@@ -164,5 +189,13 @@ def _build(topology: Topology, rank: int, make_group: Callable[[list[int]], Any]
                                      rank=members.index(rank), stats=stats))
     world = AxisGroup(name="world", group=dist.group.WORLD if dist.is_initialized() else None,
                       ranks=tuple(range(topology.world_size)), rank=rank, stats=stats)
+    for name in WORKER_GROUPS:
+        if topology.workers > 1:
+            members = topology.group_of(name, rank)
+            axes[name] = AxisGroup(name=name, group=make_group(members), ranks=tuple(members),
+                                   rank=members.index(rank), stats=stats)
+        else:  # no process group of its own: the world, or the rank alone
+            axes[name] = (dataclasses.replace(world, name=name) if name == "worker"
+                          else AxisGroup.single(name, rank, stats))
     return ParallelState(topology=topology, coords=topology.coords(rank), owned_groups=owned, world=world,
                          stats=stats, **axes)

@@ -9,6 +9,13 @@ over a set of axes is the set of ranks that differ only on those axes. The two g
 the pipeline groups, otherwise a pipeline stage would hold dense layers of one stage and expert
 layers of another.
 
+An outer optimizer (CO2, local SGD, DiLoCo; optim/outer) splits the data-parallel ranks into
+`workers` blocks of contiguous ranks: the worker axis is the slowest-varying one (like a node), and
+inside each block the layout above repeats with dp / workers data-parallel ranks. Every dense and
+expert group then lies inside one worker (synchronous DP or ZeRO-1 within it); the `outer` groups
+join the ranks at the same place in every worker (they average the workers' parameters). With one
+worker nothing changes: no axis is added and the worker groups are the world and single ranks.
+
 Nothing here touches torch.distributed; parallel_state.groups turns these lists into process groups.
 """
 from __future__ import annotations
@@ -44,6 +51,12 @@ EXPERT_GROUPS = {
 }
 # Every name `Topology.groups` answers, in the order process groups are created on every rank.
 GROUP_NAMES = tuple(DENSE_GROUPS) + ("embedding",) + tuple(EXPERT_GROUPS)
+WORKER_AXIS = "worker"
+# The groups of an outer optimizer's workers (created only when there is more than one worker).
+WORKER_GROUPS = {
+    "worker": ("tp", "cp", "dp", "pp"),  # every rank of one worker (its inner optimizer's world)
+    "outer": (WORKER_AXIS,),  # the same place in every worker: the outer average
+}
 
 
 def divisors(n: int) -> list[int]:
@@ -107,10 +120,11 @@ class RankCoords:
     etp: int
     ep: int
     edp: int
+    worker: int = 0  # the outer optimizer's worker (block of contiguous ranks); dp and edp count inside it
 
     def as_dict(self) -> dict[str, int]:
         return {"tp": self.tp, "cp": self.cp, "dp": self.dp, "pp": self.pp,
-                "etp": self.etp, "ep": self.ep, "edp": self.edp}
+                "etp": self.etp, "ep": self.ep, "edp": self.edp, "worker": self.worker}
 
 
 def parse_order(order: str) -> tuple[str, ...]:
@@ -167,32 +181,61 @@ def check_sizes(world_size: int, tp: int = 1, cp: int = 1, pp: int = 1, ep: int 
                             f"with etp={etp} use ep in {divisors(per_stage // etp)}")
 
 
+def check_workers(world_size: int, workers: int, tp: int = 1, cp: int = 1, pp: int = 1, ep: int = 1,
+                  etp: int | None = None, field: str = "optim.co2.workers") -> None:
+    """Raise ConfigError unless `workers` blocks of contiguous ranks each hold whole dense and expert
+    grids: workers divides dp = world / (tp*cp*pp), and etp*ep*pp divides the ranks of one worker.
+    (Run after check_sizes: the sizes tile the world.)"""
+    etp = tp if etp is None else etp
+    if not isinstance(workers, int) or workers < 1:
+        raise ConfigError(field, workers, "must be a positive integer", f"set {field} >= 1 (1: no outer optimizer)")
+    dp = world_size // (tp * cp * pp)
+    if dp % workers:
+        raise ConfigError(field, workers, f"does not divide dp = world / (tp * cp * pp) = {world_size} / "
+                          f"({tp} * {cp} * {pp}) = {dp}: each worker needs the same number of data-parallel ranks",
+                          f"use one of {divisors(dp)}, or launch a multiple of {workers * tp * cp * pp} ranks")
+    block = world_size // workers
+    if block % (etp * ep * pp):
+        raise ConfigError(field, workers, f"a worker of {block} ranks cannot hold the expert grid: etp * ep * pp = "
+                          f"{etp} * {ep} * {pp} = {etp * ep * pp} does not divide it",
+                          f"use workers in {[w for w in divisors(dp) if (world_size // w) % (etp * ep * pp) == 0]}, "
+                          "or a smaller parallel.ep")
+
+
 class Topology:
     """The rank layout of one job: group lists and coordinates on the dense and expert grids.
 
-    `Topology(world_size, tp, cp, pp, ep, etp=None, order)` with etp=None meaning etp = tp. Derived
-    sizes: dp = world / (tp*cp*pp) and edp = world / (etp*ep*pp). Raises ConfigError for sizes
-    that do not tile the world, a bad order string, or expert pipeline groups that differ from the
-    dense ones.
+    `Topology(world_size, tp, cp, pp, ep, etp=None, order, workers=1)` with etp=None meaning etp = tp.
+    Derived sizes: dp = world / (tp*cp*pp) and edp = world / (etp*ep*pp), the data-parallel widths of
+    the whole job; with `workers` > 1 (an outer optimizer) each worker, a block of world / workers
+    contiguous ranks, holds dp / workers of them (`worker_dp`, `worker_edp`: the sizes of the dp and
+    edp groups). Raises ConfigError for sizes that do not tile the world (or a worker), a bad order
+    string, or expert pipeline groups that differ from the dense ones.
     """
 
     def __init__(self, world_size: int, tp: int = 1, cp: int = 1, pp: int = 1, ep: int = 1,
-                 etp: int | None = None, order: str = DEFAULT_ORDER):
+                 etp: int | None = None, order: str = DEFAULT_ORDER, workers: int = 1):
         axes = parse_order(order)
         check_sizes(world_size, tp=tp, cp=cp, pp=pp, ep=ep, etp=etp)
+        check_workers(world_size, workers, tp=tp, cp=cp, pp=pp, ep=ep, etp=etp, field="workers")
         self.world_size, self.tp, self.cp, self.pp, self.ep = world_size, tp, cp, pp, ep
         self.etp = tp if etp is None else etp
         self.order = order
+        self.workers = workers
         self.dp = world_size // (tp * cp * pp)
         self.edp = world_size // (self.etp * ep * pp)
-        dense_sizes = {"tp": tp, "cp": cp, "ep": 1, "dp": self.dp, "pp": pp}
-        expert_sizes = {"tp": self.etp, "cp": 1, "ep": ep, "dp": self.edp, "pp": pp}
+        self.worker_dp, self.worker_edp = self.dp // workers, self.edp // workers
+        dense_sizes = {"tp": tp, "cp": cp, "ep": 1, "dp": self.worker_dp, "pp": pp}
+        expert_sizes = {"tp": self.etp, "cp": 1, "ep": ep, "dp": self.worker_edp, "pp": pp}
         expert_names = {"tp": "etp", "cp": "cp", "ep": "ep", "dp": "edp", "pp": "pp"}
+        # The worker axis is the slowest-varying one, on both grids; absent with one worker.
+        outer = ((WORKER_AXIS,), (workers,)) if workers > 1 else ((), ())
         # Axes of size 1 that do not belong to a grid (ep on the dense grid, cp on the expert grid) are
         # dropped; they would contribute a zero coordinate and a factor of 1 anyway.
-        self.dense = Grid(tuple(a for a in axes if a != "ep"), tuple(dense_sizes[a] for a in axes if a != "ep"))
-        self.expert = Grid(tuple(expert_names[a] for a in axes if a != "cp"),
-                           tuple(expert_sizes[a] for a in axes if a != "cp"))
+        self.dense = Grid(tuple(a for a in axes if a != "ep") + outer[0],
+                          tuple(dense_sizes[a] for a in axes if a != "ep") + outer[1])
+        self.expert = Grid(tuple(expert_names[a] for a in axes if a != "cp") + outer[0],
+                           tuple(expert_sizes[a] for a in axes if a != "cp") + outer[1])
         dense_pp, expert_pp = self.dense.groups(("pp",)), self.expert.groups(("pp",))
         if dense_pp != expert_pp:
             raise ConfigError(
@@ -205,16 +248,24 @@ class Topology:
         self._cache: dict[str, list[list[int]]] = {}
 
     @staticmethod
-    def from_config(pcfg: ParallelConfig, world_size: int) -> Topology:
-        """The topology of `parallel.*` on `world_size` ranks (an explicit parallel.dp is checked)."""
+    def from_config(pcfg: ParallelConfig, world_size: int, workers: int = 1) -> Topology:
+        """The topology of `parallel.*` on `world_size` ranks (an explicit parallel.dp is checked),
+        split into `workers` outer-optimizer workers."""
         check_sizes(world_size, tp=pcfg.tp, cp=pcfg.cp, pp=pcfg.pp, ep=pcfg.ep, etp=pcfg.etp, dp=pcfg.dp)
         return Topology(world_size, tp=pcfg.tp, cp=pcfg.cp, pp=pcfg.pp, ep=pcfg.ep, etp=pcfg.etp,
-                        order=pcfg.order)
+                        order=pcfg.order, workers=workers)
+
+    def with_workers(self, workers: int) -> Topology:
+        """This layout split into `workers` blocks of contiguous ranks (the same layout for 1)."""
+        if workers == self.workers:
+            return self
+        return Topology(self.world_size, tp=self.tp, cp=self.cp, pp=self.pp, ep=self.ep, etp=self.etp,
+                        order=self.order, workers=workers)
 
     @property
     def sizes(self) -> tuple:
-        """(world_size, tp, cp, pp, ep, etp, order): what defines the layout."""
-        return (self.world_size, self.tp, self.cp, self.pp, self.ep, self.etp, self.order)
+        """(world_size, tp, cp, pp, ep, etp, order, workers): what defines the layout."""
+        return (self.world_size, self.tp, self.cp, self.pp, self.ep, self.etp, self.order, self.workers)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Topology) and self.sizes == other.sizes
@@ -223,8 +274,9 @@ class Topology:
         return hash(self.sizes)
 
     def __repr__(self) -> str:
+        workers = f", workers={self.workers}, worker_dp={self.worker_dp}" if self.workers > 1 else ""
         return (f"Topology(world_size={self.world_size}, tp={self.tp}, cp={self.cp}, dp={self.dp}, "
-                f"pp={self.pp}, ep={self.ep}, etp={self.etp}, edp={self.edp}, order={self.order!r})")
+                f"pp={self.pp}, ep={self.ep}, etp={self.etp}, edp={self.edp}, order={self.order!r}{workers})")
 
     def groups(self, name: str) -> list[list[int]]:
         """Every group of one kind (see GROUP_NAMES), ordered by lowest rank, ranks ascending."""
@@ -241,7 +293,9 @@ class Topology:
             # The input embedding (first stage) and the output layer (last stage) share weights when
             # tied; with one stage the group is the rank itself.
             return [sorted({g[0], g[-1]}) for g in self.dense.groups(("pp",))]
-        raise KeyError(f"unknown group {name!r}; known: {', '.join(GROUP_NAMES)}")
+        if name in WORKER_GROUPS:  # with one worker there is no worker axis: "outer" is each rank alone
+            return self.dense.groups(tuple(a for a in WORKER_GROUPS[name] if a in self.dense.names))
+        raise KeyError(f"unknown group {name!r}; known: {', '.join(GROUP_NAMES + tuple(WORKER_GROUPS))}")
 
     def group_of(self, name: str, rank: int) -> list[int] | None:
         """The group of kind `name` that holds `rank` (None for middle stages and 'embedding')."""
@@ -255,15 +309,21 @@ class Topology:
             raise ValueError(f"rank {rank} outside [0, {self.world_size})")
         d, e = self.dense.coords(rank), self.expert.coords(rank)
         return RankCoords(rank=rank, tp=d["tp"], cp=d["cp"], dp=d["dp"], pp=d["pp"],
-                          etp=e["etp"], ep=e["ep"], edp=e["edp"])
+                          etp=e["etp"], ep=e["ep"], edp=e["edp"], worker=d.get(WORKER_AXIS, 0))
 
-    def dense_rank(self, tp: int = 0, cp: int = 0, dp: int = 0, pp: int = 0) -> int:
+    def data_rank(self, rank: int) -> int:
+        """Which of the job's dp data-parallel ranks `rank` reads for (worker-major: worker w reads
+        the samples of data ranks w * worker_dp ..); its dense dp coordinate with one worker."""
+        c = self.coords(rank)
+        return c.worker * self.worker_dp + c.dp
+
+    def dense_rank(self, tp: int = 0, cp: int = 0, dp: int = 0, pp: int = 0, worker: int = 0) -> int:
         """The rank at these dense-grid coordinates."""
-        return self.dense.rank({"tp": tp, "cp": cp, "dp": dp, "pp": pp})
+        return self.dense.rank({"tp": tp, "cp": cp, "dp": dp, "pp": pp, WORKER_AXIS: worker})
 
-    def expert_rank(self, etp: int = 0, ep: int = 0, edp: int = 0, pp: int = 0) -> int:
+    def expert_rank(self, etp: int = 0, ep: int = 0, edp: int = 0, pp: int = 0, worker: int = 0) -> int:
         """The rank at these expert-grid coordinates."""
-        return self.expert.rank({"etp": etp, "ep": ep, "edp": edp, "pp": pp})
+        return self.expert.rank({"etp": etp, "ep": ep, "edp": edp, "pp": pp, WORKER_AXIS: worker})
 
     def experts_of(self, rank: int, num_experts: int) -> range:
         """Global expert ids held by `rank`: expert e lives on EP rank e // (num_experts / ep)."""

@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from optim.outer.checkpoint import check_outer_keys, outer_checkpoint, restore_outer
 from optim.step import OptimizerStep, ParamState
 from parallel_state.errors import ConfigError
 from parallel_state.params import param_meta
@@ -137,7 +138,9 @@ class Checkpointer:
              barrier) -> str:
         """Write checkpoint `state.step`; returns its final path (still being written when asynchronous)."""
         self.wait()  # one save in flight: its group and its directory are free again
-        entries = model_entries(model) + optimizer_entries(optim_step.param_states(), param_keys(model))
+        keys = param_keys(model)
+        entries = with_outer_state(model_entries(model) + optimizer_entries(optim_step.param_states(), keys),
+                                   optim_step, keys)
         objects = {"trainer": {"step": state.step, "skipped_in_a_row": state.skipped_in_a_row,
                                "loss_scale": state.loss_scale},
                    f"rng/rank{self.rank:05d}": state.rng}
@@ -193,6 +196,7 @@ class Checkpointer:
             return None
         optim_step.finish_state_import(masters_loaded)
         run = loaded["trainer"]
+        restore_outer(optim_step, int(run["step"]))
         rng_key = f"rng/rank{self.rank:05d}"
         if rng_key not in loaded:
             log.info("checkpoint %s was saved at another layout (%s): random generator states start fresh",
@@ -230,6 +234,9 @@ class Checkpointer:
             entries += optim
         # fp32 weights read the fp32 masters a bf16 run kept (its bf16 weights are their rounding).
         entries = [_from_master(e, stored) for e in entries]
+        if optim_step is not None:
+            entries = with_outer_state(entries, optim_step, param_keys(model))
+            check_outer_keys(field, path, [e.key for e in entries], stored)
         objects = []
         if optim_step is not None:
             objects.append("trainer")
@@ -245,6 +252,16 @@ class Checkpointer:
         dist.all_gather_object(found, mine)
         first = next((f for f in found if f is not None), None)
         return error if error is not None else (ConfigError(*first) if first is not None else None)
+
+
+def with_outer_state(entries: list[Entry], optim_step: OptimizerStep, keys: dict[int, str]) -> list[Entry]:
+    """An outer optimizer's checkpoint (optim/outer/checkpoint.py): this worker's weights and inner
+    state under its own keys, plus the outer state; `entries` unchanged without one."""
+    outer = outer_checkpoint(optim_step)
+    if outer is None:
+        return entries
+    own = [Entry(outer.key(e.key), e.shape, e.boxes) for e in entries]
+    return own + [e for e in optimizer_entries(outer.states, keys) if not e.key.endswith("/step")]
 
 
 def _lower_priority() -> None:

@@ -45,6 +45,10 @@ class TrainerConfig:
     device: str = "auto"  # auto | cpu | cuda
     nan_policy: str = "stop"  # stop | skip: what a non-finite loss or grad norm does
     max_skipped_steps: int = 10  # with nan_policy=skip: stop after this many consecutive skips
+    # Minutes of wall-clock time (from the job's start, FOLDTRON_START_TIME when set, else this
+    # process's): once reached, save a checkpoint after the current step and exit with status 75, as
+    # SIGTERM does; null: no limit. Leave a margin below the scheduler's limit for one step and a save.
+    time_limit: float | None = None
     peak_tflops: float | None = None  # per-device peak for MFU; null: GPU table or a CPU matmul probe
     progress_bar: bool = True  # draw a progress bar in the console line
     num_threads: int | None = None  # torch intra-op threads per rank on CPU; null: cores / local ranks
@@ -88,6 +92,10 @@ def check_trainer(t: TrainerConfig, world_size: int = 1) -> None:
     require_choice("trainer.precision", t.precision, PRECISIONS)
     require_choice("trainer.device", t.device, DEVICES)
     require_choice("trainer.nan_policy", t.nan_policy, NAN_POLICIES)
+    if t.time_limit is not None:
+        require(t.time_limit > 0, "trainer.time_limit", t.time_limit, "must be > 0 minutes",
+                "set the minutes of wall-clock time the run may use (e.g. trainer.time_limit=235 in a 4-hour "
+                "job), or null for no limit")
     require(t.straggler_factor > 1.0, "trainer.straggler_factor", t.straggler_factor,
             "must be > 1 (a rank is a straggler when slower than this times the median)", "use e.g. 1.5")
     if t.profile_steps:

@@ -25,11 +25,12 @@ from moe.layer import MoELayer
 from moe.metrics import step_metrics as moe_step_metrics
 from optim.factory import build_optimizer_step
 from optim.loss_scale import DynamicLossScale
+from optim.outer.metrics import mean_over_workers, outer_step_metrics, outer_window_metrics
 from optim.step import OptimizerStepFactory, StepInputs
 from parallel_state import RNGStreams, Topology
 from parallel_state.collectives import all_reduce_max, all_reduce_sum
 from parallel_state.comm_stats import CommStats
-from trainer import distributed
+from trainer import distributed, faults
 from trainer.checkpoint import find_latest_checkpoint, list_checkpoints
 from trainer.checkpointer import Checkpointer, RunState
 from trainer.config import Config, to_yaml
@@ -102,6 +103,7 @@ class Trainer:
         """Validate, then build in a fixed order: layout, run directory, data, model, optimizer step,
         resume, logging. `optimizer_step` builds the step from `StepInputs` (optim/step.py)."""
         self.env = env or RuntimeEnv.from_environ()
+        faults.check_restart_policy(cfg.trainer.resume, cfg.trainer.run_dir)  # torchrun --max-restarts
         topology = validate(cfg, self.env.world_size)
         self.cfg = cfg = resolve_vocab(cfg)
         self._build_layout(topology)
@@ -111,6 +113,7 @@ class Trainer:
         self._build_optimizer_step(optimizer_step)
         self.step = 0  # optimizer steps completed
         self.skipped_in_a_row = 0
+        self.last_non_finite: str | None = None  # where the last non-finite step went wrong (faults.py)
         self.resume()
         self._build_logging()
 
@@ -126,7 +129,8 @@ class Trainer:
         self.ps = parallel_state.init(topology, device=self.device, timeout_s=self.cfg.parallel.timeout_s,
                                       stats=self.comm_stats)
         self.rng = RNGStreams(self.cfg.seed, self.ps.coords, self.device)
-        self.dp_rank, self.dp_size = self.ps.dp.rank, self.ps.dp.size
+        # With an outer optimizer's workers, dp is per worker; the data splits over every worker's ranks.
+        self.dp_rank, self.dp_size = self.ps.data_rank, self.ps.data_size
 
     def _build_run_dir(self) -> None:
         """The run directory every rank agrees on, the log files and the resolved config."""
@@ -200,7 +204,8 @@ class Trainer:
         self.optim_step = factory(StepInputs(
             named_params=list(self.model.named_parameters()), cfg=cfg.optim, max_steps=cfg.trainer.max_steps,
             ps=self.ps, bucket_size_mb=cfg.parallel.dp_bucket_mb,
-            tied_weight=self.model.tied_weight() if self.pipelined else None, modules=[self.model]))
+            tied_weight=self.model.tied_weight() if self.pipelined else None, modules=[self.model],
+            microbatches=self.data.num_microbatches))
         self.optimizer = self.optim_step.optimizer
 
     def _build_logging(self) -> None:
@@ -253,6 +258,12 @@ class Trainer:
         mode = self.cfg.trainer.resume
         if mode == "none":
             return
+        if hasattr(self.optim_step, "load_checkpoint"):  # the DeepSpeed engine: its own format (docs/deepspeed.md)
+            state = self.optim_step.load_checkpoint(os.path.join(self.run_dir, "deepspeed"), mode)
+            if state is not None:
+                self.load_run_state(RunState(**state["run_state"]))
+                log.info("resumed from DeepSpeed checkpoint %s at step %d", state["path"], self.step)
+            return
         path = self._agreed_latest_checkpoint() if mode == "auto" else mode
         if path is None:
             log.info("resume=auto: no complete checkpoint in %s, starting from step 0", self.run_dir)
@@ -278,6 +289,10 @@ class Trainer:
 
     def save(self) -> None:
         """Checkpoint the current step (in the background with trainer.async_save)."""
+        if hasattr(self.optim_step, "save_checkpoint"):  # the DeepSpeed engine: its own format (docs/deepspeed.md)
+            self.optim_step.save_checkpoint(os.path.join(self.run_dir, "deepspeed"), f"step_{self.step}",
+                                            {"run_state": dataclasses.asdict(self.run_state())})
+            return
         self.optim_step.finish_param_sync()  # the weights the checkpoint holds must be the updated ones
         path = self.checkpointer.save(self.model, self.optim_step, self.run_state(), to_yaml(self.cfg),
                                       barrier=distributed.barrier)
@@ -321,25 +336,30 @@ class Trainer:
         divisor = (num_tokens / scale).to(self.device)
         if self.pipelined:
             loss_sum = self._pipeline(microbatches, divisor)
+        elif hasattr(self.optim_step, "forward_backward"):  # the DeepSpeed engine runs the backward
+            loss_sum = self.optim_step.forward_backward(self._loss_sum, microbatches, divisor)
         else:
             loss_sum = forward_backward_no_pipelining(self._loss_sum, microbatches, divisor,
                                                       no_sync=self.optim_step.no_sync)
         reduce_start = time.perf_counter()  # the gradient reductions wait for the slowest replica
         grad_norm = self.optim_step.reduce_and_clip(unscale=1.0 / scale)
         wait_time += time.perf_counter() - reduce_start
+        # Normalised over this worker's tokens (one worker: the global batch); logged as the mean over
+        # workers once per log window (a per-step reduction over workers would tie them together).
         loss = (self._global_sum(loss_sum) / num_tokens).item()
         update = math.isfinite(loss) and math.isfinite(grad_norm)
         scaling = self._update_loss_scale(loss, grad_norm, scale)
         if update:
             self.skipped_in_a_row = 0
         elif not scaling.get("overflow"):
-            self._handle_non_finite(loss, grad_norm)
+            self._handle_non_finite(loss, grad_norm, microbatches, divisor)
         lr = self.optim_step.apply(self.step, update)
         self.optim_step.zero_grad()
         self.step += 1
         return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "data_time_s": data_time, "wait_time_s": wait_time,
                 **scaling,
-                **self._moe_step()}
+                **self._moe_step(),
+                **outer_step_metrics(self.optim_step)}
 
     def _update_loss_scale(self, loss: float, grad_norm: float, scale: float) -> dict[str, float]:
         """fp16: a step with a finite loss whose gradients overflowed is skipped and halves the scale
@@ -384,9 +404,12 @@ class Trainer:
                 forward_only=forward_only, no_sync=self.optim_step.no_sync,
                 timing=None if forward_only else self.pipeline_timing)
 
-    def _handle_non_finite(self, loss: float, grad_norm: float) -> None:
+    def _handle_non_finite(self, loss: float, grad_norm: float, microbatches: list[dict],
+                           divisor: torch.Tensor) -> None:
         t = self.cfg.trainer
-        what = f"step {self.step + 1}: loss={loss} grad_norm={grad_norm}"
+        # Where it started, found after the fact by re-running the step with hooks (trainer/faults.py).
+        self.last_non_finite = self._locate_non_finite(microbatches, divisor)
+        what = f"step {self.step + 1}: loss={loss} grad_norm={grad_norm} ({self.last_non_finite})"
         if t.nan_policy == "skip" and self.skipped_in_a_row < t.max_skipped_steps:
             self.skipped_in_a_row += 1
             log.warning("%s is not finite; skipping this update (%d in a row, trainer.max_skipped_steps=%d)",
@@ -396,6 +419,29 @@ class Trainer:
             f"{what} is not finite. Try a lower optim.lr or longer optim.schedule.warmup_steps, "
             f"optim.clip_grad=1.0, trainer.precision=fp32, or check the data; "
             f"trainer.nan_policy=skip skips such steps (up to trainer.max_skipped_steps).")
+
+    def _locate_non_finite(self, microbatches: list[dict], divisor: torch.Tensor) -> str:
+        def rerun() -> None:
+            if hasattr(self.optim_step, "forward_backward"):  # the DeepSpeed engine owns the backward: forward only
+                with torch.no_grad():
+                    for mb in microbatches:
+                        self._loss_sum(mb)
+                return
+            with self.optim_step.no_sync():  # gradients of the re-run are never reduced (zeroed after)
+                if self.pipelined:
+                    self._pipeline(microbatches, divisor)
+                else:
+                    forward_backward_no_pipelining(self._loss_sum, microbatches, divisor)
+
+        def gather(findings: dict) -> list[dict]:
+            if self.env.world_size == 1:
+                return [findings]
+            found: list = [None] * self.env.world_size
+            torch.distributed.all_gather_object(found, findings)
+            return found
+
+        with self.comm_stats.paused():
+            return faults.diagnose_non_finite(self.model, self.cfg.model.num_layers, rerun, self.rng, gather)
 
     def evaluate(self) -> float:
         """Mean token loss over the fixed validation batches (trainer.eval_iters global batches).
@@ -421,7 +467,8 @@ class Trainer:
                 loss_sum += self._loss_sum(mb).cpu()
         for mb in microbatches:
             tokens += mb["loss_mask"].sum()
-        return (self._global_sum(loss_sum) / all_reduce_sum(tokens, self.ps.dp_cp)).item()
+        return mean_over_workers((self._global_sum(loss_sum) / all_reduce_sum(tokens, self.ps.dp_cp)).item(),
+                                 self.ps.outer)
 
     # ---- loop --------------------------------------------------------------------------------
 
@@ -434,7 +481,9 @@ class Trainer:
         window_time, train_time = 0.0, 0.0
         last: dict[str, float] = {}
         profiler = StepProfiler(list(t.profile_steps), list(t.profile_ranks), self.env.rank, self.run_dir, self.device)
+        guard = faults.FaultGuard(self.ps, self.comm_stats, self.run_dir, t.time_limit, self.cfg.parallel.timeout_s)
         try:
+            guard.start()
             while self.step < t.max_steps:
                 tic = time.perf_counter()
                 with profiler.step(self.step + 1):
@@ -443,8 +492,10 @@ class Trainer:
                 window_time += dt
                 train_time += dt
                 is_last = self.step == t.max_steps
+                # SIGTERM or trainer.time_limit on any rank: log, save and stop after this step, everywhere.
+                stop = faults.STOP_NONE if is_last else guard.agreed_stop()
                 metrics: dict[str, float] | None = None
-                if self.step % t.log_interval == 0 or is_last:
+                if self.step % t.log_interval == 0 or is_last or stop:
                     metrics = self._window_metrics(window, window_time)
                     window, window_time = [], 0.0
                 if (t.eval_interval and self.step % t.eval_interval == 0) or (is_last and t.eval_at_end):
@@ -455,9 +506,17 @@ class Trainer:
                     eta = (t.max_steps - self.step) * train_time / max(steps_done, 1)
                     self._emit(metrics, time.perf_counter() - loop_start, eta)
                     last.update(metrics)
-                if (t.save_interval and self.step % t.save_interval == 0) or (is_last and t.save_final):
+                if (t.save_interval and self.step % t.save_interval == 0) or (is_last and t.save_final) or stop:
                     self.save()
+                if stop:
+                    self._stop(guard, stop)
+        except RuntimeError as e:
+            timeout = guard.translate(e)
+            if timeout is None:
+                raise
+            raise timeout from e
         finally:
+            guard.close()
             profiler.close()
             self.optim_step.finish_param_sync()  # the caller may read the trained weights
             self.checkpointer.wait()  # the last save is on disk when train() returns
@@ -468,11 +527,22 @@ class Trainer:
                      last["val_loss"], self.data.unigram_entropy)
         return last
 
+    def _stop(self, guard: faults.FaultGuard, code: int) -> None:
+        """After the checkpoint of this step: wait for it to be on disk and stop (RunStopped)."""
+        guard.stopping = True
+        self.checkpointer.wait()
+        reason = guard.stop.describe(code)
+        path = os.path.join(self.run_dir, "checkpoints", f"step_{self.step:06d}")
+        log.warning("step %d: %s; saved %s, stopping (continue with trainer.resume=auto)", self.step, reason, path)
+        if self.env.is_writer:  # for a scheduler's script, which sees torchrun's status, not the ranks'
+            faults.write_stop_marker(self.run_dir, self.step, reason, path)
+        raise faults.RunStopped(reason, self.step, path)
+
     def _window_metrics(self, window: list[dict[str, float]], seconds: float) -> dict[str, float]:
         tokens_per_s = self.tokens_per_step * len(window) / max(seconds, 1e-9)
         across_ranks = self._rank_metrics(window, seconds)  # reads this window's bytes before the drain
         return {
-            "loss": sum(m["loss"] for m in window) / len(window),
+            "loss": mean_over_workers(sum(m["loss"] for m in window) / len(window), self.ps.outer),
             "lr": window[-1]["lr"],
             "grad_norm": window[-1]["grad_norm"],
             "tokens_per_s": tokens_per_s,
@@ -486,6 +556,7 @@ class Trainer:
                if "loss_scale" in window[-1] else {}),
             # MoE: aux losses per routed token and load imbalance (max / mean tokens per expert).
             **{key: _window_mean([m[key] for m in window]) for key in window[-1] if key.startswith("moe/")},
+            **outer_window_metrics(window),  # outer optimizer: round, staleness, |Delta|, wait
             **across_ranks,
         }
 

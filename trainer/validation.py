@@ -31,6 +31,8 @@ def validate(cfg: Config, world_size: int = 1) -> Topology:
                   cfg.data.seq_len)
     trainer.data.check.check(cfg.data, cfg.parallel, topology, cfg.model.max_position_embeddings)
     check_trainer(cfg.trainer, world_size)
-    optim.check(cfg.optim, cfg.trainer.max_steps, loss_scaling=precision_of(cfg.trainer.precision).loss_scaling)
+    optim.check(cfg.optim, cfg.trainer.max_steps, loss_scaling=precision_of(cfg.trainer.precision).loss_scaling,
+                topology=topology)
+    optim.check_backend(cfg.optim, topology, cfg.trainer.precision, cfg.trainer.nan_policy)
     check_logger(cfg.logger)
-    return topology
+    return optim.outer_topology(cfg.optim, topology)  # the outer optimizer's workers, if any

@@ -16,6 +16,7 @@ from models.layers.masks import causal_mask_from_positions
 from models.layers.rope import RotaryEmbedding, apply_rotary
 from models.layers.tensor_parallel import ColumnParallelLinear, divide_exactly
 from models.parallel_context import ParallelContext, resolve_context
+from models.recompute import recomputed
 from parallel_state.groups import AxisGroup
 from parallel_state.params import set_param_meta
 
@@ -83,6 +84,8 @@ class Attention(nn.Module):
             self.wv = tp.column(self.hidden_size, kv_width, std)
         self.wo = tp.row(self.num_heads * self.head_dim, self.hidden_size, out_std)
         self.rope = RotaryEmbedding(self.head_dim, cfg.rope_theta)
+        # model.recompute=selective: the core (below) is recomputed in backward (models/recompute.py).
+        self.recompute_core = cfg.recompute == "selective"
 
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor | None = None,
                 cache: DecodeCache | None = None) -> torch.Tensor:
@@ -114,6 +117,17 @@ class Attention(nn.Module):
         if self.cp.size > 1:
             out = self._context_parallel_attention(q, k, v, position_ids)
             return self.wo(out.transpose(1, 2).reshape(batch, seq_len, self.heads_per_rank * self.head_dim))
+        if self.recompute_core:
+            out = recomputed(self._core_attention, q, k, v, position_ids, rng=self.tp.rng)
+        else:
+            out = self._core_attention(q, k, v, position_ids)
+        out = out.transpose(1, 2).reshape(batch, seq_len, self.heads_per_rank * self.head_dim)
+        return self.wo(out)
+
+    def _core_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        position_ids: torch.Tensor | None) -> torch.Tensor:
+        """softmax(QK^T / sqrt(d) + causal mask) V over this rank's heads (K/V expanded to the query
+        heads), with attention dropout: what selective recompute redoes in backward."""
         groups = q.shape[1] // k.shape[1]
         k = repeat_kv_heads(k, groups)
         v = repeat_kv_heads(v, groups)
@@ -122,12 +136,9 @@ class Attention(nn.Module):
         with self.tp.sharded_rng() if dropout_p > 0 else nullcontext():
             if position_ids is None:
                 # Default positions: the fused causal kernels apply.
-                out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
-            else:
-                mask = causal_mask_from_positions(position_ids, position_ids)
-                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
-        out = out.transpose(1, 2).reshape(batch, seq_len, self.heads_per_rank * self.head_dim)
-        return self.wo(out)
+                return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+            mask = causal_mask_from_positions(position_ids, position_ids)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
 
     def _cached_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
                           cache: DecodeCache) -> torch.Tensor:

@@ -29,6 +29,7 @@ from models.decode_cache import DecodeCache
 from models.init import ParamInit, normal_init, ones_init
 from models.layers.tensor_parallel import ColumnParallelLinear
 from models.parallel_context import ParallelContext, resolve_context
+from models.recompute import recomputed
 from parallel_state.groups import AxisGroup
 from parallel_state.params import mark_shard, set_param_meta
 
@@ -65,6 +66,7 @@ class GatedLinearAttention(nn.Module):
         self.mode = gla.mode
         self.kernels = cfg.kernels
         self.norm_eps = cfg.norm_eps
+        self.recompute_core = cfg.recompute == "selective"
         std, output_std = normal_init(cfg.init_std), normal_init(cfg.output_init_std())
         self.q_proj = tp.column(self.hidden_size, self.key_dim, std)
         self.k_proj = tp.column(self.hidden_size, self.key_dim, std)
@@ -106,8 +108,11 @@ class GatedLinearAttention(nn.Module):
         gate = F.logsigmoid(gate_logits.float()) / self.gate_logit_normalizer
         gate = gate.view(batch, seq_len, heads, self.head_k_dim)
         initial_state = None if cache is None else cache.state
-        o, final_state = GLA_MODES[self.mode](q, k, v, gate, kernels=self.kernels, initial_state=initial_state,
-                                              output_final_state=cache is not None)
+        if self.recompute_core and cache is None:  # model.recompute=selective (models/recompute.py)
+            o = recomputed(lambda *qkvg: GLA_MODES[self.mode](*qkvg, kernels=self.kernels)[0], q, k, v, gate)
+        else:
+            o, final_state = GLA_MODES[self.mode](q, k, v, gate, kernels=self.kernels, initial_state=initial_state,
+                                                  output_final_state=cache is not None)
         if cache is not None:
             cache.state = final_state
         o32 = o.float()

@@ -26,7 +26,9 @@ attention or Ulysses (models/layers/context_parallel.py), which take a V narrowe
 W_UV applied after attending over the latent [c | k_pe] itself. Training uses the expanded form;
 decoding (`forward(..., cache=)`, launch/generate.py) uses the absorbed form over a cache of the
 latent: the DecodeCache's `keys` hold c [B, 1, T_seen, kv_lora_rank] and its `values` the rotated
-k_pe [B, 1, T_seen, d_rope], one "head" shared by all query heads.
+k_pe [B, 1, T_seen, d_rope], one "head" shared by all query heads. A cache object with an
+`attend(layer, x, position_ids)` method (models/inference/tpla.py: preallocated latent cache, exact
+MLA or TPLA decode) is handed the call instead.
 """
 from __future__ import annotations
 
@@ -49,6 +51,7 @@ from models.layers.norm import RMSNorm
 from models.layers.rope import RotaryEmbedding, apply_rotary, yarn_softmax_scale_factor
 from models.layers.tensor_parallel import ColumnParallelLinear, divide_exactly
 from models.parallel_context import ParallelContext, resolve_context
+from models.recompute import recomputed
 from parallel_state.groups import AxisGroup
 from parallel_state.params import set_param_meta
 
@@ -73,6 +76,8 @@ class MultiHeadLatentAttention(nn.Module):
         self.qk_dim = self.nope_dim + self.rope_dim
         self.attention_dropout = cfg.attention_dropout
         self.softmax_scale = self.qk_dim**-0.5 * yarn_softmax_scale_factor(cfg.rope_scaling)
+        # model.recompute=selective: _local_attention is recomputed in backward (models/recompute.py).
+        self.recompute_core = cfg.recompute == "selective"
         std, out_std = normal_init(cfg.init_std), normal_init(cfg.output_init_std())
         replicated = AxisGroup.single("tp")
         if self.q_lora_rank > 0:
@@ -139,6 +144,9 @@ class MultiHeadLatentAttention(nn.Module):
         everything cached, in the absorbed form; position_ids are then the new tokens' positions.
         """
         if cache is not None:
+            attend = getattr(cache, "attend", None)  # a models.inference decode state runs its own attention
+            if attend is not None:
+                return attend(self, x, position_ids)
             return self._absorbed(x, position_ids, cache)
         x = self.tp.prepare_input(x)  # the layer's one input collective
         batch, seq_len, _ = x.shape
@@ -151,6 +159,8 @@ class MultiHeadLatentAttention(nn.Module):
         k = torch.cat([k_nope, k_pe.unsqueeze(1).expand(-1, self.heads_per_rank, -1, -1)], dim=-1)
         if self.cp.size > 1:
             out = self._context_parallel_attention(q, k, v, position_ids)
+        elif self.recompute_core:
+            out = recomputed(self._local_attention, q, k, v, position_ids, rng=self.tp.rng)
         else:
             out = self._local_attention(q, k, v, position_ids)
         return self.wo(out.transpose(1, 2).reshape(batch, seq_len, self.heads_per_rank * self.v_dim))

@@ -79,7 +79,9 @@ def tp_region_input(x: torch.Tensor, tp: AxisGroup, sequence_parallel: bool) -> 
     if getattr(x, _IN_TP_REGION, False):
         return x
     if sequence_parallel:
-        return gather_from_sequence_parallel_region(x, tp, tensor_parallel_output_grad=True)
+        # The gathered sequence is a strided view; made contiguous once here, it is saved once for
+        # backward, instead of one contiguous copy saved by each projection that reads it.
+        return gather_from_sequence_parallel_region(x, tp, tensor_parallel_output_grad=True).contiguous()
     return copy_to_tp_region(x, tp)
 
 

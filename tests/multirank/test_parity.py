@@ -194,13 +194,20 @@ LAYOUTS = [
     (2, True, 1, 1, 1, [*LADDER, "parallel.pp=2", "model.num_layers=4", "model.ladder_restarts=[2]"]),
     (2, False, 1, 1, 2, [*MOE, *LADDER, "parallel.ep=2", "parallel.etp=1"]),
     (2, True, 2, 1, 2, [*LADDER, "model.ladder_layers=1", "parallel.cp_comm=ring"]),
+    # Activation recomputation (docs/recompute.md): the recomputed forward repeats the SP collectives,
+    # the pipeline stage's layers (block: first layer of each stage) and the MoE token exchange.
+    (2, True, 1, 1, 2, ["model.recompute=selective"]),
+    (1, False, 1, 1, 1, ["parallel.pp=2", "model.num_layers=4", "model.recompute=full",
+                         "model.recompute_method=block", "model.recompute_layers=1"]),
+    (2, True, 1, 1, 2, [*MOE, "parallel.ep=2", "parallel.etp=1", "model.recompute=full"]),
 ]
 
 
 def layout_id(tp, sp, cp, dp, micro, extra) -> str:
     parts = [f"tp{tp}" + ("-sp" if sp else ""), f"cp{cp}" if cp > 1 else "", f"dp{dp}", f"mb{micro}"]
     parts += [o.split("=")[1].strip("[]").replace(",", "+") for o in extra if "mixers" in o or "vocab" in o
-              or "cp_comm" in o or "dispatcher" in o or "score_function" in o or "residual" in o]
+              or "cp_comm" in o or "dispatcher" in o or "score_function" in o or "residual" in o
+              or "recompute" in o]
     parts += [o.replace("parallel.", "").replace("=", "") for o in extra if o.startswith(("parallel.ep", "parallel.etp"))]
     parts += [o.split("=")[0].split(".")[1] + o.split("=")[1].replace(",", "+").strip("[]") for o in extra
               if o.startswith(("parallel.pp", "parallel.vpp", "parallel.pipeline_layers", "model.tie"))]

@@ -54,8 +54,12 @@ def _nbytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def measured_state_bytes(step: BucketedOptimizerStep) -> StateBytes:
-    """Count the state tensors a bucketed optimizer step (plain or distributed) holds on this rank."""
+def measured_state_bytes(step: BucketedOptimizerStep, unstepped: bool = False) -> StateBytes:
+    """Count the state tensors a bucketed optimizer step (plain or distributed) holds on this rank.
+
+    `unstepped`: AdamW has not stepped yet (launch/memory.py builds the step on the meta device and
+    never runs it), so its moments are counted as what its first step allocates: two fp32 tensors
+    shaped like each parameter it updates (the masters, or this rank's shard pieces)."""
     params = list({id(p): p for p in step.params if p.requires_grad}.values())
     grads = [step.reducers.main_grad(p) for p in params]
     grad_buffers = [b.buffer for r in step.reducers.reducers for b in r.buckets]
@@ -63,7 +67,10 @@ def measured_state_bytes(step: BucketedOptimizerStep) -> StateBytes:
     padding = _nbytes(grad_buffers) - _nbytes(grads)
     if param_buffers:
         padding += _nbytes(param_buffers) - _nbytes(params)
-    optim_bytes = sum(t.numel() * t.element_size() for state in step.optimizer.state.values()
-                      for key, t in state.items() if torch.is_tensor(t) and key != "step")
+    if unstepped:
+        optim_bytes = 2 * 4 * sum(q.numel() for group in step.optimizer.param_groups for q in group["params"])
+    else:
+        optim_bytes = sum(t.numel() * t.element_size() for state in step.optimizer.state.values()
+                          for key, t in state.items() if torch.is_tensor(t) and key != "step")
     return StateBytes(sum(p.numel() for p in params), _nbytes(params), _nbytes(grads), optim_bytes,
                       _nbytes(step.master_weights()), padding)

@@ -118,9 +118,11 @@ class StopSignal:
         return STOP_NONE
 
     def describe(self, code: int) -> str:
+        """The reason of an agreed stop code, as this rank saw it."""
         if code == STOP_SIGNAL:
-            name = signal.Signals(self.received).name if self.received is not None else "a signal"
-            return f"{name} received" if self.received is not None else "a signal reached another rank"
+            if self.received is None:
+                return "a signal reached another rank"
+            return f"{signal.Signals(self.received).name} received"
         return f"trainer.time_limit={self.time_limit_min} minutes reached"
 
 

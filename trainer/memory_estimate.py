@@ -23,7 +23,7 @@ from models.model import DecoderModel
 from models.parallel_context import CPContext, ParallelContext
 from moe.context import MoEContext
 from optim.factory import build_optimizer_step
-from optim.memory import StateBytes
+from optim.memory import StateBytes, measured_state_bytes
 from optim.step import StepInputs
 from parallel_state import Topology
 from parallel_state.params import set_param_meta
@@ -96,7 +96,7 @@ def _estimate_rank(cfg: Config, topology: Topology, pp_rank: int) -> RankMemory:
         step = build_optimizer_step(StepInputs(named_params=named, cfg=cfg.optim, max_steps=cfg.trainer.max_steps,
                                                ps=ps, bucket_size_mb=p.dp_bucket_mb, tied_weight=tied,
                                                modules=chunks))
-        state = _state_bytes(step)
+        state = measured_state_bytes(step, unstepped=True)
         layers = [i for s in mine for i in stages[s]]
         activations = _activations(cfg, topology, [stages[s] for s in mine], last in mine, dtype.itemsize)
         microbatches = cfg.data.global_batch_size // (cfg.data.micro_batch_size * topology.dp)
@@ -117,24 +117,6 @@ def _tied_weight(chunks: list[DecoderModel], model: ModelConfig, pp: int):
             set_param_meta(chunk.output.weight, tied_copy=True)
             return chunk.output.weight
     return None
-
-
-def _state_bytes(step) -> StateBytes:
-    """optim.memory.measured_state_bytes of a step whose AdamW has not stepped yet: its moments are
-    two fp32 tensors shaped like each parameter it updates (the masters, or this rank's shard pieces)."""
-    params = list({id(q): q for q in step.params if q.requires_grad}.values())
-    def nbytes(tensors) -> int:
-        return sum(t.numel() * t.element_size() for t in tensors)
-    grads = [step.reducers.main_grad(q) for q in params]
-    grad_buffers = [b.buffer for r in step.reducers.reducers for b in r.buckets]
-    param_buffers = step.param_buffers()
-    padding = nbytes(grad_buffers) - nbytes(grads)
-    if param_buffers:
-        padding += nbytes(param_buffers) - nbytes(params)
-    updated = [q for group in step.optimizer.param_groups for q in group["params"]]
-    optimizer = 2 * sum(q.numel() * 4 for q in updated)
-    return StateBytes(sum(q.numel() for q in params), nbytes(params), nbytes(grads), optimizer,
-                      nbytes(step.master_weights()), padding)
 
 
 def _activations(cfg: Config, topology: Topology, chunk_layers: list[list[int]], has_head: bool,

@@ -206,17 +206,6 @@ def _tiny(tmp_path, steps: int) -> list[str]:
     return tiny_overrides(tmp_path, steps=steps) + ["trainer.eval_interval=0", "trainer.eval_at_end=false"]
 
 
-def test_sbatch_runs_a_short_training_job(slurm, tmp_path):
-    run_dir = tmp_path / "run"
-    job = _submit(slurm, tmp_path, run_dir, _tiny(tmp_path, steps=6))
-    info = _wait_job(slurm, job, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"))
-    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", _logs(tmp_path, run_dir)
-    assert [r["step"] for r in _metrics(run_dir)] == list(range(1, 7))
-    assert os.path.exists(run_dir / "checkpoints" / "step_000006" / "meta.json")
-    assert "dp=2" in (run_dir / "train.log").read_text()  # 2 ranks on the node
-    assert any(p.name.startswith(f"job{job}-requeue0-node") for p in (run_dir / "logs").iterdir())
-
-
 def test_sigterm_saves_and_the_requeued_job_resumes_from_that_step(slurm, tmp_path):
     run_dir = tmp_path / "run"
     steps = 120
@@ -243,6 +232,11 @@ def test_sigterm_saves_and_the_requeued_job_resumes_from_that_step(slurm, tmp_pa
     assert [r["step"] for r in _metrics(run_dir)] == list(range(1, steps + 1))  # no step counted twice
     log = (run_dir / "train.log").read_text()
     assert f"resumed from {run_dir / 'checkpoints' / f'step_{stopped:06d}'} at step {stopped}" in log
+    # The whole job: both ranks of the node, logs per job and per requeue, the final checkpoint.
+    assert "dp=2" in log
+    logs = {p.name for p in (run_dir / "logs").iterdir()}
+    assert any(n.startswith(f"job{job}-requeue0-node") for n in logs), logs
+    assert any(n.startswith(f"job{job}-requeue1-node") for n in logs), logs
 
 
 def test_an_allocation_that_does_not_fit_fails_before_training(slurm, tmp_path):

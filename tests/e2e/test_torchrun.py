@@ -115,6 +115,8 @@ def quickstart_one_rank(tmp_path_factory) -> list[float]:
     return [r["loss"] for r in _metrics(run_dir) if "loss" in r]
 
 
+# Both layouts on one xdist worker: the one-rank reference (a module fixture) is then run once.
+@pytest.mark.xdist_group("quickstart_layouts")
 @pytest.mark.parametrize("nproc,layout", [
     (4, ["parallel.tp=2", "parallel.sequence_parallel=true"]),
     (8, ["parallel.tp=2", "parallel.sequence_parallel=true", "parallel.pp=2", "data.micro_batch_size=3"]),

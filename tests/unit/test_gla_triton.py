@@ -15,7 +15,8 @@ import sys
 
 import pytest
 
-pytestmark = pytest.mark.triton_interpret
+# One xdist worker runs the whole module, so the interpreter child (the module fixture) runs once.
+pytestmark = [pytest.mark.triton_interpret, pytest.mark.xdist_group("gla_triton")]
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

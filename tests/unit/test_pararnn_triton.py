@@ -14,7 +14,8 @@ import sys
 
 import pytest
 
-pytestmark = pytest.mark.triton_interpret
+# One xdist worker runs the whole module, so the interpreter child (the module fixture) runs once.
+pytestmark = [pytest.mark.triton_interpret, pytest.mark.xdist_group("pararnn_triton")]
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # (structure, T, chunk, tile). Chunk 1024 is one pass: lengths below, at and across the 16-step tile

@@ -64,7 +64,9 @@ def _tiny(tmp_path, run_dir) -> list[str]:
                                                                       "trainer.eval_at_end=false"]
 
 
-@pytest.fixture(scope="module")
+# Session-scoped: xdist interleaves other modules' tests, which would tear a module fixture down
+# and run it again; its xdist group keeps every user on one worker.
+@pytest.fixture(scope="session")
 def one_process_losses(tmp_path_factory) -> list[float]:
     tmp = tmp_path_factory.mktemp("faults_reference")
     rc, out, err = _finish(_start(["--standalone", "--nproc-per-node=1"], _tiny(tmp, tmp / "one")))

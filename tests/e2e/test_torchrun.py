@@ -107,7 +107,9 @@ QUICKSTART_10 = ["+experiment=quickstart", "trainer.max_steps=10", "trainer.log_
                  "optim.schedule.warmup_steps=2"]
 
 
-@pytest.fixture(scope="module")
+# Session-scoped: xdist interleaves other modules' tests, which would tear a module fixture down
+# and run it again; its xdist group keeps every user on one worker.
+@pytest.fixture(scope="session")
 def quickstart_one_rank(tmp_path_factory) -> list[float]:
     """The 1-rank loss curve of the quickstart's first 10 steps (the reference of the layouts below)."""
     run_dir = tmp_path_factory.mktemp("quickstart") / "one"

@@ -79,7 +79,9 @@ def _extreme_gate_errors() -> dict[str, float]:
             for name, a, e in (("o", o, o_ref), ("final_state", final, final_ref))}
 
 
-@pytest.fixture(scope="module")
+# Session-scoped: xdist interleaves other modules' tests, which would tear a module fixture down
+# and run it again; its xdist group keeps every user on one worker.
+@pytest.fixture(scope="session")
 def interpreter_report() -> dict:
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=REPO_ROOT)

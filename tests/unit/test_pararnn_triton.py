@@ -109,7 +109,9 @@ def _child_report() -> dict:
     return report
 
 
-@pytest.fixture(scope="module")
+# Session-scoped: xdist interleaves other modules' tests, which would tear a module fixture down
+# and run it again; its xdist group keeps every user on one worker.
+@pytest.fixture(scope="session")
 def report() -> dict:
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=REPO_ROOT)
     done = subprocess.run([sys.executable, os.path.abspath(__file__)], env=env, capture_output=True,

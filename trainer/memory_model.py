@@ -37,6 +37,7 @@ from dataclasses import dataclass
 
 from models.config import ModelConfig
 from models.recompute import full_recompute_groups
+from trainer.pipeline.orders import FORWARD, interleaved_1f1b_order
 
 FP32 = 4
 
@@ -117,15 +118,16 @@ def stage_activation_bytes(shape: LayerShape, layers: int, recompute: str, metho
 def in_flight_microbatches(pp: int, pp_rank: int, vpp: int, num_microbatches: int) -> float:
     """Microbatches whose activations a pipeline rank holds at its peak, in units of one stage's layers.
 
-    1F1B: rank r has warm-up pp - r forwards in flight (at most the microbatch count). Interleaved
-    (vpp chunks per rank, each 1/vpp of the rank's layers): Megatron's warm-up count
-    (pp - r - 1) * 2 + (vpp - 1) * pp + 1 chunk-forwards, capped at vpp * num_microbatches, i.e.
-    that many / vpp rank-stages of activations. Without pipelining: one microbatch.
+    Read off the order the rank runs (trainer/pipeline/orders.py): the most chunk-forwards whose
+    backward has not run yet, over vpp (each chunk holds 1/vpp of the rank's layers). 1F1B gives
+    min(pp - r, M); interleaving gives Megatron's warm-up (pp - r - 1) * 2 + (vpp - 1) * pp plus the
+    first steady-state forward. Without pipelining: one microbatch.
     """
     if pp == 1:
         return 1.0
-    if vpp == 1:
-        return float(min(pp - pp_rank, num_microbatches))
-    chunks = min((pp - pp_rank - 1) * 2 + (vpp - 1) * pp + 1, vpp * num_microbatches)
-    return chunks / vpp
+    held = peak = 0
+    for kind, _, _ in interleaved_1f1b_order(pp, vpp, num_microbatches, pp_rank):
+        held += 1 if kind == FORWARD else -1
+        peak = max(peak, held)
+    return peak / vpp
 
